@@ -1,0 +1,5 @@
+"""`python -m optimize` runs the CLI."""
+
+from optimize.cli import main
+
+main()

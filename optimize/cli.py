@@ -1,0 +1,165 @@
+"""The `optimize` command line. Thin: parse, call, render. Heavy libraries (torch, onnxruntime, mlflow)
+are imported only inside the commands that need them, so `--help` and `validate` stay fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from optimize import __version__
+from optimize.errors import OptimizeError
+
+app = typer.Typer(
+    name="optimize",
+    help="Recipe-driven model optimisation: export → FP16 → evaluate → benchmark → gate → register.\n\n"
+    "Exit codes: 0 every gate passed; 1 a gate failed; 2 bad recipe or usage; 3 a stage failed; "
+    "4 a required runtime or device is missing; 5 the registry is unreachable.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"optimize {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
+    tracking_uri: Annotated[
+        Optional[str],
+        typer.Option(
+            "--tracking-uri",
+            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the recipe's, else sqlite:///./mlflow.db).",
+        ),
+    ] = None,
+    require_target: Annotated[
+        Optional[list[str]],
+        typer.Option("--require-target", help="Fail with exit 4 instead of skipping when this target is missing."),
+    ] = None,
+    register: Annotated[
+        bool, typer.Option("--register/--no-register", help="Log the run to MLflow and register what passed.")
+    ] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+) -> None:
+    """Build, measure and gate every variant of RECIPE; register those that pass."""
+    from optimize.recipe import TARGETS
+
+    for t in require_target or []:
+        if t not in TARGETS:
+            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    from optimize.pipeline import RunOptions
+    from optimize.pipeline import run as run_pipeline
+
+    options = RunOptions(runs_dir, tracking_uri, tuple(require_target or ()), register, quiet)
+    result = run_pipeline(recipe, options)
+    from optimize.console import console
+
+    con = console()
+    colour = "green" if result.status == "passed" else "red"
+    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {_short(result.run_dir / 'report.md')}")
+    reg = result.registered
+    if reg.get("versions"):
+        for variant, version in reg["versions"].items():
+            con.print(f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}")
+        con.print(f"alias {reg['alias']} → models:/{reg['model_name']}@{reg['alias']}  (store: {reg['tracking_uri']})")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")]) -> None:
+    """Check recipes without running them (no torch, ONNX Runtime or MLflow import)."""
+    from optimize.errors import RecipeError
+    from optimize.recipe import load_recipe
+
+    failed = 0
+    for path in recipes:
+        try:
+            r = load_recipe(path)
+        except RecipeError as e:
+            failed += 1
+            for line in str(e).splitlines():
+                typer.echo(line, err=True)
+            continue
+        variants = ", ".join(f"{v.name} ({v.kind})" for v in r.precision.variants)
+        typer.echo(f"{path}: ok — {r.name}: fp32 baseline + {variants}; {len(r.gates)} gate(s)")
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the recipe format (with every field's description)."""
+    from optimize.recipe import json_schema
+
+    typer.echo(json.dumps(json_schema(), indent=2))
+
+
+def _usage(msg: str) -> OptimizeError:
+    from optimize.errors import RecipeError
+
+    return RecipeError(msg)
+
+
+def _short(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def main() -> None:
+    """Console entry point: run the app; an OptimizeError becomes one line on stderr and its exit code."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        rc = app(standalone_mode=False)
+    except OptimizeError as e:
+        if debug:
+            raise
+        lines = str(e).splitlines() or [type(e).__name__]
+        head = lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more problem(s); see `optimize validate`)"
+        print(f"error: {head}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except (KeyboardInterrupt, EOFError):
+        print("error: interrupted; the run directory keeps what was finished", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # click usage errors and anything unexpected
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if debug:
+            raise
+        print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(3)
+    sys.exit(rc if isinstance(rc, int) else 0)

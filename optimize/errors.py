@@ -1,0 +1,33 @@
+"""One exception family; the CLI maps each class to its documented exit code and one line on stderr."""
+
+from __future__ import annotations
+
+
+class OptimizeError(Exception):
+    """Base of every error the CLI reports as one line. `exit_code` is the process exit status."""
+
+    exit_code = 3
+
+
+class RecipeError(OptimizeError):
+    """Bad recipe, bad input data or bad usage: the user must change what they gave us (exit 2)."""
+
+    exit_code = 2
+
+
+class StageError(OptimizeError):
+    """A stage ran and failed (export mismatch, NaN in FP16 outputs, ...) (exit 3)."""
+
+    exit_code = 3
+
+
+class RuntimeMissingError(OptimizeError):
+    """A runtime or device that the recipe or command line requires is not available here (exit 4)."""
+
+    exit_code = 4
+
+
+class RegistryUnreachableError(OptimizeError):
+    """The MLflow registry could not be reached; the run directory is kept (exit 5)."""
+
+    exit_code = 5

@@ -1,0 +1,150 @@
+"""Export stage: torch → ONNX with named inputs/outputs and dynamic axes, then a check against torch on
+real inputs of a different shape than the example (which proves the dynamic axes work)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from optimize.errors import RecipeError, StageError
+from optimize.files import write_with
+from optimize.models import LoadedModel
+from optimize.recipe import ExportSection
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """How the exported ONNX compared with torch on the validation batches."""
+
+    batches: int
+    shapes: list[dict[str, list[int]]]
+    max_abs_error: dict[str, float]
+    worst_excess: float  # max of |a - b| - (atol + rtol * |b|); <= 0 means within tolerance
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able form for the stage record."""
+        return {
+            "batches": self.batches,
+            "shapes": self.shapes,
+            "max_abs_error": self.max_abs_error,
+            "within_tolerance": self.worst_excess <= 0,
+        }
+
+
+def input_names_for(loaded: LoadedModel, spec: ExportSection) -> list[str]:
+    """The ONNX input names: the recipe's, or the example inputs' keys."""
+    names = spec.input_names or list(loaded.example_inputs)
+    missing = [n for n in names if n not in loaded.example_inputs]
+    if missing:
+        raise RecipeError(
+            f"export.input_names: {', '.join(missing)} not among the model's example inputs "
+            f"({', '.join(loaded.example_inputs)})"
+        )
+    return names
+
+
+def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
+    """Export the torch module to a single self-contained ONNX file at `dest`; returns seconds taken."""
+    assert loaded.module is not None
+    names = input_names_for(loaded, spec)
+    args = tuple(loaded.example_inputs[n] for n in names)
+    known = set(names) | set(spec.output_names)
+    unknown = [k for k in spec.dynamic_axes if k not in known]
+    if unknown:
+        raise RecipeError(
+            f"export.dynamic_axes: {', '.join(unknown)} is neither an input nor an output "
+            f"(inputs: {', '.join(names)}; outputs: {', '.join(spec.output_names)})"
+        )
+    t0 = time.perf_counter()
+
+    def _write(tmp: Path) -> None:
+        with torch.no_grad():
+            torch.onnx.export(
+                loaded.module,
+                args,
+                str(tmp),
+                input_names=names,
+                output_names=list(spec.output_names),
+                dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()} or None,
+                opset_version=spec.opset,
+                external_data=False,
+            )
+
+    try:
+        write_with(dest, _write)
+    except RecipeError:
+        raise
+    except Exception as e:
+        raise StageError(f"export: torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from None
+    import onnx
+
+    model = onnx.load(str(dest), load_external_data=False)
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise StageError(f"export: the exported ONNX does not pass onnx.checker: {_first_line(e)}") from None
+    outs = [o.name for o in model.graph.output]
+    if outs != list(spec.output_names):
+        raise StageError(
+            f"export.output_names: the model returned {len(outs)} output(s) {outs}, "
+            f"the recipe names {list(spec.output_names)}"
+        )
+    return time.perf_counter() - t0
+
+
+def check_export(
+    loaded: LoadedModel, onnx_runner: Any, batches: list[dict[str, np.ndarray]], spec: ExportSection
+) -> ExportCheck:
+    """Run torch and ONNX Runtime on the same batches; fail unless every output is within tolerance.
+
+    At least one batch must differ in shape from the example inputs, or the dynamic axes are unproven.
+    """
+    assert loaded.module is not None
+    names = [i.name for i in onnx_runner.inputs]
+    example_shapes = {n: tuple(loaded.example_inputs[n].shape) for n in names}
+    used = batches[: spec.validation_batches]
+    if not any(tuple(b[n].shape) != example_shapes[n] for b in used for n in names):
+        raise RecipeError(
+            "export: the evaluation batches have the example inputs' shape "
+            f"({ {n: list(s) for n, s in example_shapes.items()} }), so the dynamic axes are not exercised; "
+            "use another batch_size / max_length for the evaluation dataset"
+        )
+    max_err: dict[str, float] = {}
+    worst = -np.inf
+    for batch in used:
+        with torch.no_grad():
+            ref = loaded.module(*[torch.from_numpy(batch[n]) for n in names])
+        ref_list = list(ref) if isinstance(ref, (tuple, list)) else [ref]
+        got = onnx_runner.run(batch)
+        for out_spec, r in zip(onnx_runner.outputs, ref_list):
+            a = got[out_spec.name]
+            b = r.detach().cpu().numpy()
+            if a.shape != b.shape:
+                raise StageError(
+                    f"export: output {out_spec.name!r} has shape {list(a.shape)} in ONNX Runtime and "
+                    f"{list(b.shape)} in torch for inputs {[list(batch[n].shape) for n in names]}"
+                )
+            diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+            max_err[out_spec.name] = max(max_err.get(out_spec.name, 0.0), float(diff.max(initial=0.0)))
+            excess = diff - (spec.tolerance.atol + spec.tolerance.rtol * np.abs(b.astype(np.float64)))
+            worst = max(worst, float(excess.max(initial=-np.inf)))
+            if not np.all(np.isfinite(a)):
+                raise StageError(f"export: output {out_spec.name!r} of the ONNX model has NaN/Inf")
+    check = ExportCheck(len(used), [{n: list(b[n].shape) for n in names} for b in used], max_err, worst)
+    if worst > 0:
+        worst_out = max(max_err, key=max_err.get)  # type: ignore[arg-type]
+        raise StageError(
+            f"export: ONNX Runtime differs from torch beyond export.tolerance (atol={spec.tolerance.atol}, "
+            f"rtol={spec.tolerance.rtol}): output {worst_out!r} max |diff| = {max_err[worst_out]:.3g}"
+        )
+    return check
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__

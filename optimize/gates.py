@@ -1,0 +1,88 @@
+"""Gates: the recipe's thresholds applied to the measured metrics, giving a verdict per gate, per variant
+and overall. A gate on a target that did not run is `skipped`; a variant passes only when at least one
+of its gates passed and none failed."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+from optimize.recipe import METRICS, Gate
+
+OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def metric_value(result: dict[str, Any], metric: str) -> float | None:
+    """The value of a gate metric in one variant×target result; over shapes, the worst one counts."""
+    family, _, key = metric.partition(".")
+    worst = min if METRICS[metric] == "min" else max
+    if family in ("latency", "throughput"):
+        field = {"items_per_s": "items_per_s", "speedup": "throughput_speedup"}.get(key, key) if family == "throughput" else key
+        values = [s[field] for s in result.get("shapes", {}).values() if field in s]
+        return worst(values) if values else None
+    return result.get(family, {}).get(key)
+
+
+def evaluate_gates(
+    gates: list[Gate],
+    results: dict[str, dict[str, dict[str, Any]]],
+    targets: dict[str, dict[str, Any]],
+    baseline: str = "fp32",
+) -> dict[str, Any]:
+    """Apply every gate to every variant × target it covers.
+
+    `results[variant][target]` holds the measured metrics; `targets[target]["status"]` is `ran` or
+    `skipped` (with a `reason`). Returns the verdict document (what `verdict.json` holds).
+    """
+    variants = [v for v in results if v != baseline]
+    rows: list[dict[str, Any]] = []
+    for index, gate in enumerate(gates):
+        covered_targets = [gate.target] if gate.target else [t for t, s in targets.items() if s["status"] == "ran"]
+        for variant in gate.variants or variants:
+            for target in covered_targets:
+                row: dict[str, Any] = {
+                    "gate": index,
+                    "check": gate.check,
+                    "metric": gate.metric,
+                    "op": gate.op,
+                    "threshold": gate.threshold,
+                    "variant": variant,
+                    "target": target,
+                }
+                status = targets.get(target, {"status": "skipped", "reason": "target not in benchmark.targets"})
+                if status["status"] != "ran":
+                    row.update(status="skipped", reason=status.get("reason", "target did not run"))
+                    rows.append(row)
+                    continue
+                value = metric_value(results[variant][target], gate.metric)
+                base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric)
+                row["value"] = value
+                row["baseline_value"] = base
+                if value is None or (isinstance(value, float) and math.isnan(value)):
+                    row.update(status="failed", reason=f"{gate.metric} was not measured")
+                elif OPS[gate.op](value, gate.threshold):
+                    row["status"] = "passed"
+                else:
+                    row.update(status="failed", reason=f"{gate.metric} = {value:.6g}, needs {gate.op} {gate.threshold:g}")
+                rows.append(row)
+    per_variant: dict[str, Any] = {}
+    for variant in variants:
+        mine = [r for r in rows if r["variant"] == variant]
+        failed = [r for r in mine if r["status"] == "failed"]
+        passed = [r for r in mine if r["status"] == "passed"]
+        if failed:
+            status, reason = "failed", "; ".join(f"{r['target']}: {r['reason']}" for r in failed)
+        elif not passed:
+            status, reason = "failed", "no gate was evaluated for this variant; add gates for a target that runs"
+        else:
+            status, reason = "passed", f"{len(passed)} gate(s) passed"
+        per_variant[variant] = {
+            "status": status,
+            "reason": reason,
+            "passed": len(passed),
+            "failed": len(failed),
+            "skipped": sum(r["status"] == "skipped" for r in mine),
+        }
+    overall = "passed" if per_variant and all(v["status"] == "passed" for v in per_variant.values()) else "failed"
+    return {"status": overall, "variants": per_variant, "gates": rows, "targets": targets}

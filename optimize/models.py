@@ -1,0 +1,221 @@
+"""Model sources: turn the recipe's `model` section into a torch module with example inputs, or an ONNX file."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from optimize.errors import RecipeError
+from optimize.files import sha256_file, sha256_tree
+from optimize.recipe import EntryPointModel, HuggingFaceModel, OnnxModel, TorchvisionModel
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a model source gives the pipeline: a torch module and example inputs, or an ONNX file."""
+
+    module: torch.nn.Module | None
+    example_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    onnx_path: Path | None = None
+    tokenizer_dir: Path | None = None
+    content_sha256: str = ""
+    description: str = ""
+
+
+def import_entry_point(spec: str, python_path: list[Path], where: str) -> Callable[..., Any]:
+    """Import `package.module:function`, with `python_path` folders first on sys.path."""
+    module_name, _, attr = spec.partition(":")
+    for p in reversed(python_path):
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RecipeError(
+            f"{where}: cannot import {module_name!r} ({e}); check the name and `python_path`"
+        ) from None
+    except Exception as e:  # the user's module raised while importing
+        raise RecipeError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RecipeError(f"{where}: {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def load_model(spec: Any) -> LoadedModel:
+    """Load the model a recipe describes (dispatch on `model.source`)."""
+    loaders: dict[type, Callable[[Any], LoadedModel]] = {
+        EntryPointModel: _from_entry_point,
+        HuggingFaceModel: _from_huggingface,
+        TorchvisionModel: _from_torchvision,
+        OnnxModel: _from_onnx,
+    }
+    return loaders[type(spec)](spec)
+
+
+def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
+    fn = import_entry_point(spec.entry_point, spec.python_path, "model.entry_point")
+    try:
+        result = fn(**spec.kwargs)
+    except Exception as e:
+        raise RecipeError(f"model.entry_point: {spec.entry_point} raised {type(e).__name__}: {e}") from None
+    expected = "(torch.nn.Module, {input_name: torch.Tensor})"
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise RecipeError(
+            f"model.entry_point: {spec.entry_point} returned {type(result).__name__}; it must return {expected}"
+        )
+    module, inputs = result
+    if not isinstance(module, torch.nn.Module):
+        raise RecipeError(
+            f"model.entry_point: {spec.entry_point} returned a {type(module).__name__} as the model; "
+            f"it must return {expected}"
+        )
+    if not (isinstance(inputs, dict) and inputs and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inputs.items()
+    )):
+        raise RecipeError(
+            f"model.entry_point: {spec.entry_point} returned example inputs of type {type(inputs).__name__}; "
+            f"it must return {expected}"
+        )
+    module.eval()
+    digest = _state_dict_sha256(module)
+    return LoadedModel(module, inputs, content_sha256=digest, description=f"entry point {spec.entry_point}")
+
+
+def _state_dict_sha256(module: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def huggingface_dir(spec: HuggingFaceModel) -> Path:
+    """The local folder of a Hugging Face model: `path`, or `subfolder` inside an installed `package`."""
+    if spec.path is not None:
+        folder = spec.path
+        where = "model.path"
+    else:
+        found = importlib.util.find_spec(spec.package) if spec.package else None
+        if found is None or not found.submodule_search_locations:
+            raise RecipeError(
+                f"model.package: {spec.package!r} is not installed; `pip install {spec.package.replace('_', '-')}` "
+                "or give `model.path`"
+            )
+        folder = Path(list(found.submodule_search_locations)[0]) / spec.subfolder
+        where = "model.subfolder"
+    if not (folder / "config.json").is_file():
+        raise RecipeError(f"{where}: {folder} is not a Hugging Face model folder (no config.json)")
+    return folder
+
+
+def _from_huggingface(spec: HuggingFaceModel) -> LoadedModel:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = huggingface_dir(spec)
+    try:
+        backbone = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as e:
+        raise RecipeError(f"model: cannot load the Hugging Face model in {folder}: {e}") from None
+    module = PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
+    texts = ["An example sentence for the export.", "Another one, a little longer than the first."]
+    texts = (texts * spec.example_batch)[: spec.example_batch]
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=spec.example_sequence, return_tensors="pt"
+    )
+    wanted = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+    inputs = {n: enc[n].to(torch.int64) for n in wanted}
+    return LoadedModel(
+        module,
+        inputs,
+        tokenizer_dir=folder,
+        content_sha256=sha256_tree(folder),
+        description=f"Hugging Face {folder.name} ({backbone.config.model_type}), pooling={spec.pooling}",
+    )
+
+
+class PooledEncoder(torch.nn.Module):
+    """A Hugging Face encoder whose output is the pooled (optionally normalised) sentence embedding."""
+
+    def __init__(self, backbone: torch.nn.Module, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**kwargs).last_hidden_state
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            out = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        elif self.pooling == "cls":
+            out = hidden[:, 0]
+        else:
+            out = hidden
+        if self.normalize:
+            out = torch.nn.functional.normalize(out, p=2, dim=-1)
+        return out
+
+
+def _from_torchvision(spec: TorchvisionModel) -> LoadedModel:
+    try:
+        import torchvision.models as tvm
+    except Exception as e:
+        raise RecipeError(
+            f"model.source: torchvision cannot be imported ({type(e).__name__}: {e}); install a torchvision "
+            "that matches your torch"
+        ) from None
+    builder = getattr(tvm, spec.architecture, None)
+    if not callable(builder):
+        import difflib
+
+        names = [n for n in dir(tvm) if n.islower() and not n.startswith("_") and callable(getattr(tvm, n))]
+        near = difflib.get_close_matches(spec.architecture, names, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise RecipeError(f"model.architecture: torchvision has no model {spec.architecture!r}{hint}")
+    torch.manual_seed(0)
+    module = builder(weights=None, num_classes=spec.num_classes)
+    digest = ""
+    if spec.weights is not None:
+        if not spec.weights.is_file():
+            raise RecipeError(f"model.weights: {spec.weights}: file not found")
+        try:
+            state = torch.load(spec.weights, map_location="cpu", weights_only=True)
+            module.load_state_dict(state)
+        except Exception as e:
+            raise RecipeError(f"model.weights: {spec.weights}: cannot load into {spec.architecture}: {e}") from None
+        digest = sha256_file(spec.weights)
+    module.eval()
+    example = {"image": torch.rand(spec.example_batch, *spec.input_shape, generator=torch.Generator().manual_seed(0))}
+    return LoadedModel(
+        module,
+        example,
+        content_sha256=digest or _state_dict_sha256(module),
+        description=f"torchvision {spec.architecture}" + (f" ({spec.weights.name})" if spec.weights else " (random init)"),
+    )
+
+
+def _from_onnx(spec: OnnxModel) -> LoadedModel:
+    if not spec.path.is_file():
+        raise RecipeError(f"model.path: {spec.path}: file not found")
+    return LoadedModel(None, onnx_path=spec.path, content_sha256=sha256_file(spec.path), description=f"ONNX {spec.path.name}")

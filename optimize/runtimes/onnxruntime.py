@@ -1,0 +1,84 @@
+"""ONNX Runtime runner: CPU and CUDA execution providers, each only when the installed build has it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from optimize.errors import StageError
+from optimize.runtimes.base import Runner, TensorSpec
+
+PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
+
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(double)": "float64",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def unavailable_reason(target: str) -> str | None:
+    """None when the installed onnxruntime has the provider for `target`, else why not."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        return f"onnxruntime cannot be imported ({e})"
+    provider = PROVIDERS.get(target)
+    if provider is None:
+        return f"unknown ONNX Runtime target {target!r}"
+    available = ort.get_available_providers()
+    if provider not in available:
+        return (
+            f"the installed onnxruntime {ort.__version__} has no {provider} "
+            f"(it has {', '.join(available)}); install onnxruntime-gpu on a CUDA machine"
+        )
+    return None
+
+
+class OnnxRuntimeRunner(Runner):
+    """An ONNX Runtime InferenceSession restricted to exactly one execution provider."""
+
+    def __init__(self, model_path: Path, target: str = "onnxruntime-cpu", threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.target = target
+        self.model_path = Path(model_path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = threads
+        provider = PROVIDERS[target]
+        try:
+            self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
+        except Exception as e:
+            raise StageError(f"{model_path.name}: ONNX Runtime cannot load the model: {_first_line(e)}") from None
+        if self.session.get_providers()[0] != provider:
+            raise StageError(f"{model_path.name}: ONNX Runtime did not use {provider}")
+        self.inputs = [_spec(x) for x in self.session.get_inputs()]
+        self.outputs = [_spec(x) for x in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one batch on the session's provider."""
+        values = self.session.run(self._output_names, feeds)
+        return dict(zip(self._output_names, values))
+
+    def close(self) -> None:
+        """Drop the session."""
+        self.session = None  # type: ignore[assignment]
+
+
+def _spec(arg: object) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)  # type: ignore[attr-defined]
+    return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)  # type: ignore[attr-defined]
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
