@@ -102,7 +102,7 @@ def add_speedups(stats: dict[str, float], baseline: dict[str, float]) -> dict[st
 _PROBE = r"""
 import json, sys
 import numpy as np
-from optimize.runtimes import open_runner
+from optimize.runtimes import open_runner, unavailable_reason
 def status_mb(key):
     # VmHWM is this process's own peak; getrusage's ru_maxrss would carry the parent's peak across exec.
     with open("/proc/self/status") as fh:
@@ -112,6 +112,7 @@ def status_mb(key):
     raise SystemExit("no " + key + " in /proc/self/status")
 target, model, feeds_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
 feeds = dict(np.load(feeds_path))
+unavailable_reason(target)  # imports the runtime, so its import is not counted as the session's
 before = status_mb("VmRSS")
 with open_runner(target, model, threads) as r:
     for _ in range(3):

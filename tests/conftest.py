@@ -1,0 +1,116 @@
+"""Shared fixtures: a tiny torch model as an entry point, its data, and a recipe writer."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+TINY_MODULE = textwrap.dedent(
+    '''
+    """Tiny models for tests: an MLP classifier with one input `x` (N, 8) and output `logits` (N, 4)."""
+    import numpy as np
+    import torch
+
+
+    class TinyNet(torch.nn.Module):
+        def __init__(self, scale: float = 1.0) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(8, 16)
+            self.fc2 = torch.nn.Linear(16, 4)
+            self.scale = scale
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x * self.scale)))
+
+
+    def build(scale: float = 1.0):
+        torch.manual_seed(0)
+        return TinyNet(scale).eval(), {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(1))}
+
+
+    def not_a_tuple():
+        return TinyNet()
+
+
+    def wrong_inputs():
+        return TinyNet(), [torch.zeros(2, 8)]
+
+
+    def raises():
+        raise ValueError("boom")
+
+
+    def accuracy(outputs, labels):
+        return float((outputs["logits"].argmax(-1) == labels).mean())
+    '''
+)
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path: Path) -> Path:
+    """A folder with `tinynet.py` (entry points) and `tiny.npz` (64 samples of `x`, labels)."""
+    (tmp_path / "tinynet.py").write_text(TINY_MODULE)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
+    return tmp_path
+
+
+def tiny_recipe() -> dict[str, Any]:
+    """A complete recipe for the tiny model (fp32 + fp16, CPU), as a plain mapping."""
+    return {
+        "name": "tiny",
+        "model": {"source": "entry_point", "entry_point": "tinynet:build", "python_path": ["."]},
+        "export": {
+            "input_names": ["x"],
+            "output_names": ["logits"],
+            "dynamic_axes": {"x": {0: "batch"}, "logits": {0: "batch"}},
+        },
+        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "onnxruntime"}]},
+        "data": {"eval": {"kind": "npz", "path": "tiny.npz", "labels": "label", "batch_size": 16}},
+        "evaluate": {"dataset": "eval", "top1_outputs": ["logits"]},
+        "benchmark": {"shapes": [{"batch": 1}, {"batch": 8}], "warmup": 2, "iterations": 10},
+        "gates": ["accuracy.cosine_min >= 0.99", "accuracy.top1_agreement >= 0.9"],
+    }
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge `over` into a copy of `base` (a value of None deletes the key)."""
+    out = dict(base)
+    for k, v in over.items():
+        if v is None:
+            out.pop(k, None)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+@pytest.fixture()
+def write_recipe(tiny_dir: Path) -> Callable[..., Path]:
+    """write_recipe(overrides={}, name="recipe.yaml") -> path of a tiny recipe in `tiny_dir`."""
+
+    def _write(overrides: dict[str, Any] | None = None, name: str = "recipe.yaml") -> Path:
+        path = tiny_dir / name
+        path.write_text(yaml.safe_dump(merge(tiny_recipe(), overrides or {}), sort_keys=False))
+        return path
+
+    return _write
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test runs in its own folder, with no MLflow settings from the environment."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(var, raising=False)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,0 +1,55 @@
+"""The real thing, once: `optimize run recipes/fp16.yaml` on all-MiniLM-L6-v2 in a subprocess, as a user
+runs it, ending with a registered `candidate` version visible through the MLflow client."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from optimize.files import sha256_file
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimize", "run", str(REPO / "recipes" / "fp16.yaml")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "PASSED" in proc.stderr and "models:/minilm-fp16@candidate" in proc.stderr
+
+    (run_dir,) = (tmp_path / "runs" / "minilm-fp16").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "done"
+    export = next(s for s in manifest["stages"] if s["stage"] == "export")
+    # The export was checked on (16, 64) token batches while the example was (2, 16).
+    assert export["check"]["within_tolerance"] is True
+    assert export["check"]["shapes"][0]["input_ids"] == [16, 64]
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    fp16 = metrics["results"]["fp16"]["onnxruntime-cpu"]
+    assert fp16["accuracy"]["cosine_min"] >= 0.999
+    assert fp16["accuracy"]["outputs"]["sentence_embedding"]["samples"] == 160
+    assert set(fp16["shapes"]) == {"batch=1,sequence=32", "batch=16,sequence=64"}
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    assert verdict["status"] == "passed"
+    trt = [g for g in verdict["gates"] if g["target"] == "tensorrt"]
+    assert trt and all(g["status"] == "skipped" for g in trt)
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    mv = client.get_model_version_by_alias("minilm-fp16", "candidate")
+    assert mv.tags["precision"] == "fp16"
+    assert mv.tags["sha256"] == sha256_file(run_dir / "artifacts" / "fp16.onnx")
+    assert (tmp_path / "mlartifacts").is_dir()
