@@ -192,7 +192,7 @@ def _register_variant(
     tags = {
         "sha256": art["sha256"],
         "precision": art["precision"],
-        "targets": ",".join(t for t, s in verdict["targets"].items() if s["status"] == "ran"),
+        "target": ",".join(t for t, s in verdict["targets"].items() if s["status"] == "ran"),
         "recipe": manifest["recipe"],
         "recipe_sha256": manifest["recipe_sha256"],
         "verdict": "passed",

@@ -76,6 +76,7 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
     assert int(mv.version) == 1
     assert mv.tags["precision"] == "fp16"
     assert mv.tags["verdict"] == "passed"
+    assert mv.tags["target"] == "onnxruntime-cpu"
     assert mv.tags["sha256"] == metrics["variants"]["fp16"]["sha256"]
     assert mv.tags["recipe_sha256"] == manifest["recipe_sha256"]
     assert "accuracy.cosine_min >= 0.99" in mv.description
