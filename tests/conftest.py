@@ -37,6 +37,22 @@ TINY_MODULE = textwrap.dedent(
         return TinyNet(scale).eval(), {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(1))}
 
 
+    class Overflow(torch.nn.Module):
+        """Finite in FP32; exp(12 x) exceeds FP16's 65504 for x > 0.93."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyNet()
+
+        def forward(self, x):
+            return self.net(x) + torch.exp(x[:, :4] * 12.0)
+
+
+    def overflow():
+        torch.manual_seed(0)
+        return Overflow().eval(), {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(1))}
+
+
     def not_a_tuple():
         return TinyNet()
 

@@ -215,3 +215,28 @@ def test_registry_env_var_is_used(write_recipe, tmp_path: Path, monkeypatch: pyt
     result = run(write_recipe(), _options(tmp_path))
     assert result.registered["tracking_uri"] == f"sqlite:///{store / 'm.db'}"
     assert (store / "m.db").is_file() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_fp16_overflow_fails_the_precision_stage_naming_the_op(write_recipe, tmp_path: Path) -> None:
+    # exp(12 x) is finite in FP32 and overflows FP16 (max 65504): the stage must fail, not warn.
+    recipe = write_recipe({"model": {"entry_point": "tinynet:overflow"}})
+    msg = _raises(recipe, _options(tmp_path), 3)
+    assert "precision.fp16" in msg and "NaN/Inf" in msg and "Exp" in msg and "op_block_list" in msg
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert [s["status"] for s in manifest["stages"]][-1] == "failed"
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_fp16_overflow_is_fixed_by_the_op_block_list(write_recipe, tmp_path: Path) -> None:
+    # ModelOpt keeps blocked ops and the tensors between them in FP32. (ONNX Runtime's converter casts a
+    # blocked op's output back to FP16, so there the same block list still overflows.)
+    recipe = write_recipe({
+        "model": {"entry_point": "tinynet:overflow"},
+        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt",
+                                    "op_block_list": ["Exp", "Add"]}]},
+        "gates": ["accuracy.top1_agreement >= 0.9"],
+    })
+    result = run(recipe, _options(tmp_path, register=False))
+    assert result.exit_code == 0
