@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -136,7 +137,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
     except OptimizeError as e:
         if debug:
-            raise
+            traceback.print_exc()
         lines = str(e).splitlines() or [type(e).__name__]
         head = lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more problem(s); see `optimize validate`)"
         print(f"error: {head}", file=sys.stderr)
@@ -150,16 +151,17 @@ def main() -> None:
         print("error: interrupted; the run directory keeps what was finished", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # click usage errors and anything unexpected
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
+        # recent typer vendors click as typer._click; typer.BadParameter's module is the click in use
+        click_exceptions = sys.modules[typer.BadParameter.__module__]
+        if isinstance(e, click_exceptions.UsageError):
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
+        if isinstance(e, click_exceptions.ClickException):
             print(f"error: {e.format_message()}", file=sys.stderr)
             sys.exit(e.exit_code)
         if debug:
-            raise
-        print(f"error: internal error {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"error: internal error {type(e).__name__}: {e}{hint}", file=sys.stderr)
         sys.exit(3)
     sys.exit(rc if isinstance(rc, int) else 0)

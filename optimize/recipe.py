@@ -356,7 +356,12 @@ class Gate(_Strict):
             near = difflib.get_close_matches(m.group(1), METRICS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(METRICS)}"
             raise ValueError(f"unknown metric {m.group(1)!r}{hint}")
-        float(m.group(3))
+        try:
+            float(m.group(3))
+        except ValueError:
+            raise ValueError(
+                f"threshold {m.group(3)!r} is not a number (e.g. `accuracy.cosine_min >= 0.999`)"
+            ) from None
         return v
 
     @property
@@ -572,12 +577,17 @@ def format_error(display: str, err: dict[str, Any]) -> str:
     ctx_err = (err.get("ctx") or {}).get("error")
     if isinstance(ctx_err, _FieldError):
         return f"{display}: {_loc_str(ctx_err.loc)}: {ctx_err.msg}"
-    shown_loc, allowed = _walk(tuple(err["loc"]))
-    where = f"{display}: {_loc_str(shown_loc)}"
+    shown_loc, allowed, tags = _walk(tuple(err["loc"]))
     kind = err["type"]
     ctx = err.get("ctx") or {}
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        # pydantic locates these at the section; the user's mistake is in its `source` / `kind` field
+        shown_loc = (*shown_loc, str(ctx.get("discriminator", "")).strip("'"))
+    where = f"{display}: {_loc_str(shown_loc)}"
+    if kind == "union_tag_not_found":
+        return f"{where}: required field is missing; add it (one of {', '.join(map(repr, tags))})"
     if kind == "extra_forbidden":
-        _, allowed = _walk(tuple(err["loc"])[:-1])
+        _, allowed, _ = _walk(tuple(err["loc"])[:-1])
         near = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else (f"; allowed: {', '.join(allowed)}" if allowed else "")
         return f"{where}: unknown key{hint}"
@@ -603,16 +613,17 @@ def _loc_str(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[str]]:
+def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[str], list[str]]:
     """Follow a pydantic error location through the recipe types.
 
-    Returns the location as the user wrote it (without pydantic's union tags and validator names)
-    and the field names allowed at its end (for "did you mean" hints).
+    Returns the location as the user wrote it (without pydantic's union tags, validator names and
+    `[key]` markers), the field names allowed at its end (for "did you mean" hints) and, where it
+    ends at a tagged union (`model`, a dataset, a variant), the values its `source`/`kind` takes.
     """
     shown: list[Any] = []
     current: Any = Recipe
     for part in loc:
-        if isinstance(part, str) and part.startswith("function-"):
+        if isinstance(part, str) and (part.startswith("function-") or part == "[key]"):
             continue
         options = _flatten(current)
         models = [t for t in options if isinstance(t, type) and issubclass(t, BaseModel)]
@@ -631,7 +642,8 @@ def _walk(loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], list[str]]:
             current = None
     models = [t for t in _flatten(current) if isinstance(t, type) and issubclass(t, BaseModel)]
     allowed = [n for n in models[0].model_fields] if len(models) == 1 else []
-    return tuple(shown), allowed
+    tags = [str(t) for m in models for t in _tag_values(m)]
+    return tuple(shown), allowed, tags
 
 
 def _tag_values(model: type[BaseModel]) -> tuple[Any, ...]:

@@ -1,0 +1,327 @@
+"""The `optimize` command line as a user runs it: real processes, exit codes, stderr, imports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from functools import cache
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from typer.testing import CliRunner
+
+from optimize import __version__
+from optimize.cli import app
+
+RECIPES = REPO / "recipes"
+HEAVY = ("torch", "onnxruntime", "mlflow", "transformers")
+
+
+def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run `python -m optimize ARGS` in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "optimize", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The single `error: ...` line a failing command prints on stderr (and no traceback)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: "), proc.stderr
+    return lines[0]
+
+
+@cache
+def _has_cuda_provider() -> bool:
+    if importlib.util.find_spec("onnxruntime") is None:
+        return False
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+# --- help and version ----------------------------------------------------------------------------
+
+
+def test_python_m_optimize_help(tmp_path: Path) -> None:
+    proc = cli("--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("Usage: ")
+    for command in ("run", "validate", "schema"):
+        assert f"  {command} " in proc.stdout
+    assert "4 a required runtime or device is missing" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_console_script_help_and_version(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("optimize")
+    if not script.exists():
+        script = Path(shutil.which("optimize") or "")
+    if not script.is_file():
+        pytest.skip("the `optimize` console script is not installed next to this Python")
+    proc = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Usage: optimize " in proc.stdout
+    proc = subprocess.run(
+        [str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60
+    )
+    assert (proc.returncode, proc.stdout) == (0, f"optimize {__version__}\n")
+
+
+def test_version(tmp_path: Path) -> None:
+    proc = cli("--version", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert proc.stdout == f"optimize {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [("run", "--require-target"), ("validate", "Recipe YAML files."), ("schema", "JSON schema")],
+)
+def test_command_help(command: str, expected: str) -> None:
+    result = CliRunner().invoke(app, [command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert expected in result.output
+
+
+# --- usage errors: exit 2, one line, no traceback --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("bogus",), "error: No such command 'bogus'"),
+        (("validate",), "error: Missing argument"),
+        (("run", "--no-such-option", "r.yaml"), "error: No such option: --no-such-option"),
+        (("run",), "error: Missing argument"),
+    ],
+    ids=["unknown-command", "validate-no-file", "unknown-option", "run-no-file"],
+)
+def test_usage_errors_exit_2(tmp_path: Path, args: tuple[str, ...], expected: str) -> None:
+    proc = cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert one_error_line(proc).startswith(expected)
+    assert "internal error" not in proc.stderr
+
+
+def test_no_arguments_shows_usage_and_exits_2(tmp_path: Path) -> None:
+    proc = cli(cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Usage: " in proc.stderr and "validate" in proc.stderr
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+
+
+# --- validate ------------------------------------------------------------------------------------
+
+
+def test_validate_shipped_recipes(tmp_path: Path) -> None:
+    proc = cli("validate", RECIPES / "fp16.yaml", RECIPES / "digits-fp16.yaml", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(
+        f"{RECIPES / 'fp16.yaml'}: ok — minilm-fp16: fp32 baseline + fp16 (fp16); 5 gate(s)"
+    )
+    assert lines[1].startswith(f"{RECIPES / 'digits-fp16.yaml'}: ok — digits-fp16: ")
+
+
+def test_validate_bad_recipe_exits_2_with_the_error_on_stderr(write_recipe, tmp_path: Path) -> None:
+    write_recipe({"precison": {}})
+    proc = cli("validate", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.strip() == "recipe.yaml: precison: unknown key; did you mean 'precision'?"
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_checks_every_file_and_reports_every_problem(write_recipe, tmp_path: Path) -> None:
+    write_recipe(name="good.yaml")
+    write_recipe({"precison": {}, "benchmark": {"iteratons": 1}}, name="bad.yaml")
+    proc = cli("validate", "bad.yaml", "missing.yaml", "good.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stdout.strip().splitlines() == [
+        "good.yaml: ok — tiny: fp32 baseline + fp16 (fp16); 2 gate(s)"
+    ]
+    assert sorted(proc.stderr.strip().splitlines()) == [
+        "bad.yaml: benchmark.iteratons: unknown key; did you mean 'iterations'?",
+        "bad.yaml: precison: unknown key; did you mean 'precision'?",
+        "missing.yaml: file not found",
+    ]
+
+
+# --- what `validate`, `--help` and `schema` import -------------------------------------------------
+
+_IMPORT_PROBE = textwrap.dedent(
+    """
+    import contextlib, io, json, sys
+    sys.argv = ["optimize", *json.loads(sys.argv[1])]
+    from optimize import cli
+    out, err = io.StringIO(), io.StringIO()
+    code = None
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            cli.main()
+    except SystemExit as e:
+        code = e.code
+    heavy = sorted(m for m in {heavy!r} if m in sys.modules)
+    print(json.dumps({{"code": code, "heavy": heavy, "stdout": out.getvalue(), "stderr": err.getvalue()}}))
+    """
+).format(heavy=HEAVY)
+
+
+def _imports_of(args: list[str], cwd: Path) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, json.dumps(args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--help"],
+        ["run", "--help"],
+        ["--version"],
+        ["schema"],
+        ["validate", str(RECIPES / "fp16.yaml"), str(RECIPES / "digits-fp16.yaml")],
+    ],
+    ids=["help", "run-help", "version", "schema", "validate"],
+)
+def test_cheap_commands_import_no_heavy_library(tmp_path: Path, args: list[str]) -> None:
+    result = _imports_of(args, tmp_path)
+    assert result["code"] in (0, None), result
+    assert result["heavy"] == []
+
+
+def test_validate_of_a_bad_recipe_imports_no_heavy_library(write_recipe, tmp_path: Path) -> None:
+    write_recipe({"model": {"entry_point": "foo"}})
+    result = _imports_of(["validate", "recipe.yaml"], tmp_path)
+    assert result["code"] == 2
+    assert "model.entry_point: 'foo' is not of the form package.module:function" in result["stderr"]
+    assert result["heavy"] == []
+
+
+def test_import_probe_sees_heavy_imports(write_recipe, tmp_path: Path) -> None:
+    """The probe above is not blind: `run` reaching the target check does import onnxruntime."""
+    write_recipe({"benchmark": {"targets": ["onnxruntime-cpu"]}})
+    result = _imports_of(["run", "--require-target", "tensorrt", "recipe.yaml"], tmp_path)
+    assert "onnxruntime" in result["heavy"], result
+
+
+# --- schema --------------------------------------------------------------------------------------
+
+
+def test_schema_prints_json(tmp_path: Path) -> None:
+    proc = cli("schema", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    schema = json.loads(proc.stdout)
+    assert schema["type"] == "object"
+    for section in (
+        "name",
+        "model",
+        "export",
+        "precision",
+        "data",
+        "evaluate",
+        "benchmark",
+        "gates",
+        "registry",
+        "extends",
+    ):
+        assert schema["properties"][section]["description"].strip(), section
+    assert "Gate" in schema["$defs"]
+
+
+def test_schema_in_process_matches_json_schema() -> None:
+    from optimize.recipe import json_schema
+
+    result = CliRunner().invoke(app, ["schema"])
+    assert result.exit_code == 0
+    assert json.loads(result.output) == json_schema()
+
+
+# --- run: failures before any heavy work ------------------------------------------------------------
+
+
+def test_run_missing_recipe(tmp_path: Path) -> None:
+    proc = cli("run", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert one_error_line(proc) == "error: nope.yaml: file not found"
+    assert proc.stdout == ""
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_unknown_require_target(write_recipe, tmp_path: Path) -> None:
+    write_recipe()
+    proc = cli("run", "--require-target", "foo", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert line.startswith("error: --require-target: unknown target 'foo'")
+    for target in ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"):
+        assert target in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_bad_recipe_is_one_line_counting_the_rest(write_recipe, tmp_path: Path) -> None:
+    write_recipe({"precison": {}, "benchmark": {"iteratons": 1}})
+    proc = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert line.startswith("error: recipe.yaml: ")
+    assert "unknown key; did you mean" in line
+    assert line.endswith(" (and 1 more problem(s); see `optimize validate`)")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    proc = cli("--debug", "run", "nope.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback (most recent call last)" in proc.stderr
+    assert "RecipeError: nope.yaml: file not found" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "error: nope.yaml: file not found"
+
+
+@pytest.mark.skipif(_has_cuda_provider(), reason="this onnxruntime has CUDA: onnxruntime-cuda is available")
+def test_run_required_target_missing_exits_4(write_recipe, tmp_path: Path) -> None:
+    write_recipe({"benchmark": {"targets": ["onnxruntime-cuda"]}})
+    proc = cli("run", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    line = one_error_line(proc)
+    assert line.startswith("error: benchmark.targets: onnxruntime-cuda is required but not available: ")
+    assert "CUDAExecutionProvider" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+@pytest.mark.parametrize("recipe", ["tiny", "fp16.yaml"])
+def test_run_require_target_on_an_optional_target_exits_4(write_recipe, tmp_path: Path, recipe: str) -> None:
+    path = (
+        write_recipe({"benchmark": {"optional_targets": ["tensorrt"]}})
+        if recipe == "tiny"
+        else RECIPES / recipe
+    )
+    proc = cli("run", "--require-target", "tensorrt", path, "--no-register", cwd=tmp_path)
+    assert proc.returncode == 4, proc.stderr
+    line = one_error_line(proc)
+    assert line.startswith("error: --require-target: tensorrt is required but not available: ")
+    assert "TensorRT is not installed" in line
+    assert not (tmp_path / "runs").exists()
