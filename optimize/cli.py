@@ -75,10 +75,17 @@ def run(
 
     options = RunOptions(runs_dir, tracking_uri, tuple(require_target or ()), register, quiet)
     result = run_pipeline(recipe, options)
+    from rich.markup import escape
+
     from optimize.console import console
 
     con = console()
     colour = "green" if result.status == "passed" else "red"
+    verdict = json.loads((result.run_dir / "verdict.json").read_text())
+    for row in verdict["gates"]:
+        if row["status"] != "passed":
+            mark = "[red]✗ failed[/] " if row["status"] == "failed" else "[yellow]- skipped[/]"
+            con.print(f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}"))
     con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {_short(result.run_dir / 'report.md')}")
     reg = result.registered
     if reg.get("versions"):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO
 
 from rich.console import Console
+from rich.markup import escape
 
 _console: Console | None = None
 
@@ -67,18 +68,18 @@ class Progress:
             if self.quiet:
                 yield record
             else:
-                with con.status(f"[bold]{name}[/]: {what}", spinner="dots"):
+                with con.status(f"[bold]{name}[/]: {escape(what)}", spinner="dots"):
                     yield record
         except BaseException:
             record["seconds"] = round(time.perf_counter() - t0, 3)
             record["status"] = "failed"
             self.timings.append(record)
             if not self.quiet:
-                con.print(f"[red]✗[/] {name:<10} {record['seconds']:>7.1f} s  {what}")
+                con.print(f"[red]✗[/] {name:<10} {record['seconds']:>7.1f} s  {escape(what)}")
             raise
         record["seconds"] = round(time.perf_counter() - t0, 3)
         record["status"] = "done"
         self.timings.append(record)
         if not self.quiet:
             detail = record.get("detail")
-            con.print(f"[green]✓[/] {name:<10} {record['seconds']:>7.1f} s  {detail or what}")
+            con.print(f"[green]✓[/] {name:<10} {record['seconds']:>7.1f} s  {escape(str(detail or what))}")

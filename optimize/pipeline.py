@@ -303,7 +303,10 @@ def _execute(state: _Run) -> RunResult:
                 results[name][target]["memory"] = {**bench.measure_memory(target, p, feeds, b.threads), "shape": bench.shape_key(largest)}
         noisy = [f"{n}@{t}:{k}" for n in results for t in ran for k, s in results[n][t].get("shapes", {}).items() if s["cv_warning"]]
         if noisy:
-            console().print(f"[yellow]warning[/]: latency CV above {b.cv_warn:.0%} for {', '.join(noisy)}; the machine is noisy")
+            console().print(
+                f"[yellow]warning[/]: latency CV above {b.cv_warn:.0%} for {', '.join(noisy)}; the machine is noisy",
+                markup=True, highlight=False,
+            )
         rec["detail"] = "; ".join(
             f"{n} p50 speed-up {min(s['p50_speedup'] for s in results[n][t]['shapes'].values()):.2f}× on {t}"
             for n in paths if n != "fp32" for t in ran

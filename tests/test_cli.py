@@ -325,3 +325,32 @@ def test_run_require_target_on_an_optional_target_exits_4(write_recipe, tmp_path
     assert line.startswith("error: --require-target: tensorrt is required but not available: ")
     assert "TensorRT is not installed" in line
     assert not (tmp_path / "runs").exists()
+
+
+# --- run: the verdict as the user sees it --------------------------------------------------------
+
+
+def test_run_prints_failed_and_skipped_gates_and_exits_1(write_recipe, tmp_path: Path) -> None:
+    recipe = write_recipe({
+        "benchmark": {"optional_targets": ["tensorrt"]},
+        "gates": ["accuracy.cosine_min >= 0.99", "size.bytes <= 10",
+                  {"check": "latency.p50_speedup >= 2", "target": "tensorrt"}],
+    })
+    proc = cli("run", "--no-register", recipe, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "✗ failed  fp16 @ onnxruntime-cpu: size.bytes <= 10 — size.bytes = " in proc.stderr
+    # Bracketed text (an install hint) survives the terminal's markup.
+    assert "- skipped fp16 @ tensorrt: latency.p50_speedup >= 2 — TensorRT is not installed" in proc.stderr
+    assert "'optimize[gpu]'" in proc.stderr
+    assert "FAILED  report: runs/tiny/" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_passes_registers_and_names_the_version(write_recipe, tmp_path: Path) -> None:
+    proc = cli("run", write_recipe(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for stage in ("load", "export", "precision", "evaluate", "benchmark", "gate", "register"):
+        assert f"✓ {stage}" in proc.stderr
+    assert "registered tiny version 1 (fp16) → models:/tiny/1" in proc.stderr
+    assert "alias candidate → models:/tiny@candidate" in proc.stderr
+    assert (tmp_path / "mlflow.db").is_file()
