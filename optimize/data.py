@@ -121,6 +121,8 @@ def load_npz(name: str, spec: NpzDataset, input_names: list[str]) -> Batches:
         shown = ", ".join(f"{k}: {v}" for k, v in lengths.items())
         raise RecipeError(f"{where}.path: {spec.path.name}: arrays differ in sample count ({shown})")
     total = next(iter(lengths.values()))
+    if total == 0:
+        raise RecipeError(f"{where}.path: {spec.path.name}: the arrays hold no samples")
     index = _select(total, spec.samples, spec.seed, where, spec.path)
     feeds = {n: arrays[n][index] for n in input_names}
     labels = arrays[spec.labels][index] if spec.labels else None
@@ -158,8 +160,11 @@ def check_against_inputs(ds: Batches, inputs: list[Any]) -> None:
                 f"has rank {len(spec.shape)} {list(spec.shape)}"
             )
         for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
-            if isinstance(want, int) and want > 0 and axis > 0 and have != want:
+            if isinstance(want, int) and want > 0 and have != want:
+                hint = ""
+                if axis == 0:
+                    hint = f"; set {where}.batch_size to {want} or give the model a dynamic batch axis"
                 raise RecipeError(
                     f"{where}: array {spec.name!r} has shape {list(arr.shape)}, the model's input wants "
-                    f"{list(spec.shape)} (axis {axis}: {have} != {want})"
+                    f"{list(spec.shape)} (axis {axis}: {have} != {want}){hint}"
                 )

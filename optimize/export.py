@@ -3,6 +3,8 @@ real inputs of a different shape than the example (which proves the dynamic axes
 
 from __future__ import annotations
 
+import inspect
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,10 +50,37 @@ def input_names_for(loaded: LoadedModel, spec: ExportSection) -> list[str]:
     return names
 
 
+def _in_forward_order(module: torch.nn.Module, names: list[str]) -> list[str]:
+    """The input names in the order of forward's parameters when they name them.
+
+    The export passes the inputs by position, so an input named after a parameter must sit at that
+    parameter's position, or the ONNX input of that name would feed another parameter. Names that are not
+    all forward's parameter names are passed in the order given.
+    """
+    try:
+        params = [
+            p.name
+            for p in inspect.signature(module.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        return names
+    if not set(names) <= set(params):
+        return names
+    ordered = sorted(names, key=params.index)
+    if ordered != params[: len(ordered)]:
+        skipped = [p for p in params[: params.index(ordered[-1])] if p not in names]
+        raise RecipeError(
+            f"export.input_names: the inputs are passed to forward() by position, and {', '.join(names)} "
+            f"skip its parameter(s) {', '.join(skipped)}; add them to the inputs (and the example inputs)"
+        )
+    return ordered
+
+
 def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
     """Export the torch module to a single self-contained ONNX file at `dest`; returns seconds taken."""
     assert loaded.module is not None
-    names = input_names_for(loaded, spec)
+    names = _in_forward_order(loaded.module, input_names_for(loaded, spec))
     args = tuple(loaded.example_inputs[n] for n in names)
     known = set(names) | set(spec.output_names)
     unknown = [k for k in spec.dynamic_axes if k not in known]
@@ -80,7 +109,13 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
     except RecipeError:
         raise
     except Exception as e:
-        raise StageError(f"export: torch.onnx.export failed: {type(e).__name__}: {_first_line(e)}") from None
+        root = e
+        while root.__cause__ is not None:  # torch wraps the model's own error in a generic TorchExportError
+            root = root.__cause__
+        why = f"{type(e).__name__} caused by " if root is not e else ""
+        raise StageError(
+            f"export: torch.onnx.export failed: {why}{type(root).__name__}: {_first_line(root)}"
+        ) from None
     import onnx
 
     model = onnx.load(str(dest), load_external_data=False)
@@ -145,6 +180,6 @@ def check_export(
     return check
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
+def _first_line(e: BaseException) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its messages
     return text.splitlines()[0][:300] if text else type(e).__name__

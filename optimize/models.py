@@ -95,7 +95,8 @@ def _state_dict_sha256(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # raw bytes: numpy has no bfloat16, so go through uint8 (the same bytes for every other dtype)
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -105,7 +106,10 @@ def huggingface_dir(spec: HuggingFaceModel) -> Path:
         folder = spec.path
         where = "model.path"
     else:
-        found = importlib.util.find_spec(spec.package) if spec.package else None
+        try:
+            found = importlib.util.find_spec(spec.package) if spec.package else None
+        except (ImportError, ValueError):  # a dotted name whose parent package is missing
+            found = None
         if found is None or not found.submodule_search_locations:
             raise RecipeError(
                 f"model.package: {spec.package!r} is not installed; `pip install {spec.package.replace('_', '-')}` "

@@ -7,6 +7,7 @@ its outputs fails the stage and names the op types that first produced them.
 from __future__ import annotations
 
 import importlib.util
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +42,13 @@ class Fp16Result:
 
 def modelopt_available() -> bool:
     """True when ModelOpt's ONNX AutoCast can be imported."""
-    return importlib.util.find_spec("modelopt") is not None
+    if importlib.util.find_spec("modelopt") is None:
+        return False
+    try:  # nvidia-modelopt without its ONNX dependencies installs, but AutoCast does not import
+        import modelopt.onnx.autocast  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def choose_backend(variant: Fp16Variant) -> str:
@@ -70,19 +77,34 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant) -> Fp16Result:
                 onnx_path=str(src),
                 low_precision_type="fp16",
                 keep_io_types=variant.keep_io_types,
-                nodes_to_exclude=list(variant.node_block_list) or None,
+                # AutoCast takes regular expressions matched at the start of a name; ours are whole names
+                nodes_to_exclude=[f"{re.escape(n)}\\Z" for n in variant.node_block_list] or None,
                 op_types_to_exclude=list(variant.op_block_list) or None,
                 providers=["cpu"],
             )
         else:
-            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+            from onnxruntime.transformers.onnx_model import OnnxModel
 
-            model = convert_float_to_float16(
-                onnx.load(str(src)),
+            # OnnxModel's method runs float16.convert_float_to_float16, then removes the Cast pairs
+            # FP32 -> FP16 -> FP32 it leaves between blocked nodes (without that, values pass through
+            # FP16 between two FP32 ops and overflow there all the same).
+            wrapper = OnnxModel(onnx.load(str(src)))
+            wrapper.convert_float_to_float16(
+                use_symbolic_shape_infer=False,
                 keep_io_types=variant.keep_io_types,
                 op_block_list=[*DEFAULT_OP_BLOCK_LIST, *variant.op_block_list],
                 node_block_list=list(variant.node_block_list) or None,
             )
+            model = wrapper.model
+            # The converter appends its Casts at the end of the node list and leaves value_info of
+            # initializers it kept in FP32 typed FP16: the file fails onnx.checker (unsorted graph) and
+            # shape inference (type conflict). Sort the nodes; drop value_info of initializers.
+            OnnxModel.graph_topological_sort(model.graph, is_deterministic=True)
+            initializers = {t.name for t in model.graph.initializer}
+            kept = [v for v in model.graph.value_info if v.name not in initializers]
+            del model.graph.value_info[:]
+            model.graph.value_info.extend(kept)
     except Exception as e:
         raise StageError(f"precision.{variant.name}: FP16 conversion with {backend} failed: {_first_line(e)}") from None
     write_with(dest, lambda tmp: onnx.save(model, str(tmp)))
@@ -96,11 +118,19 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant) -> Fp16Result:
 
 
 def check_finite(model_path: Path, outputs: dict[str, np.ndarray], feeds: dict[str, np.ndarray], where: str) -> None:
-    """Fail the stage when an output holds NaN/Inf, naming the op types that first produced non-finite values."""
-    bad = [name for name, arr in outputs.items() if arr.dtype.kind == "f" and not np.all(np.isfinite(arr))]
+    """Fail the stage when an output holds NaN/Inf, naming the op types that first produced non-finite values.
+
+    The outputs are checked as given and as the graph computes them with every intermediate kept in its own
+    type: ONNX Runtime's CPU provider runs FP16 ops that lack a CPU kernel in FP32 and drops the Casts around
+    them, which hides an overflow that FP16 kernels (GPUs) produce.
+    """
+    try:
+        values, culprits = _run_every_node(model_path, feeds)
+    except Exception:  # a graph ONNX Runtime cannot run this way (e.g. sequence-typed values): outputs only
+        values, culprits = {}, []
+    bad = [name for name, arr in outputs.items() if not _finite(arr) or not _finite(values.get(name))]
     if not bad:
         return
-    culprits = nonfinite_op_types(model_path, feeds)
     named = ", ".join(f"{op} ({node})" for op, node in culprits[:5]) or "unknown nodes"
     raise StageError(
         f"{where}: output(s) {', '.join(bad)} contain NaN/Inf in FP16; first produced by {named}; "
@@ -110,6 +140,22 @@ def check_finite(model_path: Path, outputs: dict[str, np.ndarray], feeds: dict[s
 
 def nonfinite_op_types(model_path: Path, feeds: dict[str, np.ndarray]) -> list[tuple[str, str]]:
     """(op type, node name) of the first nodes whose outputs are non-finite while all their inputs are finite."""
+    return _run_every_node(model_path, feeds)[1]
+
+
+def _finite(v: Any) -> bool:
+    """True for anything but a float array holding NaN/Inf."""
+    return not (isinstance(v, np.ndarray) and v.dtype.kind == "f") or bool(np.all(np.isfinite(v)))
+
+
+def _run_every_node(
+    model_path: Path, feeds: dict[str, np.ndarray]
+) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
+    """Run the unoptimised graph with every node output as a graph output (so each keeps its own type).
+
+    Returns the values by name and the (op type, node name) of the first nodes whose outputs are non-finite
+    while all their inputs are finite.
+    """
     import onnx
     import onnxruntime as ort
 
@@ -126,16 +172,13 @@ def nonfinite_op_types(model_path: Path, feeds: dict[str, np.ndarray]) -> list[t
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds)))
-
-    def finite(name: str) -> bool:
-        v = values.get(name)
-        return v is None or not (isinstance(v, np.ndarray) and v.dtype.kind == "f") or bool(np.all(np.isfinite(v)))
-
-    return [
+    culprits = [
         (node.op_type, node.name)
         for node in model.graph.node
-        if any(not finite(o) for o in node.output) and all(finite(i) for i in node.input if i)
+        if any(not _finite(values.get(o)) for o in node.output)
+        and all(_finite(values.get(i)) for i in node.input if i)
     ]
+    return values, culprits
 
 
 def _first_line(e: Exception) -> str:
