@@ -103,10 +103,11 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
                 opset_version=spec.opset,
                 external_data=False,
             )
+        _check_exported(tmp, spec)  # before the rename: a failed check leaves no file at `dest`
 
     try:
         write_with(dest, _write)
-    except RecipeError:
+    except (RecipeError, StageError):
         raise
     except Exception as e:
         root = e
@@ -116,9 +117,13 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
         raise StageError(
             f"export: torch.onnx.export failed: {why}{type(root).__name__}: {_first_line(root)}"
         ) from None
+    return time.perf_counter() - t0
+
+
+def _check_exported(path: Path, spec: ExportSection) -> None:
     import onnx
 
-    model = onnx.load(str(dest), load_external_data=False)
+    model = onnx.load(str(path), load_external_data=False)
     try:
         onnx.checker.check_model(model)
     except Exception as e:
@@ -129,7 +134,6 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
             f"export.output_names: the model returned {len(outs)} output(s) {outs}, "
             f"the recipe names {list(spec.output_names)}"
         )
-    return time.perf_counter() - t0
 
 
 def check_export(

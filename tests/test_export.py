@@ -193,6 +193,7 @@ def test_output_names_that_do_not_match_the_model_fail_the_stage(tmp_path: Path)
     assert e.value.exit_code == 3
     assert "export.output_names: the model returned 2 output(s)" in str(e.value)
     assert "the recipe names ['y']" in str(e.value)
+    assert not list(tmp_path.iterdir()), "a rejected export leaves no file behind"
 
 
 def test_dynamic_axes_for_an_unknown_tensor_is_a_recipe_error(tmp_path: Path) -> None:

@@ -229,6 +229,15 @@ def test_fp16_overflow_fails_the_precision_stage_naming_the_op(write_recipe, tmp
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_fp16_overflow_after_a_blocked_op_names_the_op_before_the_cast(write_recipe, tmp_path: Path) -> None:
+    # Exp is kept in FP32, but its output is cast to FP16 for the (FP16) Add that consumes it.
+    recipe = write_recipe({"model": {"entry_point": "tinynet:overflow"},
+                           "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "onnxruntime",
+                                                       "op_block_list": ["Exp"]}]}})
+    msg = _raises(recipe, _options(tmp_path), 3)
+    assert "first produced by Exp → Cast" in msg and "block the ops that consume it too" in msg
+
+
 def test_fp16_overflow_is_fixed_by_the_op_block_list(write_recipe, tmp_path: Path) -> None:
     # ModelOpt keeps blocked ops and the tensors between them in FP32. (ONNX Runtime's converter casts a
     # blocked op's output back to FP16, so there the same block list still overflows.)
