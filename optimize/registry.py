@@ -88,6 +88,13 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
     """
     check_reachable(tracking_uri)
     _bound_http()
+    import mlflow
+
+    # MLflow resolves a `models:/<model_id>` version source through the process-wide URIs, not the
+    # client's: point them at this store for the duration (a store other than the default failed).
+    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     try:
         return _publish(run_dir, tracking_uri)
     except RegistryUnreachableError:
@@ -96,6 +103,9 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
         if _is_connection_error(e):
             raise RegistryUnreachableError(f"registry: lost {tracking_uri} ({_first_line(e)})") from None
         raise
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
 
 
 def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 
-def _f(v: Any, digits: int = 4) -> str:
+def _f(v: Any, digits: int = 6) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):

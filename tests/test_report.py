@@ -1,0 +1,68 @@
+"""report.md: the verdict first, and the numbers on the page are the numbers in metrics.json."""
+
+from __future__ import annotations
+
+from optimize.report import markdown
+
+
+def _docs() -> tuple[dict, dict, dict]:
+    shape = {"p50_ms": 2.5, "p90_ms": 3.0, "p99_ms": 4.25, "mean_ms": 2.75, "cv": 0.12, "items_per_s": 400.0,
+             "cv_warning": True}
+    metrics = {
+        "baseline": "fp32",
+        "variants": {
+            "fp32": {"precision": "fp32", "path": "artifacts/fp32.onnx", "size_bytes": 2_000_000, "sha256": "a" * 64},
+            "fp16": {"precision": "fp16", "path": "artifacts/fp16.onnx", "size_bytes": 1_000_000, "sha256": "b" * 64},
+        },
+        "results": {
+            "fp32": {"onnxruntime-cpu": {"size": {"bytes": 2_000_000, "ratio": 1.0},
+                                         "accuracy": {"outputs": {}}, "shapes": {"batch=1": dict(shape)},
+                                         "memory": {"rss_peak_mb": 300.5, "rss_session_mb": 120.25}}},
+            "fp16": {"onnxruntime-cpu": {
+                "size": {"bytes": 1_000_000, "ratio": 0.5},
+                "accuracy": {"cosine_min": 0.9987654, "outputs": {"emb": {
+                    "cosine_mean": 0.9999123, "cosine_min": 0.9987654, "max_abs_error": 0.0123,
+                    "mean_abs_error": 0.000456, "samples": 10}}},
+                "shapes": {"batch=1": {**shape, "p50_ms": 2.0, "p50_speedup": 1.25}},
+                "memory": {"rss_peak_mb": 250.0, "rss_session_mb": 70.0}}},
+        },
+    }
+    verdict = {
+        "status": "failed",
+        "variants": {"fp16": {"status": "failed"}},
+        "targets": {"onnxruntime-cpu": {"status": "ran"}, "tensorrt": {"status": "skipped", "reason": "no TensorRT"}},
+        "gates": [
+            {"variant": "fp16", "target": "onnxruntime-cpu", "check": "accuracy.cosine_min >= 0.999",
+             "value": 0.9987654, "baseline_value": 1.0, "status": "failed",
+             "reason": "accuracy.cosine_min = 0.998765, needs >= 0.999"},
+            {"variant": "fp16", "target": "tensorrt", "check": "latency.p50_speedup >= 1.5", "status": "skipped",
+             "reason": "no TensorRT"},
+        ],
+    }
+    manifest = {"recipe": "demo", "run_id": "r1", "recipe_sha256": "c" * 64, "model": {"sha256": "d" * 64},
+                "hardware": {"cpu": "cpu", "cores": 2, "memory_gb": 8, "gpu": None}, "os": "Linux",
+                "versions": {"onnxruntime": "1.32.0"}, "stages": [{"stage": "export", "seconds": 1.5, "detail": "ok"}],
+                "datasets": {"eval": {"description": "10 lines", "sha256": "e" * 64}}}
+    return metrics, verdict, manifest
+
+
+def test_verdict_and_gates_come_first() -> None:
+    text = markdown(*_docs())
+    lines = text.splitlines()
+    assert lines[0] == "# demo — FAILED"
+    assert lines.index("## Gates") < lines.index("## Accuracy vs FP32") < lines.index("## Latency and throughput")
+    assert ("| fp16 | onnxruntime-cpu | `accuracy.cosine_min >= 0.999` | 0.998765 | 1 | "
+            "failed: accuracy.cosine_min = 0.998765, needs >= 0.999 |") in lines
+    assert "| fp16 | tensorrt | `latency.p50_speedup >= 1.5` | – | – | skipped: no TensorRT |" in lines
+    assert "- target `tensorrt` skipped: no TensorRT" in lines
+
+
+def test_numbers_on_the_page_are_the_metrics() -> None:
+    text = markdown(*_docs())
+    assert "| fp16 | onnxruntime-cpu | emb | 0.999912 | 0.998765 | 0.0123 | 0.000456 | – |" in text
+    assert "| fp16 | onnxruntime-cpu | batch=1 | 2.000 | 3.000 | 4.250 | 2.750 | 12.0% | 400.0 | 1.25× |" in text
+    assert "| fp32 | onnxruntime-cpu | batch=1 | 2.500 | 3.000 | 4.250 | 2.750 | 12.0% | 400.0 | 1 (baseline) |" in text
+    assert "| fp16 | 1.00 | 0.500 | 250 | 70 | onnxruntime-cpu |" in text
+    assert "- fp16 on onnxruntime-cpu at batch=1: CV 12.0% (noisy machine?)" in text
+    assert "| export | 1.50 | ok |" in text
+    assert f"- `fp16`: artifacts/fp16.onnx sha256 `{'b' * 64}`" in text
