@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from optimize.errors import StageError
+
 
 def run_all(runner: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Run every batch and concatenate each output along the sample axis."""
@@ -40,6 +42,12 @@ def compare_outputs(
     """
     per_output: dict[str, dict[str, float]] = {}
     for name, ref in baseline.items():
+        if name not in variant or variant[name].shape != ref.shape:
+            # numpy would broadcast mismatched shapes into meaningless errors and cosines
+            have = f"shape {list(variant[name].shape)}" if name in variant else "no such output"
+            raise StageError(
+                f"evaluate: output {name!r}: the variant has {have}, the baseline {list(ref.shape)}"
+            )
         got = variant[name].astype(np.float64)
         ref64 = ref.astype(np.float64)
         cos = per_sample_cosine(got, ref64)

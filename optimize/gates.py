@@ -59,8 +59,10 @@ def evaluate_gates(
                 base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric)
                 row["value"] = value
                 row["baseline_value"] = base
-                if value is None or (isinstance(value, float) and math.isnan(value)):
+                if value is None:
                     row.update(status="failed", reason=f"{gate.metric} was not measured")
+                elif isinstance(value, float) and math.isnan(value):
+                    row.update(status="failed", reason=f"{gate.metric} is NaN (non-finite outputs?)")
                 elif OPS[gate.op](value, gate.threshold):
                     row["status"] = "passed"
                 else:

@@ -60,21 +60,37 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
         except Exception as e:
-            raise StageError(f"{self.model_path.name}: ONNX Runtime cannot load the model: {_first_line(e)}") from None
+            raise StageError(
+                f"{self.model_path.name}: ONNX Runtime cannot load the model: {_first_line(e)}"
+            ) from None
         if self.session.get_providers()[0] != provider:
             raise StageError(f"{self.model_path.name}: ONNX Runtime did not use {provider}")
         self.inputs = [_spec(x) for x in self.session.get_inputs()]
         self.outputs = [_spec(x) for x in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
+        # Float inputs take any float feed: a variant with FP16 I/O (keep_io_types: false) is fed the
+        # same FP32 arrays as its baseline.
+        self._float_inputs = {s.name: np.dtype(s.dtype) for s in self.inputs if s.dtype in _FLOATS}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch on the session's provider."""
+        """Run one batch on the session's provider (float feeds are cast to the input's float type)."""
+        if self._float_inputs:
+            feeds = {k: _cast(v, self._float_inputs.get(k)) for k, v in feeds.items()}
         values = self.session.run(self._output_names, feeds)
         return dict(zip(self._output_names, values))
 
     def close(self) -> None:
         """Drop the session."""
         self.session = None  # type: ignore[assignment]
+
+
+_FLOATS = ("float16", "float32", "float64")
+
+
+def _cast(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
+    if dtype is None or value.dtype == dtype or value.dtype.kind != "f":
+        return value
+    return value.astype(dtype)
 
 
 def _spec(arg: object) -> TensorSpec:
