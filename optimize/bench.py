@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RecipeError, StageError
+from optimize.files import write_npz
 from optimize.runtimes.base import TensorSpec
 
 
@@ -122,6 +123,9 @@ print(json.dumps({"rss_peak_mb": peak, "rss_session_mb": peak - before}))
 """
 
 
+PROBE_TIMEOUT_S = 600
+
+
 def measure_memory(target: str, model_path: Path, feeds: dict[str, np.ndarray], threads: int | None) -> dict[str, float]:
     """Peak RSS (MB) of a fresh process that loads `model_path` on `target` and runs `feeds` three times.
 
@@ -129,15 +133,20 @@ def measure_memory(target: str, model_path: Path, feeds: dict[str, np.ndarray], 
     """
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
-        np.savez(feeds_path, **feeds)
+        write_npz(feeds_path, feeds)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-        proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, target, str(model_path), str(feeds_path), str(threads or 0)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=600,
-        )
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", _PROBE, target, str(model_path), str(feeds_path), str(threads or 0)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=PROBE_TIMEOUT_S,
+            )
+        except subprocess.TimeoutExpired:
+            raise StageError(
+                f"benchmark: memory probe for {model_path.name} on {target} took over {PROBE_TIMEOUT_S} s"
+            ) from None
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise StageError(f"benchmark: memory probe for {model_path.name} on {target} failed: {tail}")

@@ -78,6 +78,7 @@ def run(
     from rich.markup import escape
 
     from optimize.console import console
+    from optimize.files import display_path
 
     con = console()
     colour = "green" if result.status == "passed" else "red"
@@ -86,7 +87,7 @@ def run(
         if row["status"] != "passed":
             mark = "[red]✗ failed[/] " if row["status"] == "failed" else "[yellow]- skipped[/]"
             con.print(f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}"))
-    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {_short(result.run_dir / 'report.md')}")
+    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {display_path(result.run_dir / 'report.md')}")
     reg = result.registered
     if reg.get("versions"):
         for variant, version in reg["versions"].items():
@@ -128,13 +129,6 @@ def _usage(msg: str) -> OptimizeError:
     from optimize.errors import RecipeError
 
     return RecipeError(msg)
-
-
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def main() -> None:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's text (or its type name), for one-line messages."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # some libraries (torch) colour their messages
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
 
 class OptimizeError(Exception):
     """Base of every error the CLI reports as one line. `exit_code` is the process exit status."""

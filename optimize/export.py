@@ -4,7 +4,6 @@ real inputs of a different shape than the example (which proves the dynamic axes
 from __future__ import annotations
 
 import inspect
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from optimize.errors import RecipeError, StageError
+from optimize.errors import RecipeError, StageError, first_line
 from optimize.files import write_with
 from optimize.models import LoadedModel
 from optimize.recipe import ExportSection
@@ -115,7 +114,7 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
             root = root.__cause__
         why = f"{type(e).__name__} caused by " if root is not e else ""
         raise StageError(
-            f"export: torch.onnx.export failed: {why}{type(root).__name__}: {_first_line(root)}"
+            f"export: torch.onnx.export failed: {why}{type(root).__name__}: {first_line(root)}"
         ) from None
     return time.perf_counter() - t0
 
@@ -127,7 +126,7 @@ def _check_exported(path: Path, spec: ExportSection) -> None:
     try:
         onnx.checker.check_model(model)
     except Exception as e:
-        raise StageError(f"export: the exported ONNX does not pass onnx.checker: {_first_line(e)}") from None
+        raise StageError(f"export: the exported ONNX does not pass onnx.checker: {first_line(e)}") from None
     outs = [o.name for o in model.graph.output]
     if outs != list(spec.output_names):
         raise StageError(
@@ -182,8 +181,3 @@ def check_export(
             f"rtol={spec.tolerance.rtol}): output {worst_out!r} max |diff| = {max_err[worst_out]:.3g}"
         )
     return check
-
-
-def _first_line(e: BaseException) -> str:
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours its messages
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -54,6 +54,29 @@ def write_with(dest: Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
+def write_npz(dest: Path, arrays: dict[str, Any]) -> None:
+    """Write arrays to an .npz file atomically (any key, even `file`, which np.savez's keywords refuse)."""
+    import zipfile
+
+    import numpy as np
+
+    def _write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for key, value in arrays.items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+
+    write_with(dest, _write)
+
+
+def display_path(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when below it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     """Hex sha256 of a file's content."""
     h = hashlib.sha256()

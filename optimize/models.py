@@ -17,6 +17,7 @@ from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
 from optimize.recipe import EntryPointModel, HuggingFaceModel, OnnxModel, TorchvisionModel
 
+
 @dataclass(frozen=True)
 class LoadedModel:
     """What a model source gives the pipeline: a torch module and example inputs, or an ONNX file."""

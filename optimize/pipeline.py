@@ -24,7 +24,7 @@ import yaml
 from optimize import __version__
 from optimize.console import Progress, capture_output, console
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
-from optimize.files import sha256_file, write_json, write_text, write_with
+from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.recipe import OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
 
@@ -169,21 +169,14 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
         state.manifest["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         state.save_manifest()
         if isinstance(e, OptimizeError):
-            e.args = (f"{e.args[0] if e.args else ''} (run directory: {_short(state.run_dir)})",)
+            e.args = (f"{e.args[0] if e.args else ''} (run directory: {display_path(state.run_dir)})",)
         raise
     return result
 
 
-def _short(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
-
-
 def _execute(state: _Run) -> RunResult:
     from optimize import accuracy, bench, data, export, gates, registry, report
-    from optimize.models import load_model, import_entry_point
+    from optimize.models import import_entry_point, load_model
     from optimize.precision import fp16
     from optimize.runtimes import open_runner
 
@@ -363,8 +356,8 @@ def _write_registry_folders(
             except OSError:
                 write_with(dest, lambda tmp, src=paths[name]: shutil.copyfile(src, tmp))
         sample = eval_ds.batches[0]
-        _write_npz(folder / "sample_inputs.npz", sample)
-        _write_npz(folder / "golden_outputs.npz", golden[name])
+        write_npz(folder / "sample_inputs.npz", sample)
+        write_npz(folder / "golden_outputs.npz", golden[name])
         write_json(
             folder / "optimize.json",
             {
@@ -376,11 +369,3 @@ def _write_registry_folders(
                 "recipe": recipe.name,
             },
         )
-
-
-def _write_npz(dest: Path, arrays: dict[str, np.ndarray]) -> None:
-    def _save(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    write_with(dest, _save)

@@ -25,6 +25,7 @@ from pydantic import (
 )
 
 from optimize.errors import RecipeError
+from optimize.files import display_path
 
 TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
 Target = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
@@ -508,10 +509,10 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
 def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a recipe file and its `extends:` chain into one merged mapping (strings tagged with their folder)."""
     path = Path(path).resolve()
-    display = _display(path)
+    display = display_path(path)
     if path in _chain:
-        cycle = " -> ".join(_display(p) for p in (*_chain, path))
-        raise RecipeError(f"{_display(_chain[0])}: extends: cycle {cycle}; remove one of these `extends:`")
+        cycle = " -> ".join(display_path(p) for p in (*_chain, path))
+        raise RecipeError(f"{display_path(_chain[0])}: extends: cycle {cycle}; remove one of these `extends:`")
     data = _tag_sources(_read_yaml(path, display), path.parent)
     parents = data.pop("extends", None)
     if parents is None:
@@ -524,7 +525,7 @@ def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     for parent in parents:
         parent_path = (path.parent / parent).resolve()
         if not parent_path.exists():
-            raise RecipeError(f"{display}: extends: {parent}: file not found (relative to {_display(path.parent)})")
+            raise RecipeError(f"{display}: extends: {parent}: file not found (relative to {display_path(path.parent)})")
         merged = _merge(merged, load_raw(parent_path, (*_chain, path)))
     return _merge(merged, data)
 
@@ -536,7 +537,7 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as e:
-        lines = [format_error(_display(path.resolve()), err) for err in e.errors()]
+        lines = [format_error(display_path(path.resolve()), err) for err in e.errors()]
         raise RecipeError("\n".join(lines)) from None
 
 
@@ -560,13 +561,6 @@ def json_schema() -> dict[str, Any]:
     }
     schema["title"] = "optimize recipe"
     return schema
-
-
-def _display(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 # --- error messages ------------------------------------------------------------------------------

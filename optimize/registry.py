@@ -11,7 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import RecipeError, RegistryUnreachableError
+from optimize.errors import RecipeError, RegistryUnreachableError, first_line
 
 # Bound every MLflow HTTP call: with the defaults one call hangs for minutes against a stopped server.
 HTTP_TIMEOUT_S = 10
@@ -101,7 +101,7 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
         raise
     except Exception as e:
         if _is_connection_error(e):
-            raise RegistryUnreachableError(f"registry: lost {tracking_uri} ({_first_line(e)})") from None
+            raise RegistryUnreachableError(f"registry: lost {tracking_uri} ({first_line(e)})") from None
         raise
     finally:
         mlflow.set_tracking_uri(saved[0])
@@ -255,8 +255,3 @@ def _fmt(v: Any) -> str:
 def _is_connection_error(e: BaseException) -> bool:
     text = f"{type(e).__name__} {e}".lower()
     return any(s in text for s in ("connection", "max retries", "timed out", "timeout", "unreachable"))
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

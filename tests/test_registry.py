@@ -21,10 +21,9 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real, unregistered run of the tiny model with two variants that both pass."""
     import os
 
+    import numpy as np
     import yaml
     from conftest import TINY_MODULE, merge, tiny_recipe
-
-    import numpy as np
 
     folder = tmp_path_factory.mktemp("run")
     (folder / "tinynet.py").write_text(TINY_MODULE)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimize.errors import RuntimeMissingError, StageError
+from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.files import write_with
 from optimize.recipe import Fp16Variant
 
@@ -106,7 +106,7 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant) -> Fp16Result:
             del model.graph.value_info[:]
             model.graph.value_info.extend(kept)
     except Exception as e:
-        raise StageError(f"precision.{variant.name}: FP16 conversion with {backend} failed: {_first_line(e)}") from None
+        raise StageError(f"precision.{variant.name}: FP16 conversion with {backend} failed: {first_line(e)}") from None
     write_with(dest, lambda tmp: onnx.save(model, str(tmp)))
     kinds = Counter(t.data_type for t in model.graph.initializer)
     return Fp16Result(
@@ -186,7 +186,3 @@ def _run_every_node(
                 culprits.append((node.op_type, node.name))
     return values, culprits
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from optimize.errors import StageError
+from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.runtimes.base import Runner, TensorSpec
 
 PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
@@ -61,10 +61,13 @@ class OnnxRuntimeRunner(Runner):
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
         except Exception as e:
             raise StageError(
-                f"{self.model_path.name}: ONNX Runtime cannot load the model: {_first_line(e)}"
+                f"{self.model_path.name}: ONNX Runtime cannot load the model: {first_line(e)}"
             ) from None
         if self.session.get_providers()[0] != provider:
-            raise StageError(f"{self.model_path.name}: ONNX Runtime did not use {provider}")
+            raise RuntimeMissingError(
+                f"{self.model_path.name}: ONNX Runtime would not run on {provider} "
+                f"(it chose {self.session.get_providers()[0]}); no fallback is taken"
+            )
         self.inputs = [_spec(x) for x in self.session.get_inputs()]
         self.outputs = [_spec(x) for x in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
@@ -96,8 +99,3 @@ def _cast(value: np.ndarray, dtype: np.dtype | None) -> np.ndarray:
 def _spec(arg: object) -> TensorSpec:
     shape = tuple(d if isinstance(d, int) else (d or "?") for d in arg.shape)  # type: ignore[attr-defined]
     return TensorSpec(arg.name, _ORT_TYPES.get(arg.type, arg.type), shape)  # type: ignore[attr-defined]
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
