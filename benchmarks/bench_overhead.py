@@ -55,9 +55,7 @@ def p50_ms(samples_ns: list[int]) -> float:
     return float(np.percentile(np.asarray(samples_ns, dtype=np.float64) / 1e6, 50))
 
 
-def rounds_of_blocks(
-    bench: Any, bare: Any, names: list[str], r32: Any, r16: Any, feeds: Any, rounds: int, n: int
-):
+def rounds_of_blocks(bench: Any, bare: Any, names: list[str], r32: Any, r16: Any, feeds: Any, rounds: int, n: int):
     """Per round one block each of (a), (b), (c), in rotating order; samples pooled over the rounds."""
     got: dict[str, list[int]] = {"a": [], "b": [], "c32": [], "c16": []}
     per_round = []

@@ -66,9 +66,7 @@ def time_command(argv: list[str], runs: int) -> tuple[list[float], int]:
 
 def loaded_modules(args: list[str]) -> dict[str, object]:
     code = _IMPORTS_PROBE.format(heavy=repr(list(HEAVY)))
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True
-    )
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(args)], cwd=REPO, capture_output=True, text=True)
     line = [ln for ln in proc.stderr.splitlines() if ln.startswith("@@")]
     if not line:
         raise SystemExit(f"import probe failed:\n{proc.stderr}")
@@ -103,9 +101,7 @@ def main() -> None:
     print(f"entry point: {' '.join(exe)}   python {sys.version.split()[0]}   cores {os.cpu_count()}")
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"runs per command: {opts.runs} (1 extra warm-up run, not counted); load average {load}\n")
-    header = (
-        f"{'command':<38} {'median s':>9} {'min s':>7} {'max s':>7} {'bar':>6}  {'exit':>4}  heavy imports"
-    )
+    header = f"{'command':<38} {'median s':>9} {'min s':>7} {'max s':>7} {'bar':>6}  {'exit':>4}  heavy imports"
     print(header)
     print("-" * len(header))
     over = []

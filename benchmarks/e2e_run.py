@@ -83,9 +83,7 @@ def main() -> None:
         f"bar: wall < {BAR_S:.0f} s: {'PASS' if ok else 'FAIL'}"
     )
     if proc.returncode not in (0, 1):
-        errors = [
-            ln for ln in proc.stderr.splitlines() if ln.startswith("error:")
-        ] or proc.stderr.splitlines()[-3:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] or proc.stderr.splitlines()[-3:]
         print("\n".join(errors))
     if stray_created:
         stray.unlink()

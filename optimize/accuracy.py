@@ -45,9 +45,7 @@ def compare_outputs(
         if name not in variant or variant[name].shape != ref.shape:
             # numpy would broadcast mismatched shapes into meaningless errors and cosines
             have = f"shape {list(variant[name].shape)}" if name in variant else "no such output"
-            raise StageError(
-                f"evaluate: output {name!r}: the variant has {have}, the baseline {list(ref.shape)}"
-            )
+            raise StageError(f"evaluate: output {name!r}: the variant has {have}, the baseline {list(ref.shape)}")
         got = variant[name].astype(np.float64)
         ref64 = ref.astype(np.float64)
         cos = per_sample_cosine(got, ref64)

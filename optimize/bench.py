@@ -126,7 +126,9 @@ print(json.dumps({"rss_peak_mb": peak, "rss_session_mb": peak - before}))
 PROBE_TIMEOUT_S = 600
 
 
-def measure_memory(target: str, model_path: Path, feeds: dict[str, np.ndarray], threads: int | None) -> dict[str, float]:
+def measure_memory(
+    target: str, model_path: Path, feeds: dict[str, np.ndarray], threads: int | None
+) -> dict[str, float]:
     """Peak RSS (MB) of a fresh process that loads `model_path` on `target` and runs `feeds` three times.
 
     `rss_session_mb` is that peak minus the process's RSS before the session was created.

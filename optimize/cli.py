@@ -7,7 +7,7 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -49,14 +49,14 @@ def run(
     recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
     tracking_uri: Annotated[
-        Optional[str],
+        str | None,
         typer.Option(
             "--tracking-uri",
             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the recipe's, else sqlite:///./mlflow.db).",
         ),
     ] = None,
     require_target: Annotated[
-        Optional[list[str]],
+        list[str] | None,
         typer.Option("--require-target", help="Fail with exit 4 instead of skipping when this target is missing."),
     ] = None,
     register: Annotated[
@@ -86,12 +86,16 @@ def run(
     for row in verdict["gates"]:
         if row["status"] != "passed":
             mark = "[red]✗ failed[/] " if row["status"] == "failed" else "[yellow]- skipped[/]"
-            con.print(f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}"))
+            con.print(
+                f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}")
+            )
     con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {display_path(result.run_dir / 'report.md')}")
     reg = result.registered
     if reg.get("versions"):
         for variant, version in reg["versions"].items():
-            con.print(f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}")
+            con.print(
+                f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}"
+            )
         con.print(f"alias {reg['alias']} → models:/{reg['model_name']}@{reg['alias']}  (store: {reg['tracking_uri']})")
     raise typer.Exit(result.exit_code)
 
@@ -140,7 +144,11 @@ def main() -> None:
         if debug:
             traceback.print_exc()
         lines = str(e).splitlines() or [type(e).__name__]
-        head = lines[0] if len(lines) == 1 else f"{lines[0]} (and {len(lines) - 1} more problem(s); see `optimize validate`)"
+        head = (
+            lines[0]
+            if len(lines) == 1
+            else f"{lines[0]} (and {len(lines) - 1} more problem(s); see `optimize validate`)"
+        )
         print(f"error: {head}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:

@@ -159,7 +159,7 @@ def check_against_inputs(ds: Batches, inputs: list[Any]) -> None:
                 f"{where}: array {spec.name!r} has shape {list(arr.shape)} (batch first), the model's input "
                 f"has rank {len(spec.shape)} {list(spec.shape)}"
             )
-        for axis, (have, want) in enumerate(zip(arr.shape, spec.shape)):
+        for axis, (have, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
             if isinstance(want, int) and want > 0 and have != want:
                 hint = ""
                 if axis == 0:

@@ -113,9 +113,7 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
         while root.__cause__ is not None:  # torch wraps the model's own error in a generic TorchExportError
             root = root.__cause__
         why = f"{type(e).__name__} caused by " if root is not e else ""
-        raise StageError(
-            f"export: torch.onnx.export failed: {why}{type(root).__name__}: {first_line(root)}"
-        ) from None
+        raise StageError(f"export: torch.onnx.export failed: {why}{type(root).__name__}: {first_line(root)}") from None
     return time.perf_counter() - t0
 
 
@@ -159,7 +157,7 @@ def check_export(
             ref = loaded.module(*[torch.from_numpy(batch[n]) for n in names])
         ref_list = list(ref) if isinstance(ref, (tuple, list)) else [ref]
         got = onnx_runner.run(batch)
-        for out_spec, r in zip(onnx_runner.outputs, ref_list):
+        for out_spec, r in zip(onnx_runner.outputs, ref_list, strict=True):
             a = got[out_spec.name]
             b = r.detach().cpu().numpy()
             if a.shape != b.shape:

@@ -18,7 +18,11 @@ def metric_value(result: dict[str, Any], metric: str) -> float | None:
     family, _, key = metric.partition(".")
     worst = min if METRICS[metric] == "min" else max
     if family in ("latency", "throughput"):
-        field = {"items_per_s": "items_per_s", "speedup": "throughput_speedup"}.get(key, key) if family == "throughput" else key
+        field = (
+            {"items_per_s": "items_per_s", "speedup": "throughput_speedup"}.get(key, key)
+            if family == "throughput"
+            else key
+        )
         values = [s[field] for s in result.get("shapes", {}).values() if field in s]
         return worst(values) if values else None
     return result.get(family, {}).get(key)
@@ -66,7 +70,10 @@ def evaluate_gates(
                 elif OPS[gate.op](value, gate.threshold):
                     row["status"] = "passed"
                 else:
-                    row.update(status="failed", reason=f"{gate.metric} = {value:.6g}, needs {gate.op} {gate.threshold:g}")
+                    row.update(
+                        status="failed",
+                        reason=f"{gate.metric} = {value:.6g}, needs {gate.op} {gate.threshold:g}",
+                    )
                 rows.append(row)
     per_variant: dict[str, Any] = {}
     for variant in variants:
@@ -76,7 +83,10 @@ def evaluate_gates(
         if failed:
             status, reason = "failed", "; ".join(f"{r['target']}: {r['reason']}" for r in failed)
         elif not passed:
-            status, reason = "failed", "no gate was evaluated for this variant; add gates for a target that runs"
+            status, reason = (
+                "failed",
+                "no gate was evaluated for this variant; add gates for a target that runs",
+            )
         else:
             status, reason = "passed", f"{len(passed)} gate(s) passed"
         per_variant[variant] = {

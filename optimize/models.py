@@ -39,9 +39,7 @@ def import_entry_point(spec: str, python_path: list[Path], where: str) -> Callab
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise RecipeError(
-            f"{where}: cannot import {module_name!r} ({e}); check the name and `python_path`"
-        ) from None
+        raise RecipeError(f"{where}: cannot import {module_name!r} ({e}); check the name and `python_path`") from None
     except Exception as e:  # the user's module raised while importing
         raise RecipeError(f"{where}: importing {module_name!r} raised {type(e).__name__}: {e}") from None
     fn = getattr(module, attr, None)
@@ -78,9 +76,11 @@ def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
             f"model.entry_point: {spec.entry_point} returned a {type(module).__name__} as the model; "
             f"it must return {expected}"
         )
-    if not (isinstance(inputs, dict) and inputs and all(
-        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inputs.items()
-    )):
+    if not (
+        isinstance(inputs, dict)
+        and inputs
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in inputs.items())
+    ):
         raise RecipeError(
             f"model.entry_point: {spec.entry_point} returned example inputs of type {type(inputs).__name__}; "
             f"it must return {expected}"
@@ -137,9 +137,7 @@ def _from_huggingface(spec: HuggingFaceModel) -> LoadedModel:
     module = PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
     texts = ["An example sentence for the export.", "Another one, a little longer than the first."]
     texts = (texts * spec.example_batch)[: spec.example_batch]
-    enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=spec.example_sequence, return_tensors="pt"
-    )
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=spec.example_sequence, return_tensors="pt")
     wanted = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
     inputs = {n: enc[n].to(torch.int64) for n in wanted}
     return LoadedModel(
@@ -216,11 +214,14 @@ def _from_torchvision(spec: TorchvisionModel) -> LoadedModel:
         module,
         example,
         content_sha256=digest or _state_dict_sha256(module),
-        description=f"torchvision {spec.architecture}" + (f" ({spec.weights.name})" if spec.weights else " (random init)"),
+        description=f"torchvision {spec.architecture}"
+        + (f" ({spec.weights.name})" if spec.weights else " (random init)"),
     )
 
 
 def _from_onnx(spec: OnnxModel) -> LoadedModel:
     if not spec.path.is_file():
         raise RecipeError(f"model.path: {spec.path}: file not found")
-    return LoadedModel(None, onnx_path=spec.path, content_sha256=sha256_file(spec.path), description=f"ONNX {spec.path.name}")
+    return LoadedModel(
+        None, onnx_path=spec.path, content_sha256=sha256_file(spec.path), description=f"ONNX {spec.path.name}"
+    )

@@ -28,7 +28,16 @@ from optimize.files import display_path, sha256_file, write_json, write_npz, wri
 from optimize.recipe import OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
 
-LIBRARIES = ("torch", "onnx", "onnxruntime", "onnxscript", "mlflow", "numpy", "transformers", "nvidia-modelopt")
+LIBRARIES = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "mlflow",
+    "numpy",
+    "transformers",
+    "nvidia-modelopt",
+)
 
 
 @dataclass(frozen=True)
@@ -111,7 +120,9 @@ def environment() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=10,
+                capture_output=True,
+                text=True,
+                timeout=10,
             )
             gpu = out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
@@ -218,7 +229,10 @@ def _execute(state: _Run) -> RunResult:
 
     paths = {"fp32": baseline_path}
     precisions = {"fp32": "fp32"}
-    with stage("precision", ", ".join(v.name for v in recipe.precision.variants)) as rec, state.log("precision"):
+    with (
+        stage("precision", ", ".join(v.name for v in recipe.precision.variants)) as rec,
+        state.log("precision"),
+    ):
         records = {}
         for variant in recipe.precision.variants:
             dest = art_dir / f"{variant.name}.onnx"
@@ -249,7 +263,10 @@ def _execute(state: _Run) -> RunResult:
     }
     golden: dict[str, dict[str, np.ndarray]] = {}
 
-    with stage("evaluate", f"accuracy on {eval_ds.name} ({eval_ds.sample_count} samples)") as rec, state.log("evaluate"):
+    with (
+        stage("evaluate", f"accuracy on {eval_ds.name} ({eval_ds.sample_count} samples)") as rec,
+        state.log("evaluate"),
+    ):
         metric_fn = None
         if recipe.evaluate.task_metric:
             metric_fn = import_entry_point(
@@ -269,11 +286,17 @@ def _execute(state: _Run) -> RunResult:
                 n = len(eval_ds.batches[0][input_names[0]])
                 golden = {name: {k: v[:n] for k, v in outs.items()} for name, outs in outputs.items()}
         rec["detail"] = "; ".join(
-            f"{n} cosine min {results[n][t]['accuracy']['cosine_min']:.6f} on {t}" for n in paths if n != "fp32" for t in ran
+            f"{n} cosine min {results[n][t]['accuracy']['cosine_min']:.6f} on {t}"
+            for n in paths
+            if n != "fp32"
+            for t in ran
         )
 
     b = recipe.benchmark
-    with stage("benchmark", f"{len(b.shapes)} shape(s) × {len(paths)} models, {b.iterations} iterations") as rec, state.log("benchmark"):
+    with (
+        stage("benchmark", f"{len(b.shapes)} shape(s) × {len(paths)} models, {b.iterations} iterations") as rec,
+        state.log("benchmark"),
+    ):
         for target in ran:
             runners = {name: open_runner(target, p, b.threads) for name, p in paths.items()}
             try:
@@ -284,7 +307,11 @@ def _execute(state: _Run) -> RunResult:
                     timings = bench.time_interleaved(runners, feeds, b.warmup, b.iterations)
                     base = bench.latency_stats(timings["fp32"], batch)
                     for name in paths:
-                        s = base if name == "fp32" else bench.add_speedups(bench.latency_stats(timings[name], batch), base)
+                        s = (
+                            base
+                            if name == "fp32"
+                            else bench.add_speedups(bench.latency_stats(timings[name], batch), base)
+                        )
                         s["cv_warning"] = s["cv"] > b.cv_warn
                         results[name][target].setdefault("shapes", {})[bench.shape_key(shape)] = s
             finally:
@@ -293,22 +320,36 @@ def _execute(state: _Run) -> RunResult:
             largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
             feeds = bench.make_feeds(inputs, largest, eval_ds.batches[0], "benchmark.shapes")
             for name, p in paths.items():
-                results[name][target]["memory"] = {**bench.measure_memory(target, p, feeds, b.threads), "shape": bench.shape_key(largest)}
-        noisy = [f"{n}@{t}:{k}" for n in results for t in ran for k, s in results[n][t].get("shapes", {}).items() if s["cv_warning"]]
+                results[name][target]["memory"] = {
+                    **bench.measure_memory(target, p, feeds, b.threads),
+                    "shape": bench.shape_key(largest),
+                }
+        noisy = [
+            f"{n}@{t}:{k}"
+            for n in results
+            for t in ran
+            for k, s in results[n][t].get("shapes", {}).items()
+            if s["cv_warning"]
+        ]
         if noisy:
             console().print(
                 f"[yellow]warning[/]: latency CV above {b.cv_warn:.0%} for {', '.join(noisy)}; the machine is noisy",
-                markup=True, highlight=False,
+                markup=True,
+                highlight=False,
             )
         rec["detail"] = "; ".join(
             f"{n} p50 speed-up {min(s['p50_speedup'] for s in results[n][t]['shapes'].values()):.2f}× on {t}"
-            for n in paths if n != "fp32" for t in ran
+            for n in paths
+            if n != "fp32"
+            for t in ran
         )
 
     metrics = {"baseline": "fp32", "variants": variants_meta, "results": results}
     with stage("gate", f"{len(recipe.gates)} gate(s)") as rec:
         verdict = gates.evaluate_gates(recipe.gates, results, state.targets)
-        rec["detail"] = f"{verdict['status'].upper()}: " + ", ".join(f"{v} {s['status']}" for v, s in verdict["variants"].items())
+        rec["detail"] = f"{verdict['status'].upper()}: " + ", ".join(
+            f"{v} {s['status']}" for v, s in verdict["variants"].items()
+        )
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "verdict.json", verdict)
@@ -325,7 +366,9 @@ def _execute(state: _Run) -> RunResult:
             versions = registered["versions"]
             rec["detail"] = (
                 ", ".join(f"{registered['model_name']} v{v} ({n})" for n, v in versions.items())
-                + f", alias {registered['alias']}" if versions else "run logged; nothing passed, nothing registered"
+                + f", alias {registered['alias']}"
+                if versions
+                else "run logged; nothing passed, nothing registered"
             )
     state.manifest["status"] = "done"
     state.manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

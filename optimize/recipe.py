@@ -137,7 +137,7 @@ class OnnxModel(_Strict):
 
 
 ModelSection = Annotated[
-    Union[EntryPointModel, HuggingFaceModel, TorchvisionModel, OnnxModel], Field(discriminator="source")
+    EntryPointModel | HuggingFaceModel | TorchvisionModel | OnnxModel, Field(discriminator="source")
 ]
 
 
@@ -165,10 +165,13 @@ class ExportSection(_Strict):
         examples=[{"input_ids": {0: "batch", 1: "sequence"}}],
     )
     tolerance: Tolerance = Field(
-        default_factory=Tolerance, description="How close ONNX Runtime must be to torch for the export to pass."
+        default_factory=Tolerance,
+        description="How close ONNX Runtime must be to torch for the export to pass.",
     )
     validation_batches: int = Field(
-        default=2, gt=0, description="Evaluation batches run through torch and ONNX Runtime to check the export."
+        default=2,
+        gt=0,
+        description="Evaluation batches run through torch and ONNX Runtime to check the export.",
     )
 
 
@@ -190,7 +193,7 @@ class Fp16Variant(_Strict):
     node_block_list: list[str] = Field(default_factory=list, description="Node names kept in FP32.")
 
 
-Variant = Annotated[Union[Fp16Variant], Field(discriminator="kind")]
+Variant = Annotated[Fp16Variant, Field(discriminator="kind")]
 
 
 class PrecisionSection(_Strict):
@@ -243,7 +246,7 @@ class NpzDataset(_DatasetBase):
     labels: str | None = Field(default=None, description="Key of an array of labels (for a task metric).")
 
 
-Dataset = Annotated[Union[TextDataset, NpzDataset], Field(discriminator="kind")]
+Dataset = Annotated[TextDataset | NpzDataset, Field(discriminator="kind")]
 
 
 # --- evaluate / benchmark / gates / registry -----------------------------------------------------
@@ -277,7 +280,9 @@ class BenchmarkSection(_Strict):
     """Latency, throughput and memory, baseline and variants timed interleaved."""
 
     targets: list[Target] = Field(
-        default=["onnxruntime-cpu"], min_length=1, description="Runtimes that must be measured (missing: exit 4)."
+        default=["onnxruntime-cpu"],
+        min_length=1,
+        description="Runtimes that must be measured (missing: exit 4).",
     )
     optional_targets: list[Target] = Field(
         default_factory=list,
@@ -429,9 +434,7 @@ class Recipe(_Strict):
                 raise _FieldError(("gates", i, "check"), "task-metric gates need `evaluate.task_metric`")
         for out in self.evaluate.top1_outputs:
             if out not in self.export.output_names and not isinstance(self.model, OnnxModel):
-                raise _FieldError(
-                    ("evaluate", "top1_outputs"), _unknown(out, self.export.output_names, "output")
-                )
+                raise _FieldError(("evaluate", "top1_outputs"), _unknown(out, self.export.output_names, "output"))
         return self
 
     @property

@@ -169,7 +169,9 @@ def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
             if e.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
     for variant in passed:
-        versions[variant] = _register_variant(client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest)
+        versions[variant] = _register_variant(
+            client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest
+        )
     alias = reg.get("alias") or "candidate"
     for i, variant in enumerate(passed):
         client.set_registered_model_alias(model_name, f"{alias}-{variant}", versions[variant])

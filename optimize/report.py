@@ -20,8 +20,10 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     status = verdict["status"].upper()
     out.append(f"# {manifest['recipe']} — {status}")
     out.append("")
-    out.append(f"Run `{manifest['run_id']}` · baseline `fp32` · variants: "
-               + ", ".join(f"`{v}` {s['status']}" for v, s in verdict["variants"].items()))
+    out.append(
+        f"Run `{manifest['run_id']}` · baseline `fp32` · variants: "
+        + ", ".join(f"`{v}` {s['status']}" for v, s in verdict["variants"].items())
+    )
     out.append("")
     out.append("## Gates")
     out.append("")

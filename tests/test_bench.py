@@ -92,9 +92,7 @@ def test_make_feeds_casts_to_the_input_dtype_and_is_contiguous() -> None:
     assert feeds["x"].dtype == np.float16
     assert feeds["x"].flags["C_CONTIGUOUS"]
     np.testing.assert_array_equal(feeds["x"], sample["x"][:2].astype(np.float16))
-    ints = bench.make_feeds(
-        [TensorSpec("x", "int32", ("batch", 4))], {"batch": 1}, {"x": np.ones((1, 4))}, "w"
-    )
+    ints = bench.make_feeds([TensorSpec("x", "int32", ("batch", 4))], {"batch": 1}, {"x": np.ones((1, 4))}, "w")
     assert ints["x"].dtype == np.int32
 
 
@@ -233,9 +231,7 @@ def test_time_interleaved_times_each_runner_iterations_times(fake_clock: list[in
 
 def test_time_interleaved_without_warmup(fake_clock: list[int]) -> None:
     log: list[str] = []
-    timings = bench.time_interleaved(
-        {"only": Recorder("only", log, fake_clock, 5)}, {}, warmup=0, iterations=3
-    )
+    timings = bench.time_interleaved({"only": Recorder("only", log, fake_clock, 5)}, {}, warmup=0, iterations=3)
     assert log == ["only"] * 3 and len(timings["only"]) == 3
 
 
@@ -261,9 +257,7 @@ def test_measure_memory_in_a_fresh_process(tmp_path: Path) -> None:
 
 def test_measure_memory_bad_model_path_is_a_stage_error(tmp_path: Path) -> None:
     with pytest.raises(StageError) as info:
-        bench.measure_memory(
-            "onnxruntime-cpu", tmp_path / "missing.onnx", {"x": np.ones((1, 4), np.float32)}, None
-        )
+        bench.measure_memory("onnxruntime-cpu", tmp_path / "missing.onnx", {"x": np.ones((1, 4), np.float32)}, None)
     msg = str(info.value)
     assert info.value.exit_code == 3
     assert msg.startswith("benchmark: memory probe for missing.onnx on onnxruntime-cpu failed: ")

@@ -75,9 +75,7 @@ def test_console_script_help_and_version(tmp_path: Path) -> None:
     proc = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "Usage: optimize " in proc.stdout
-    proc = subprocess.run(
-        [str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60
-    )
+    proc = subprocess.run([str(script), "--version"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, f"optimize {__version__}\n")
 
 
@@ -133,9 +131,7 @@ def test_validate_shipped_recipes(tmp_path: Path) -> None:
     assert proc.stderr == ""
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(
-        f"{RECIPES / 'fp16.yaml'}: ok — minilm-fp16: fp32 baseline + fp16 (fp16); 5 gate(s)"
-    )
+    assert lines[0].startswith(f"{RECIPES / 'fp16.yaml'}: ok — minilm-fp16: fp32 baseline + fp16 (fp16); 5 gate(s)")
     assert lines[1].startswith(f"{RECIPES / 'digits-fp16.yaml'}: ok — digits-fp16: ")
 
 
@@ -153,9 +149,7 @@ def test_validate_checks_every_file_and_reports_every_problem(write_recipe, tmp_
     write_recipe({"precison": {}, "benchmark": {"iteratons": 1}}, name="bad.yaml")
     proc = cli("validate", "bad.yaml", "missing.yaml", "good.yaml", cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stdout.strip().splitlines() == [
-        "good.yaml: ok — tiny: fp32 baseline + fp16 (fp16); 2 gate(s)"
-    ]
+    assert proc.stdout.strip().splitlines() == ["good.yaml: ok — tiny: fp32 baseline + fp16 (fp16); 2 gate(s)"]
     assert sorted(proc.stderr.strip().splitlines()) == [
         "bad.yaml: benchmark.iteratons: unknown key; did you mean 'iterations'?",
         "bad.yaml: precison: unknown key; did you mean 'precision'?",
@@ -314,11 +308,7 @@ def test_run_required_target_missing_exits_4(write_recipe, tmp_path: Path) -> No
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
 @pytest.mark.parametrize("recipe", ["tiny", "fp16.yaml"])
 def test_run_require_target_on_an_optional_target_exits_4(write_recipe, tmp_path: Path, recipe: str) -> None:
-    path = (
-        write_recipe({"benchmark": {"optional_targets": ["tensorrt"]}})
-        if recipe == "tiny"
-        else RECIPES / recipe
-    )
+    path = write_recipe({"benchmark": {"optional_targets": ["tensorrt"]}}) if recipe == "tiny" else RECIPES / recipe
     proc = cli("run", "--require-target", "tensorrt", path, "--no-register", cwd=tmp_path)
     assert proc.returncode == 4, proc.stderr
     line = one_error_line(proc)
@@ -331,11 +321,16 @@ def test_run_require_target_on_an_optional_target_exits_4(write_recipe, tmp_path
 
 
 def test_run_prints_failed_and_skipped_gates_and_exits_1(write_recipe, tmp_path: Path) -> None:
-    recipe = write_recipe({
-        "benchmark": {"optional_targets": ["tensorrt"]},
-        "gates": ["accuracy.cosine_min >= 0.99", "size.bytes <= 10",
-                  {"check": "latency.p50_speedup >= 2", "target": "tensorrt"}],
-    })
+    recipe = write_recipe(
+        {
+            "benchmark": {"optional_targets": ["tensorrt"]},
+            "gates": [
+                "accuracy.cosine_min >= 0.99",
+                "size.bytes <= 10",
+                {"check": "latency.p50_speedup >= 2", "target": "tensorrt"},
+            ],
+        }
+    )
     proc = cli("run", "--no-register", recipe, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
     assert "✗ failed  fp16 @ onnxruntime-cpu: size.bytes <= 10 — size.bytes = " in proc.stderr

@@ -60,9 +60,7 @@ def test_text_max_length_padding_gives_fixed_int64_batches(tmp_path: Path) -> No
     lines = [f"sentence number {i}" for i in range(10)]
     path = tmp_path / "s.txt"
     # blank and whitespace-only lines are skipped; surrounding whitespace is dropped
-    path.write_text(
-        "\n".join(["", lines[0], "   ", *[f"  {ln}\t" for ln in lines[1:5]], "", *lines[5:]]) + "\n\n"
-    )
+    path.write_text("\n".join(["", lines[0], "   ", *[f"  {ln}\t" for ln in lines[1:5]], "", *lines[5:]]) + "\n\n")
     ds = load_text("eval", text_spec(path, max_length=12, batch_size=4), TOKENIZER, BERT_INPUTS)
 
     assert ds.name == "eval" and ds.labels is None and ds.sample_count == 10
@@ -94,9 +92,7 @@ def test_text_longer_than_max_length_is_truncated(tmp_path: Path) -> None:
 def test_text_longest_padding_pads_each_batch_to_its_longest_line(tmp_path: Path) -> None:
     path = tmp_path / "s.txt"
     path.write_text("a\nb c d e f\ng h\ni\n" + " ".join(["word"] * 50) + "\n")
-    ds = load_text(
-        "eval", text_spec(path, padding="longest", max_length=16, batch_size=2), TOKENIZER, BERT_INPUTS
-    )
+    ds = load_text("eval", text_spec(path, padding="longest", max_length=16, batch_size=2), TOKENIZER, BERT_INPUTS)
     assert [b["input_ids"].shape for b in ds.batches] == [(2, 7), (2, 4), (1, 16)]
     assert all(b[n].shape == b["input_ids"].shape for b in ds.batches for n in BERT_INPUTS)
     assert "padding=longest" in ds.description
@@ -215,12 +211,10 @@ def test_npz_samples_is_a_seeded_subset_keeping_rows_and_labels_together(ten: Pa
 
 def test_npz_missing_arrays_name_what_the_file_has(ten: Path) -> None:
     assert recipe_error(load_npz, "d", npz_spec(ten), ["image"]) == (
-        "data.d.path: ten.npz has no array 'image' (it has x, mask, label, extra); "
-        "keys must be the model's input names"
+        "data.d.path: ten.npz has no array 'image' (it has x, mask, label, extra); keys must be the model's input names"
     )
     assert (
-        recipe_error(load_npz, "d", npz_spec(ten, labels="lbl"), ["x"])
-        == "data.d.labels: ten.npz has no array 'lbl'"
+        recipe_error(load_npz, "d", npz_spec(ten, labels="lbl"), ["x"]) == "data.d.labels: ten.npz has no array 'lbl'"
     )
 
 
@@ -233,10 +227,7 @@ def test_npz_arrays_of_different_lengths(tmp_path: Path) -> None:
 
 def test_npz_without_samples_is_refused(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "empty.npz", x=np.zeros((0, 8), np.float32))
-    assert (
-        recipe_error(load_npz, "d", npz_spec(path), ["x"])
-        == "data.d.path: empty.npz: the arrays hold no samples"
-    )
+    assert recipe_error(load_npz, "d", npz_spec(path), ["x"]) == "data.d.path: empty.npz: the arrays hold no samples"
 
 
 def test_npz_file_problems(tmp_path: Path) -> None:
@@ -289,9 +280,7 @@ def model_inputs(tmp_path: Path) -> list[TensorSpec]:
 
 
 def test_check_against_inputs_accepts_fitting_data(model_inputs: list[TensorSpec]) -> None:
-    check_against_inputs(
-        one_batch(x=np.zeros((4, 8), np.float32), ids=np.zeros((4, 33), np.int64)), model_inputs
-    )
+    check_against_inputs(one_batch(x=np.zeros((4, 8), np.float32), ids=np.zeros((4, 33), np.int64)), model_inputs)
 
 
 @pytest.mark.parametrize(
@@ -303,8 +292,7 @@ def test_check_against_inputs_accepts_fitting_data(model_inputs: list[TensorSpec
         ),
         (
             np.zeros((4, 2, 4), np.float32),
-            "data.eval: array 'x' has shape [4, 2, 4] (batch first), "
-            "the model's input has rank 2 ['batch', 8]",
+            "data.eval: array 'x' has shape [4, 2, 4] (batch first), the model's input has rank 2 ['batch', 8]",
         ),
         (
             np.zeros((4, 7), np.float32),

@@ -201,17 +201,13 @@ def test_dynamic_axes_for_an_unknown_tensor_is_a_recipe_error(tmp_path: Path) ->
     with pytest.raises(RecipeError) as e:
         export_onnx(tiny_loaded(), spec, tmp_path / "m.onnx")
     assert e.value.exit_code == 2
-    assert str(e.value) == (
-        "export.dynamic_axes: logit is neither an input nor an output (inputs: x; outputs: logits)"
-    )
+    assert str(e.value) == ("export.dynamic_axes: logit is neither an input nor an output (inputs: x; outputs: logits)")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_input_names_must_be_among_the_example_inputs(tmp_path: Path) -> None:
     spec = tiny_spec(input_names=["image"])
-    with pytest.raises(
-        RecipeError, match=r"export.input_names: image not among the model's example inputs \(x\)"
-    ):
+    with pytest.raises(RecipeError, match=r"export.input_names: image not among the model's example inputs \(x\)"):
         input_names_for(tiny_loaded(), spec)
     with pytest.raises(RecipeError, match="export.input_names: image"):
         export_onnx(tiny_loaded(), spec, tmp_path / "m.onnx")

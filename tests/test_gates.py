@@ -148,9 +148,7 @@ def test_latency_ms_gate_uses_the_largest_p99() -> None:
 
 
 def test_throughput_gates() -> None:
-    v = evaluate_gates(
-        [gate("throughput.items_per_s >= 1000"), gate("throughput.speedup >= 0.9")], results(), RAN
-    )
+    v = evaluate_gates([gate("throughput.items_per_s >= 1000"), gate("throughput.speedup >= 0.9")], results(), RAN)
     ips, speed = v["gates"]
     assert ips["status"] == "failed" and ips["value"] == 500.0 and ips["baseline_value"] == 400.0
     assert speed["status"] == "passed" and speed["value"] == 0.9
@@ -227,9 +225,7 @@ def test_gate_on_a_nan_metric_fails() -> None:
 
 def test_gate_variants_filter() -> None:
     res = results(a=result(), b=result(cosine_min=0.5))
-    v = evaluate_gates(
-        [gate("accuracy.cosine_min >= 0.999", variants=["a"]), gate("size.ratio <= 0.5")], res, RAN
-    )
+    v = evaluate_gates([gate("accuracy.cosine_min >= 0.999", variants=["a"]), gate("size.ratio <= 0.5")], res, RAN)
     assert [(r["gate"], r["variant"]) for r in v["gates"]] == [(0, "a"), (1, "a"), (1, "b")]
     assert v["variants"]["a"]["status"] == "passed" and v["variants"]["a"]["passed"] == 2
     # b's bad cosine is never gated, only its size
@@ -247,9 +243,7 @@ def test_a_variant_whose_gates_are_all_skipped_fails() -> None:
 def test_a_variant_without_gates_fails() -> None:
     v = evaluate_gates([gate("size.ratio <= 0.5", variants=["a"])], results(a=result(), b=result()), RAN)
     assert v["variants"]["a"]["status"] == "passed"
-    assert (
-        v["variants"]["b"]["status"] == "failed" and "no gate was evaluated" in v["variants"]["b"]["reason"]
-    )
+    assert v["variants"]["b"]["status"] == "failed" and "no gate was evaluated" in v["variants"]["b"]["reason"]
     assert v["status"] == "failed"
 
 
@@ -283,7 +277,5 @@ def test_no_variants_is_a_failed_run() -> None:
 def test_evaluate_gates_does_not_modify_its_inputs() -> None:
     res, targets = results(), copy.deepcopy(TARGETS)
     before = copy.deepcopy(res), copy.deepcopy(targets)
-    evaluate_gates(
-        [gate("latency.p50_speedup >= 1"), gate("size.ratio <= 1", target="tensorrt")], res, targets
-    )
+    evaluate_gates([gate("latency.p50_speedup >= 1"), gate("size.ratio <= 1", target="tensorrt")], res, targets)
     assert (res, targets) == before

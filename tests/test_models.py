@@ -141,9 +141,7 @@ EXTRA_ENTRY_POINTS = textwrap.dedent(
         ("more_eps:numpy_inputs", ["example inputs of type dict", RETURN_FORM]),
     ],
 )
-def test_entry_point_errors_name_the_field_and_the_fix(
-    tiny_dir: Path, spec: str, fragments: list[str]
-) -> None:
+def test_entry_point_errors_name_the_field_and_the_fix(tiny_dir: Path, spec: str, fragments: list[str]) -> None:
     (tiny_dir / "broken_on_import.py").write_text("raise RuntimeError('half-written module')\n")
     (tiny_dir / "more_eps.py").write_text(EXTRA_ENTRY_POINTS)
     msg = expect_recipe_error(entry_point(spec, [tiny_dir]), *fragments)
@@ -192,9 +190,7 @@ def test_huggingface_package_form_gives_normalized_mean_pooled_embeddings(
 
     with torch.no_grad():
         out = loaded.module(**loaded.example_inputs)
-        expected = torch.nn.functional.normalize(
-            masked_mean(loaded.module.backbone, loaded.example_inputs), dim=-1
-        )
+        expected = torch.nn.functional.normalize(masked_mean(loaded.module.backbone, loaded.example_inputs), dim=-1)
         unmasked = loaded.module.backbone(**loaded.example_inputs).last_hidden_state.mean(dim=1)
     assert out.shape == (2, 384)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(2))

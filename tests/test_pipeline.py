@@ -38,9 +38,19 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
     assert result.exit_code == 0 and result.status == "passed"
     d = result.run_dir
     assert d.parent == (tmp_path / "runs" / "tiny").resolve()
-    for name in ("recipe.yaml", "recipe.json", "manifest.json", "metrics.json", "verdict.json", "report.md",
-                 "artifacts/fp32.onnx", "artifacts/fp16.onnx", "registry/fp16/model.onnx",
-                 "registry/fp16/sample_inputs.npz", "registry/fp16/golden_outputs.npz"):
+    for name in (
+        "recipe.yaml",
+        "recipe.json",
+        "manifest.json",
+        "metrics.json",
+        "verdict.json",
+        "report.md",
+        "artifacts/fp32.onnx",
+        "artifacts/fp16.onnx",
+        "registry/fp16/model.onnx",
+        "registry/fp16/sample_inputs.npz",
+        "registry/fp16/golden_outputs.npz",
+    ):
         assert (d / name).is_file(), name
     assert not list(d.rglob("*.tmp")), "no temporary files may be left behind"
 
@@ -51,7 +61,13 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
     assert manifest["datasets"]["eval"]["samples"] == 64
     assert manifest["datasets"]["eval"]["sha256"] == sha256_file(tmp_path / "tiny.npz")
     assert [s["stage"] for s in manifest["stages"]] == [
-        "load", "export", "precision", "evaluate", "benchmark", "gate", "register"
+        "load",
+        "export",
+        "precision",
+        "evaluate",
+        "benchmark",
+        "gate",
+        "register",
     ]
     assert all(s["seconds"] >= 0 and s["status"] == "done" for s in manifest["stages"])
 
@@ -86,13 +102,20 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
     # What was registered is byte-for-byte what was gated.
     from mlflow.artifacts import download_artifacts
 
-    local = download_artifacts(artifact_uri="models:/tiny@candidate", dst_path=str(tmp_path / "dl"),
-                               tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    local = download_artifacts(
+        artifact_uri="models:/tiny@candidate",
+        dst_path=str(tmp_path / "dl"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
     assert sha256_file(Path(local) / "model.onnx") == mv.tags["sha256"]
     mlflow_run = client.get_run(mv.run_id)
     assert mlflow_run.data.params["name"] == "tiny"
     assert any(k.startswith("fp16.onnxruntime-cpu.accuracy.cosine_min") for k in mlflow_run.data.metrics)
-    assert {a.path for a in client.list_artifacts(mv.run_id)} >= {"report.md", "metrics.json", "manifest.json"}
+    assert {a.path for a in client.list_artifacts(mv.run_id)} >= {
+        "report.md",
+        "metrics.json",
+        "manifest.json",
+    }
 
 
 def test_failed_gate_exits_1_and_registers_nothing(write_recipe, tmp_path: Path) -> None:
@@ -113,10 +136,12 @@ def test_failed_gate_exits_1_and_registers_nothing(write_recipe, tmp_path: Path)
 
 
 def test_variant_with_only_skipped_gates_is_not_registered(write_recipe, tmp_path: Path) -> None:
-    recipe = write_recipe({
-        "benchmark": {"optional_targets": ["tensorrt"]},
-        "gates": [{"check": "latency.p50_speedup >= 1.5", "target": "tensorrt"}],
-    })
+    recipe = write_recipe(
+        {
+            "benchmark": {"optional_targets": ["tensorrt"]},
+            "gates": [{"check": "latency.p50_speedup >= 1.5", "target": "tensorrt"}],
+        }
+    )
     result = run(recipe, _options(tmp_path))
     assert result.exit_code == 1
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
@@ -129,8 +154,10 @@ def test_onnx_model_source_skips_export(write_recipe, tmp_path: Path) -> None:
     first = run(write_recipe(), _options(tmp_path, register=False))
     onnx_file = tmp_path / "given.onnx"
     onnx_file.write_bytes((first.run_dir / "artifacts" / "fp32.onnx").read_bytes())
-    recipe = write_recipe({"model": {"source": "onnx", "path": "given.onnx", "entry_point": None, "python_path": None}},
-                          name="onnx.yaml")
+    recipe = write_recipe(
+        {"model": {"source": "onnx", "path": "given.onnx", "entry_point": None, "python_path": None}},
+        name="onnx.yaml",
+    )
     result = run(recipe, _options(tmp_path, register=False))
     assert result.exit_code == 0
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
@@ -231,9 +258,14 @@ def test_fp16_overflow_fails_the_precision_stage_naming_the_op(write_recipe, tmp
 
 def test_fp16_overflow_after_a_blocked_op_names_the_op_before_the_cast(write_recipe, tmp_path: Path) -> None:
     # Exp is kept in FP32, but its output is cast to FP16 for the (FP16) Add that consumes it.
-    recipe = write_recipe({"model": {"entry_point": "tinynet:overflow"},
-                           "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "onnxruntime",
-                                                       "op_block_list": ["Exp"]}]}})
+    recipe = write_recipe(
+        {
+            "model": {"entry_point": "tinynet:overflow"},
+            "precision": {
+                "variants": [{"name": "fp16", "kind": "fp16", "backend": "onnxruntime", "op_block_list": ["Exp"]}]
+            },
+        }
+    )
     msg = _raises(recipe, _options(tmp_path), 3)
     assert "first produced by Exp → Cast" in msg and "block the ops that consume it too" in msg
 
@@ -241,11 +273,14 @@ def test_fp16_overflow_after_a_blocked_op_names_the_op_before_the_cast(write_rec
 def test_fp16_overflow_is_fixed_by_the_op_block_list(write_recipe, tmp_path: Path) -> None:
     # ModelOpt keeps blocked ops and the tensors between them in FP32. (ONNX Runtime's converter casts a
     # blocked op's output back to FP16, so there the same block list still overflows.)
-    recipe = write_recipe({
-        "model": {"entry_point": "tinynet:overflow"},
-        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt",
-                                    "op_block_list": ["Exp", "Add"]}]},
-        "gates": ["accuracy.top1_agreement >= 0.9"],
-    })
+    recipe = write_recipe(
+        {
+            "model": {"entry_point": "tinynet:overflow"},
+            "precision": {
+                "variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt", "op_block_list": ["Exp", "Add"]}]
+            },
+            "gates": ["accuracy.top1_agreement >= 0.9"],
+        }
+    )
     result = run(recipe, _options(tmp_path, register=False))
     assert result.exit_code == 0

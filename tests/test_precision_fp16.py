@@ -100,9 +100,7 @@ def op_io_types(path: Path, op_type: str) -> list[set[int]]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_converted_model_is_fp16_inside_fp32_at_the_edges_and_close(
-    models, tmp_path: Path, backend: str
-) -> None:
+def test_converted_model_is_fp16_inside_fp32_at_the_edges_and_close(models, tmp_path: Path, backend: str) -> None:
     dest = tmp_path / "fp16.onnx"
     result = convert_fp16(models["mlp"], dest, variant(backend=backend))
 
@@ -155,9 +153,7 @@ def test_auto_falls_back_to_onnxruntime_without_modelopt(models, tmp_path: Path,
         "modelopt.onnx.autocast",  # installed without its ONNX dependencies: AutoCast does not import
     ],
 )
-def test_modelopt_asked_for_but_unusable_is_runtime_missing(
-    models, tmp_path: Path, monkeypatch, hidden: str
-) -> None:
+def test_modelopt_asked_for_but_unusable_is_runtime_missing(models, tmp_path: Path, monkeypatch, hidden: str) -> None:
     monkeypatch.setitem(sys.modules, hidden, None)
     assert not fp16.modelopt_available()
     assert choose_backend(variant(backend="auto")) == "onnxruntime"
@@ -203,9 +199,7 @@ def test_fp16_overflow_fails_the_stage_naming_the_op(models, tmp_path: Path) -> 
     with pytest.raises(StageError) as e:
         check_finite(dest, outputs, x, "precision.fp16")
     assert e.value.exit_code == 3
-    assert str(e.value).startswith(
-        "precision.fp16: output(s) y contain NaN/Inf in FP16; first produced by Pow ("
-    )
+    assert str(e.value).startswith("precision.fp16: output(s) y contain NaN/Inf in FP16; first produced by Pow (")
     assert str(e.value).endswith("keep those op types in FP32 with op_block_list")
     # only the first offending node: the Add after it gets a non-finite input and is not named
     assert [op for op, _ in nonfinite_op_types(dest, x)] == ["Pow"]

@@ -175,12 +175,8 @@ def test_extends_child_wins_mappings_merge_lists_replace(tmp_path: Path) -> None
 
 def test_extends_switching_model_source_replaces_the_section(tmp_path: Path) -> None:
     _dump(tmp_path / "base.yaml", _base())
-    child = _dump(
-        tmp_path / "child.yaml", {"extends": "base.yaml", "model": {"source": "onnx", "path": "m.onnx"}}
-    )
-    r = load_recipe(
-        child
-    )  # no entry_point/python_path/kwargs leak in from the base (they would be unknown keys)
+    child = _dump(tmp_path / "child.yaml", {"extends": "base.yaml", "model": {"source": "onnx", "path": "m.onnx"}})
+    r = load_recipe(child)  # no entry_point/python_path/kwargs leak in from the base (they would be unknown keys)
     assert isinstance(r.model, OnnxModel)
     assert r.model.path == tmp_path / "m.onnx"
 
@@ -231,9 +227,7 @@ def test_extends_a_list_of_parents_in_order(tmp_path: Path) -> None:
 
 def test_extends_equals_the_written_out_recipe(tmp_path: Path) -> None:
     _dump(tmp_path / "base.yaml", _base())
-    child = _dump(
-        tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "benchmark": {"warmup": 1}}
-    )
+    child = _dump(tmp_path / "child.yaml", {"extends": "base.yaml", "name": "child", "benchmark": {"warmup": 1}})
     flat = _base()
     flat["name"] = "child"
     flat["benchmark"]["warmup"] = 1
@@ -368,8 +362,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "npz-with-text-key",
         {"data": {"eval": {"max_length": 3}}},
-        "recipe.yaml: data.eval.max_length: unknown key; "
-        "allowed: batch_size, samples, seed, kind, path, labels",
+        "recipe.yaml: data.eval.max_length: unknown key; allowed: batch_size, samples, seed, kind, path, labels",
     ),
     # tagged unions: the `source` / `kind` field is named, with the choices
     (
@@ -403,8 +396,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "gate-metric-typo",
         {"gates": ["accuracy.cosine_mni >= 0.9"]},
-        "recipe.yaml: gates[0].check: unknown metric 'accuracy.cosine_mni'; "
-        "did you mean 'accuracy.cosine_min'?",
+        "recipe.yaml: gates[0].check: unknown metric 'accuracy.cosine_mni'; did you mean 'accuracy.cosine_min'?",
     ),
     (
         "gate-metric-unknown",
@@ -430,8 +422,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     (
         "gate-bad-number",
         {"gates": ["accuracy.cosine_min >= 1.2.3"]},
-        "recipe.yaml: gates[0].check: threshold '1.2.3' is not a number "
-        "(e.g. `accuracy.cosine_min >= 0.999`)",
+        "recipe.yaml: gates[0].check: threshold '1.2.3' is not a number (e.g. `accuracy.cosine_min >= 0.999`)",
     ),
     (
         "gate-unknown-target",
@@ -551,9 +542,7 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
-def test_bad_recipe_message(
-    write_recipe: Callable[..., Path], overrides: dict[str, Any], expected: str
-) -> None:
+def test_bad_recipe_message(write_recipe: Callable[..., Path], overrides: dict[str, Any], expected: str) -> None:
     msg = _error(write_recipe(overrides))
     assert msg.splitlines()[0].startswith(expected), msg
     assert "Traceback" not in msg
@@ -567,9 +556,7 @@ def test_target_typo_suggests_the_target(write_recipe) -> None:
 
 
 def test_every_problem_is_reported_one_per_line(write_recipe) -> None:
-    msg = _error(
-        write_recipe({"precison": {}, "benchmark": {"iteratons": 1}, "data": {"eval": {"batch_size": -1}}})
-    )
+    msg = _error(write_recipe({"precison": {}, "benchmark": {"iteratons": 1}, "data": {"eval": {"batch_size": -1}}}))
     lines = msg.splitlines()
     assert len(lines) == 3
     assert all(line.startswith("recipe.yaml: ") for line in lines)
@@ -592,9 +579,7 @@ def test_shape_axes_are_free_without_dynamic_axes(write_recipe) -> None:
     # an ONNX model brings its own symbolic axis names: nothing to check them against in the recipe
     onnx_model = {"source": "onnx", "path": "m.onnx", "entry_point": None, "python_path": None}
     r = load_recipe(
-        write_recipe(
-            {"model": onnx_model, "export": {"dynamic_axes": None}, "benchmark": {"shapes": [{"seq": 3}]}}
-        )
+        write_recipe({"model": onnx_model, "export": {"dynamic_axes": None}, "benchmark": {"shapes": [{"seq": 3}]}})
     )
     assert r.export.dynamic_axes == {}
     assert r.benchmark.shapes == [{"seq": 3}]
@@ -697,10 +682,7 @@ def test_to_plain_is_json_with_absolute_paths(write_recipe, tiny_dir: Path) -> N
 
 def test_registered_model_name(write_recipe) -> None:
     assert load_recipe(write_recipe()).registered_model_name == "tiny"
-    assert (
-        load_recipe(write_recipe({"registry": {"model_name": "prod-tiny"}})).registered_model_name
-        == "prod-tiny"
-    )
+    assert load_recipe(write_recipe({"registry": {"model_name": "prod-tiny"}})).registered_model_name == "prod-tiny"
 
 
 # --- JSON schema ---------------------------------------------------------------------------------

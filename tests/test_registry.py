@@ -29,10 +29,17 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (folder / "tinynet.py").write_text(TINY_MODULE)
     rng = np.random.default_rng(0)
     np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    recipe = merge(tiny_recipe(), {"precision": {"variants": [
-        {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-        {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
-    ]}})
+    recipe = merge(
+        tiny_recipe(),
+        {
+            "precision": {
+                "variants": [
+                    {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
+                    {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
+                ]
+            }
+        },
+    )
     (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
     cwd = os.getcwd()
     os.chdir(folder)

@@ -6,43 +6,98 @@ from optimize.report import markdown
 
 
 def _docs() -> tuple[dict, dict, dict]:
-    shape = {"p50_ms": 2.5, "p90_ms": 3.0, "p99_ms": 4.25, "mean_ms": 2.75, "cv": 0.12, "items_per_s": 400.0,
-             "cv_warning": True}
+    shape = {
+        "p50_ms": 2.5,
+        "p90_ms": 3.0,
+        "p99_ms": 4.25,
+        "mean_ms": 2.75,
+        "cv": 0.12,
+        "items_per_s": 400.0,
+        "cv_warning": True,
+    }
     metrics = {
         "baseline": "fp32",
         "variants": {
-            "fp32": {"precision": "fp32", "path": "artifacts/fp32.onnx", "size_bytes": 2_000_000, "sha256": "a" * 64},
-            "fp16": {"precision": "fp16", "path": "artifacts/fp16.onnx", "size_bytes": 1_000_000, "sha256": "b" * 64},
+            "fp32": {
+                "precision": "fp32",
+                "path": "artifacts/fp32.onnx",
+                "size_bytes": 2_000_000,
+                "sha256": "a" * 64,
+            },
+            "fp16": {
+                "precision": "fp16",
+                "path": "artifacts/fp16.onnx",
+                "size_bytes": 1_000_000,
+                "sha256": "b" * 64,
+            },
         },
         "results": {
-            "fp32": {"onnxruntime-cpu": {"size": {"bytes": 2_000_000, "ratio": 1.0},
-                                         "accuracy": {"outputs": {}}, "shapes": {"batch=1": dict(shape)},
-                                         "memory": {"rss_peak_mb": 300.5, "rss_session_mb": 120.25}}},
-            "fp16": {"onnxruntime-cpu": {
-                "size": {"bytes": 1_000_000, "ratio": 0.5},
-                "accuracy": {"cosine_min": 0.9987654, "outputs": {"emb": {
-                    "cosine_mean": 0.9999123, "cosine_min": 0.9987654, "max_abs_error": 0.0123,
-                    "mean_abs_error": 0.000456, "samples": 10}}},
-                "shapes": {"batch=1": {**shape, "p50_ms": 2.0, "p50_speedup": 1.25}},
-                "memory": {"rss_peak_mb": 250.0, "rss_session_mb": 70.0}}},
+            "fp32": {
+                "onnxruntime-cpu": {
+                    "size": {"bytes": 2_000_000, "ratio": 1.0},
+                    "accuracy": {"outputs": {}},
+                    "shapes": {"batch=1": dict(shape)},
+                    "memory": {"rss_peak_mb": 300.5, "rss_session_mb": 120.25},
+                }
+            },
+            "fp16": {
+                "onnxruntime-cpu": {
+                    "size": {"bytes": 1_000_000, "ratio": 0.5},
+                    "accuracy": {
+                        "cosine_min": 0.9987654,
+                        "outputs": {
+                            "emb": {
+                                "cosine_mean": 0.9999123,
+                                "cosine_min": 0.9987654,
+                                "max_abs_error": 0.0123,
+                                "mean_abs_error": 0.000456,
+                                "samples": 10,
+                            }
+                        },
+                    },
+                    "shapes": {"batch=1": {**shape, "p50_ms": 2.0, "p50_speedup": 1.25}},
+                    "memory": {"rss_peak_mb": 250.0, "rss_session_mb": 70.0},
+                }
+            },
         },
     }
     verdict = {
         "status": "failed",
         "variants": {"fp16": {"status": "failed"}},
-        "targets": {"onnxruntime-cpu": {"status": "ran"}, "tensorrt": {"status": "skipped", "reason": "no TensorRT"}},
+        "targets": {
+            "onnxruntime-cpu": {"status": "ran"},
+            "tensorrt": {"status": "skipped", "reason": "no TensorRT"},
+        },
         "gates": [
-            {"variant": "fp16", "target": "onnxruntime-cpu", "check": "accuracy.cosine_min >= 0.999",
-             "value": 0.9987654, "baseline_value": 1.0, "status": "failed",
-             "reason": "accuracy.cosine_min = 0.998765, needs >= 0.999"},
-            {"variant": "fp16", "target": "tensorrt", "check": "latency.p50_speedup >= 1.5", "status": "skipped",
-             "reason": "no TensorRT"},
+            {
+                "variant": "fp16",
+                "target": "onnxruntime-cpu",
+                "check": "accuracy.cosine_min >= 0.999",
+                "value": 0.9987654,
+                "baseline_value": 1.0,
+                "status": "failed",
+                "reason": "accuracy.cosine_min = 0.998765, needs >= 0.999",
+            },
+            {
+                "variant": "fp16",
+                "target": "tensorrt",
+                "check": "latency.p50_speedup >= 1.5",
+                "status": "skipped",
+                "reason": "no TensorRT",
+            },
         ],
     }
-    manifest = {"recipe": "demo", "run_id": "r1", "recipe_sha256": "c" * 64, "model": {"sha256": "d" * 64},
-                "hardware": {"cpu": "cpu", "cores": 2, "memory_gb": 8, "gpu": None}, "os": "Linux",
-                "versions": {"onnxruntime": "1.32.0"}, "stages": [{"stage": "export", "seconds": 1.5, "detail": "ok"}],
-                "datasets": {"eval": {"description": "10 lines", "sha256": "e" * 64}}}
+    manifest = {
+        "recipe": "demo",
+        "run_id": "r1",
+        "recipe_sha256": "c" * 64,
+        "model": {"sha256": "d" * 64},
+        "hardware": {"cpu": "cpu", "cores": 2, "memory_gb": 8, "gpu": None},
+        "os": "Linux",
+        "versions": {"onnxruntime": "1.32.0"},
+        "stages": [{"stage": "export", "seconds": 1.5, "detail": "ok"}],
+        "datasets": {"eval": {"description": "10 lines", "sha256": "e" * 64}},
+    }
     return metrics, verdict, manifest
 
 
@@ -51,8 +106,10 @@ def test_verdict_and_gates_come_first() -> None:
     lines = text.splitlines()
     assert lines[0] == "# demo — FAILED"
     assert lines.index("## Gates") < lines.index("## Accuracy vs FP32") < lines.index("## Latency and throughput")
-    assert ("| fp16 | onnxruntime-cpu | `accuracy.cosine_min >= 0.999` | 0.998765 | 1 | "
-            "failed: accuracy.cosine_min = 0.998765, needs >= 0.999 |") in lines
+    assert (
+        "| fp16 | onnxruntime-cpu | `accuracy.cosine_min >= 0.999` | 0.998765 | 1 | "
+        "failed: accuracy.cosine_min = 0.998765, needs >= 0.999 |"
+    ) in lines
     assert "| fp16 | tensorrt | `latency.p50_speedup >= 1.5` | – | – | skipped: no TensorRT |" in lines
     assert "- target `tensorrt` skipped: no TensorRT" in lines
 

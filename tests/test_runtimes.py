@@ -131,9 +131,7 @@ def test_unnamed_dynamic_dim_is_a_question_mark(tmp_path: Path) -> None:
     a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 4])
     b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 4])
     graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g", [a], [b])
-    path = save(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "unnamed.onnx"
-    )
+    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "unnamed.onnx")
     with open_runner("onnxruntime-cpu", path) as r:
         assert r.inputs[0].shape == ("?", 4)
         assert all(isinstance(d, str) for d in r.inputs[0].shape[:1])

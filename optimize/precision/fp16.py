@@ -135,8 +135,11 @@ def check_finite(model_path: Path, outputs: dict[str, np.ndarray], feeds: dict[s
     raise StageError(
         f"{where}: output(s) {', '.join(bad)} contain NaN/Inf in FP16; first produced by {named}; "
         "keep those op types in FP32 with op_block_list"
-        + ("; after '→ Cast' the value itself exceeds FP16, so block the ops that consume it too"
-           if any("→ Cast" in op for op, _ in culprits[:5]) else "")
+        + (
+            "; after '→ Cast' the value itself exceeds FP16, so block the ops that consume it too"
+            if any("→ Cast" in op for op, _ in culprits[:5])
+            else ""
+        )
     )
 
 
@@ -173,11 +176,13 @@ def _run_every_node(
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    values = dict(zip(names, session.run(names, feeds)))
+    values = dict(zip(names, session.run(names, feeds), strict=True))
     producer = {o: node for node in model.graph.node for o in node.output}
     culprits = []
     for node in model.graph.node:
-        if any(not _finite(values.get(o)) for o in node.output) and all(_finite(values.get(i)) for i in node.input if i):
+        if any(not _finite(values.get(o)) for o in node.output) and all(
+            _finite(values.get(i)) for i in node.input if i
+        ):
             source = producer.get(node.input[0]) if node.op_type == "Cast" and node.input else None
             if source is not None:
                 # A converter's Cast to FP16 overflowed: the value came out of range in the op before it.
@@ -185,4 +190,3 @@ def _run_every_node(
             else:
                 culprits.append((node.op_type, node.name))
     return values, culprits
-

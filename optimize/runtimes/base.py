@@ -29,7 +29,7 @@ class Runner(abc.ABC):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch; returns host arrays keyed by output name (results are complete on return)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - a no-op default; runners with resources override it
         """Release the session and its memory."""
 
     def __enter__(self) -> Runner:

@@ -60,9 +60,7 @@ class OnnxRuntimeRunner(Runner):
         try:
             self.session = ort.InferenceSession(str(model_path), sess_options=opts, providers=[provider])
         except Exception as e:
-            raise StageError(
-                f"{self.model_path.name}: ONNX Runtime cannot load the model: {first_line(e)}"
-            ) from None
+            raise StageError(f"{self.model_path.name}: ONNX Runtime cannot load the model: {first_line(e)}") from None
         if self.session.get_providers()[0] != provider:
             raise RuntimeMissingError(
                 f"{self.model_path.name}: ONNX Runtime would not run on {provider} "
@@ -80,7 +78,7 @@ class OnnxRuntimeRunner(Runner):
         if self._float_inputs:
             feeds = {k: _cast(v, self._float_inputs.get(k)) for k, v in feeds.items()}
         values = self.session.run(self._output_names, feeds)
-        return dict(zip(self._output_names, values))
+        return dict(zip(self._output_names, values, strict=True))
 
     def close(self) -> None:
         """Drop the session."""
