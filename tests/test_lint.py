@@ -10,9 +10,7 @@ from conftest import REPO
 
 def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
     # The ruff of this environment (the test extra), not whatever ruff is first on PATH.
-    return subprocess.run(
-        [sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True, timeout=120
-    )
+    return subprocess.run([sys.executable, "-m", "ruff", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
 def test_ruff_check() -> None:
