@@ -20,16 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli_startup import entry_point  # the same console-script lookup (this folder is on sys.path)
+
 REPO = Path(__file__).resolve().parent.parent
 BAR_S = 180.0
-
-
-def entry_point() -> list[str]:
-    script = Path(sys.executable).parent / "optimize"
-    if script.exists():
-        return [str(script)]
-    found = shutil.which("optimize")
-    return [found] if found else [sys.executable, "-m", "optimize"]
 
 
 def main() -> None:
