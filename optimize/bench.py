@@ -100,6 +100,27 @@ def add_speedups(stats: dict[str, float], baseline: dict[str, float]) -> dict[st
     }
 
 
+def run_shapes(
+    runners: dict[str, Any], spec: Any, sample: dict[str, np.ndarray], baseline: str
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """The benchmark protocol on one target: for each of `spec.shapes`, feeds cut from `sample`, all runners
+    timed interleaved, latency statistics per runner and speed-ups against `baseline`.
+
+    Returns {runner name: {shape key: stats}}; `cv_warning` marks stats noisier than `spec.cv_warn`.
+    """
+    inputs = runners[baseline].inputs
+    out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in runners}
+    for i, shape in enumerate(spec.shapes):
+        feeds = make_feeds(inputs, shape, sample, f"benchmark.shapes[{i}]")
+        batch = len(next(iter(feeds.values())))
+        timings = time_interleaved(runners, feeds, spec.warmup, spec.iterations)
+        base = latency_stats(timings[baseline], batch)
+        for name in runners:
+            stats = base if name == baseline else add_speedups(latency_stats(timings[name], batch), base)
+            out[name][shape_key(shape)] = {**stats, "cv_warning": stats["cv"] > spec.cv_warn}
+    return out
+
+
 _PROBE = r"""
 import json, sys
 import numpy as np

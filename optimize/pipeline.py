@@ -301,22 +301,12 @@ def _execute(state: _Run) -> RunResult:
             runners = {name: open_runner(target, p, b.threads) for name, p in paths.items()}
             try:
                 inputs = runners["fp32"].inputs
-                for i, shape in enumerate(b.shapes):
-                    feeds = bench.make_feeds(inputs, shape, eval_ds.batches[0], f"benchmark.shapes[{i}]")
-                    batch = len(next(iter(feeds.values())))
-                    timings = bench.time_interleaved(runners, feeds, b.warmup, b.iterations)
-                    base = bench.latency_stats(timings["fp32"], batch)
-                    for name in paths:
-                        s = (
-                            base
-                            if name == "fp32"
-                            else bench.add_speedups(bench.latency_stats(timings[name], batch), base)
-                        )
-                        s["cv_warning"] = s["cv"] > b.cv_warn
-                        results[name][target].setdefault("shapes", {})[bench.shape_key(shape)] = s
+                per_shape = bench.run_shapes(runners, b, eval_ds.batches[0], baseline="fp32")
             finally:
                 for r in runners.values():
                     r.close()
+            for name, shapes in per_shape.items():
+                results[name][target]["shapes"] = shapes
             largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
             feeds = bench.make_feeds(inputs, largest, eval_ds.batches[0], "benchmark.shapes")
             for name, p in paths.items():

@@ -269,3 +269,24 @@ def test_measure_memory_bad_feeds_is_a_stage_error(tmp_path: Path) -> None:
     path = tiny_onnx(tmp_path / "m.onnx", width=8)
     with pytest.raises(StageError, match="memory probe for m.onnx"):
         bench.measure_memory("onnxruntime-cpu", path, {"not_an_input": np.ones((1, 8), np.float32)}, None)
+
+
+def test_run_shapes_times_every_shape_and_reports_speedups_against_the_baseline(fake_clock: list[int]) -> None:
+    from optimize.recipe import BenchmarkSection
+    from optimize.runtimes.base import TensorSpec
+
+    log: list[str] = []
+    runners = {"fp32": Recorder("fp32", log, fake_clock, 4_000), "fp16": Recorder("fp16", log, fake_clock, 1_000)}
+    for r in runners.values():
+        r.inputs = [TensorSpec("x", "float32", ("batch", 3))]
+    spec = BenchmarkSection(shapes=[{"batch": 1}, {"batch": 4}], warmup=1, iterations=3, cv_warn=0.05)
+    sample = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    out = bench.run_shapes(runners, spec, sample, baseline="fp32")
+    assert set(out) == {"fp32", "fp16"} and set(out["fp16"]) == {"batch=1", "batch=4"}
+    assert [f["x"].shape for f in runners["fp16"].feeds_seen] == [(1, 3)] * 4 + [(4, 3)] * 4
+    fp16 = out["fp16"]["batch=4"]
+    assert fp16["iterations"] == 3 and fp16["p50_ms"] == pytest.approx(1_001 / 1e6)
+    assert fp16["p50_speedup"] == pytest.approx(4_001 / 1_001)
+    assert fp16["items_per_s"] == pytest.approx(4 / (1_001 / 1e9))
+    assert "p50_speedup" not in out["fp32"]["batch=1"]  # the baseline is the reference, not a variant
+    assert fp16["cv_warning"] is False  # identical samples: no spread
