@@ -1,5 +1,6 @@
-"""The real thing, once: `optimize run recipes/fp16.yaml` on all-MiniLM-L6-v2 in a subprocess, as a user
-runs it, ending with a registered `candidate` version visible through the MLflow client."""
+"""The shipped recipes, run as a user runs them: `optimize run recipes/fp16.yaml` on all-MiniLM-L6-v2 in a
+subprocess, ending with a registered `candidate` version visible through the MLflow client; and the small
+vision recipe (digits CNN) through the pipeline."""
 
 from __future__ import annotations
 
@@ -53,3 +54,17 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert mv.tags["precision"] == "fp16"
     assert mv.tags["sha256"] == sha256_file(run_dir / "artifacts" / "fp16.onnx")
     assert (tmp_path / "mlartifacts").is_dir()
+
+
+def test_digits_vision_recipe(tmp_path: Path) -> None:
+    from optimize.pipeline import RunOptions, run
+
+    result = run(REPO / "recipes" / "digits-fp16.yaml", RunOptions(runs_dir=tmp_path / "runs", quiet=True))
+    assert result.exit_code == 0, result
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    acc = metrics["results"]["fp16"]["onnxruntime-cpu"]["accuracy"]
+    assert acc["top1_agreement"] >= 0.99
+    assert acc["task_metric_baseline"] >= 0.95  # the CNN really recognises digits (0.98 when trained)
+    assert abs(acc["task_metric_drop"]) <= 0.01
+    assert acc["outputs"]["logits"]["samples"] == 300
+    assert result.registered["versions"] == {"fp16": 1}
