@@ -46,18 +46,26 @@ def _main(
 
 @app.command()
 def run(
-    recipe: Annotated[Path, typer.Argument(help="The recipe YAML file.")],
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where run directories are created.")] = Path("runs"),
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="The recipe YAML file.")],
+    runs_dir: Annotated[
+        Path, typer.Option("--runs-dir", metavar="DIR", help="Where run directories are created.")
+    ] = Path("runs"),
     tracking_uri: Annotated[
         str | None,
         typer.Option(
             "--tracking-uri",
+            metavar="URI",
             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the recipe's, else sqlite:///./mlflow.db).",
         ),
     ] = None,
     require_target: Annotated[
         list[str] | None,
-        typer.Option("--require-target", help="Fail with exit 4 instead of skipping when this target is missing."),
+        typer.Option(
+            "--require-target",
+            metavar="TARGET",
+            help="Fail with exit 4 instead of skipping when this target is missing (repeatable): "
+            "onnxruntime-cpu, onnxruntime-cuda, tensorrt.",
+        ),
     ] = None,
     register: Annotated[
         bool, typer.Option("--register/--no-register", help="Log the run to MLflow and register what passed.")
