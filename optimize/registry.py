@@ -8,6 +8,8 @@ import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +90,6 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
     """
     check_reachable(tracking_uri)
     _bound_http()
-    import mlflow
-
-    # MLflow resolves a `models:/<model_id>` version source through the process-wide URIs, not the
-    # client's: point them at this store for the duration (a store other than the default failed).
-    saved = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     try:
         return _publish(run_dir, tracking_uri)
     except RegistryUnreachableError:
@@ -103,9 +98,6 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
         if _is_connection_error(e):
             raise RegistryUnreachableError(f"registry: lost {tracking_uri} ({first_line(e)})") from None
         raise
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
 
 
 def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
@@ -217,15 +209,41 @@ def _register_variant(
     )
     client.log_model_artifacts(logged.model_id, str(folder))
     client.finalize_logged_model(logged.model_id, "READY")
-    version = client.create_model_version(
-        model_name,
-        source=f"models:/{logged.model_id}",
-        run_id=run_id,
-        tags=tags,
-        description=describe(variant, metrics, verdict),
-        model_id=logged.model_id,
-    )
+    with _process_tracking_uri(client.tracking_uri):
+        version = client.create_model_version(
+            model_name,
+            source=f"models:/{logged.model_id}",
+            run_id=run_id,
+            tags=tags,
+            description=describe(variant, metrics, verdict),
+            model_id=logged.model_id,
+        )
     return int(version.version)
+
+
+@contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's process-wide tracking URI at `uri` for the block, then put back exactly what was there.
+
+    MLflow's sqlite registry looks up a `models:/<model_id>` version source through the process-wide
+    tracking URI, not the client's (a TODO in its SqlAlchemyStore), so registering into any store but the
+    default failed with "Logged model ... not found". A plain artifact location as the source avoids the
+    lookup but loses the version's link to its LoggedModel, which engines will hang off later.
+    """
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_global = tracking_utils._tracking_uri
+    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_global)  # None clears it (and the environment variable it set)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def describe(variant: str, metrics: dict[str, Any], verdict: dict[str, Any]) -> str:

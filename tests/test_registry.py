@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import time
@@ -102,10 +103,28 @@ def test_publish_registers_each_passing_variant_with_aliases(finished_run: Path,
         mv = client.get_model_version("tiny", str(version))
         assert mv.tags["sha256"] == metrics["variants"][variant]["sha256"]
         assert mv.run_id == out["run_id"]
-        assert mv.source.startswith("models:/m-")
+        assert mv.source.startswith("models:/m-")  # the version points at its LoggedModel
+        logged = client.get_logged_model(mv.source.removeprefix("models:/"))
+        assert logged.tags["sha256"] == mv.tags["sha256"] and logged.source_run_id == out["run_id"]
     run_ = client.get_run(out["run_id"])
     assert run_.data.tags["optimize.verdict"] == "passed"
     assert run_.data.params["precision.variants"].count("fp16") >= 2
+
+
+def test_publish_leaves_the_process_tracking_uri_as_it_was(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    before = tracking_utils._tracking_uri
+    registry.publish(finished_run, f"sqlite:///{tmp_path}/m.db")
+    assert tracking_utils._tracking_uri == before
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    registry.publish(finished_run, f"sqlite:///{tmp_path}/other.db")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{tmp_path}/env.db"
 
 
 def test_publishing_again_makes_a_new_version_and_moves_the_alias(finished_run: Path, tmp_path: Path) -> None:
