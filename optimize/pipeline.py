@@ -202,10 +202,11 @@ def _execute(state: _Run) -> RunResult:
                 input_names = [i.name for i in r.inputs]
         else:
             input_names = export.input_names_for(loaded, recipe.export)
+        used = {recipe.evaluate.dataset, *(v.reference_data for v in recipe.precision.variants if v.reference_data)}
         datasets = {
             name: data.load_dataset(name, spec, input_names, loaded.tokenizer_dir)
             for name, spec in recipe.data.items()
-            if name == recipe.evaluate.dataset
+            if name in used
         }
         eval_ds = datasets[recipe.evaluate.dataset]
         state.manifest["model"] = {"description": loaded.description, "sha256": loaded.content_sha256}
@@ -236,13 +237,21 @@ def _execute(state: _Run) -> RunResult:
         records = {}
         for variant in recipe.precision.variants:
             dest = art_dir / f"{variant.name}.onnx"
-            result = fp16.convert_fp16(baseline_path, dest, variant)
+            reference_dir = None
+            if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
+                reference_dir = art_dir / f"{variant.name}-reference"
+                for k, batch in enumerate(datasets[variant.reference_data].batches[: variant.reference_batches]):
+                    write_npz(reference_dir / f"batch{k:04d}.npz", batch)
+            result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
             with open_runner("onnxruntime-cpu", dest) as r:
                 feeds = eval_ds.batches[0]
                 fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
             paths[variant.name] = dest
             precisions[variant.name] = variant.kind
-            records[variant.name] = result.record()
+            records[variant.name] = {
+                **result.record(),
+                "reference_data": variant.reference_data if reference_dir else None,
+            }
         rec["variants"] = records
         rec["detail"] = ", ".join(f"{n} via {r['backend']}" for n, r in records.items())
 

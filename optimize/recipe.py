@@ -191,6 +191,13 @@ class Fp16Variant(_Strict):
     keep_io_types: bool = Field(default=True, description="Keep graph inputs and outputs in FP32.")
     op_block_list: list[str] = Field(default_factory=list, description="Op types kept in FP32.")
     node_block_list: list[str] = Field(default_factory=list, description="Node names kept in FP32.")
+    reference_data: str | None = Field(
+        default=None,
+        description="A dataset in `data` whose first batches ModelOpt AutoCast runs to find nodes whose values "
+        "leave FP16's range (those stay FP32). Without it AutoCast feeds random inputs in [-1, 1]. "
+        "Used by the modelopt backend only.",
+    )
+    reference_batches: int = Field(default=4, gt=0, description="How many batches of `reference_data` to run.")
 
 
 Variant = Annotated[Fp16Variant, Field(discriminator="kind")]
@@ -424,6 +431,12 @@ class Recipe(_Strict):
             for axis in shape:
                 if axis_names and axis not in axis_names:
                     raise _FieldError(("benchmark", "shapes", i, axis), _unknown(axis, axis_names, "axis name"))
+        for i, variant in enumerate(self.precision.variants):
+            if variant.reference_data is not None and variant.reference_data not in self.data:
+                raise _FieldError(
+                    ("precision", "variants", i, "reference_data"),
+                    _unknown(variant.reference_data, self.data, "dataset"),
+                )
         for i, gate in enumerate(self.gates):
             for v in gate.variants or []:
                 if v not in variant_names:

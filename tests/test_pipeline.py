@@ -284,3 +284,19 @@ def test_fp16_overflow_is_fixed_by_the_op_block_list(write_recipe, tmp_path: Pat
     )
     result = run(recipe, _options(tmp_path, register=False))
     assert result.exit_code == 0
+
+
+def test_autocast_with_real_reference_data_keeps_the_overflowing_op_in_fp32(write_recipe, tmp_path: Path) -> None:
+    # The same overflow as above, with no block list: AutoCast run on the recipe's data (not its default
+    # random inputs in [-1, 1]) sees exp(12 x) leave FP16's range and keeps that part in FP32 by itself.
+    recipe = write_recipe({
+        "model": {"entry_point": "tinynet:overflow"},
+        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt", "reference_data": "eval"}]},
+        "gates": ["accuracy.top1_agreement >= 0.9"],
+    })  # fmt: skip
+    result = run(recipe, _options(tmp_path, register=False))
+    assert result.exit_code == 0
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    precision = next(s for s in manifest["stages"] if s["stage"] == "precision")
+    assert precision["variants"]["fp16"]["reference_data"] == "eval"
+    assert len(list((result.run_dir / "artifacts" / "fp16-reference").glob("*.npz"))) == 4  # 64 samples / 16

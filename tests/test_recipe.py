@@ -492,6 +492,11 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "recipe.yaml: evaluate.dataset: unknown dataset 'zzz'; known: eval",
     ),
     (
+        "unknown-reference-data",
+        _variants({"name": "fp16", "kind": "fp16", "reference_data": "evl"}),
+        "recipe.yaml: precision.variants[0].reference_data: unknown dataset 'evl'; did you mean 'eval'?",
+    ),
+    (
         "shape-axis-not-dynamic",
         {"benchmark": {"shapes": [{"batch": 1}, {"bach": 2}]}},
         "recipe.yaml: benchmark.shapes[1].bach: unknown axis name 'bach'; did you mean 'batch'?",

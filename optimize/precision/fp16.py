@@ -63,8 +63,11 @@ def choose_backend(variant: Fp16Variant) -> str:
     return variant.backend
 
 
-def convert_fp16(src: Path, dest: Path, variant: Fp16Variant) -> Fp16Result:
-    """Convert the FP32 ONNX at `src` to FP16 at `dest` (atomically) with the variant's options."""
+def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Path | None = None) -> Fp16Result:
+    """Convert the FP32 ONNX at `src` to FP16 at `dest` (atomically) with the variant's options.
+
+    `reference_dir` holds one .npz per batch of real inputs for AutoCast's range check (modelopt only).
+    """
     import onnx
 
     backend = choose_backend(variant)
@@ -80,6 +83,7 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant) -> Fp16Result:
                 # AutoCast takes regular expressions matched at the start of a name; ours are whole names
                 nodes_to_exclude=[f"{re.escape(n)}\\Z" for n in variant.node_block_list] or None,
                 op_types_to_exclude=list(variant.op_block_list) or None,
+                calibration_data=str(reference_dir) if reference_dir is not None else None,
                 providers=["cpu"],
             )
         else:
