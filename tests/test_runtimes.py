@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import unary_onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from optimize.errors import RuntimeMissingError, StageError
@@ -111,27 +112,18 @@ def test_accepts_a_string_path(linear: Path) -> None:
     ],
 )
 def test_tensor_spec_dtype_names_are_numpy_names(tmp_path: Path, elem_type: int, name: str) -> None:
-    graph = helper.make_graph(
-        [helper.make_node("Identity", ["a"], ["b"])],
-        "identity",
-        [helper.make_tensor_value_info("a", elem_type, ["n", 4])],
-        [helper.make_tensor_value_info("b", elem_type, ["n", 4])],
-    )
-    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "id.onnx")
+    path = unary_onnx(tmp_path / "id.onnx", "Identity", ["n", 4], elem_type)
     with open_runner("onnxruntime-cpu", path) as r:
-        assert r.inputs == [TensorSpec("a", name, ("n", 4))]
-        assert r.outputs == [TensorSpec("b", name, ("n", 4))]
+        assert r.inputs == [TensorSpec("x", name, ("n", 4))]
+        assert r.outputs == [TensorSpec("y", name, ("n", 4))]
         a = np.ones((2, 4), dtype=np.dtype(name))
-        out = r.run({"a": a})["b"]
+        out = r.run({"x": a})["y"]
     assert out.dtype == np.dtype(name)
     np.testing.assert_array_equal(out, a)
 
 
 def test_unnamed_dynamic_dim_is_a_question_mark(tmp_path: Path) -> None:
-    a = helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 4])
-    b = helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 4])
-    graph = helper.make_graph([helper.make_node("Identity", ["a"], ["b"])], "g", [a], [b])
-    path = save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "unnamed.onnx")
+    path = unary_onnx(tmp_path / "unnamed.onnx", "Identity", [None, 4])
     with open_runner("onnxruntime-cpu", path) as r:
         assert r.inputs[0].shape == ("?", 4)
         assert all(isinstance(d, str) for d in r.inputs[0].shape[:1])
