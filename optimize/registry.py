@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -102,6 +103,7 @@ def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
 
 def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
     from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
     from mlflow.exceptions import MlflowException
 
     recipe = json.loads((run_dir / "recipe.json").read_text())
@@ -131,15 +133,10 @@ def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
         },
     )
     run_id = run.info.run_id
-    params = {k: str(v)[:6000] for k, v in _flatten("", recipe, {}).items()}
-    items = list(params.items())
-    from mlflow.entities import Metric, Param
-
+    items = [(k, str(v)[:6000]) for k, v in _flatten("", recipe, {}).items()]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
     flat_metrics = []
-    import time
-
     now = int(time.time() * 1000)
     for variant, by_target in metrics["results"].items():
         for target, result in by_target.items():

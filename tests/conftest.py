@@ -14,6 +14,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Every top-level key a recipe may have.
+RECIPE_SECTIONS = (
+    "name",
+    "model",
+    "export",
+    "precision",
+    "data",
+    "evaluate",
+    "benchmark",
+    "gates",
+    "registry",
+    "extends",
+)
+
 TINY_MODULE = textwrap.dedent(
     '''
     """Tiny models for tests: an MLP classifier with one input `x` (N, 8) and output `logits` (N, 4)."""

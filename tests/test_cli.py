@@ -13,7 +13,7 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import RECIPE_SECTIONS, REPO
 from typer.testing import CliRunner
 
 from optimize import __version__
@@ -229,18 +229,7 @@ def test_schema_prints_json(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     schema = json.loads(proc.stdout)
     assert schema["type"] == "object"
-    for section in (
-        "name",
-        "model",
-        "export",
-        "precision",
-        "data",
-        "evaluate",
-        "benchmark",
-        "gates",
-        "registry",
-        "extends",
-    ):
+    for section in RECIPE_SECTIONS:
         assert schema["properties"][section]["description"].strip(), section
     assert "Gate" in schema["$defs"]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import REPO, tiny_recipe
+from conftest import RECIPE_SECTIONS, REPO, tiny_recipe
 
 from optimize.errors import OptimizeError, RecipeError
 from optimize.recipe import (
@@ -713,18 +713,7 @@ def test_json_schema_is_a_valid_schema() -> None:
     assert schema["title"] == "optimize recipe"
     assert schema["additionalProperties"] is False  # unknown keys are errors
     assert set(schema["required"]) == {"name", "model", "precision", "data", "evaluate", "benchmark"}
-    assert {
-        "name",
-        "model",
-        "export",
-        "precision",
-        "data",
-        "evaluate",
-        "benchmark",
-        "gates",
-        "registry",
-        "extends",
-    } <= set(schema["properties"])
+    assert set(RECIPE_SECTIONS) <= set(schema["properties"])
     defs = schema["$defs"]
     refs = 0
     for where, node in _walk(schema):
