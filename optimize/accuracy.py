@@ -31,12 +31,35 @@ def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, cos)
 
 
+def nearest_neighbours(x: np.ndarray, block: int = 1024) -> np.ndarray:
+    """For each sample (row, the rest flattened), the index of its most cosine-similar other sample."""
+    v = x.reshape(len(x), -1).astype(np.float64)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    v = v / np.where(norms > 0, norms, 1.0)
+    out = np.empty(len(v), dtype=np.int64)
+    for start in range(0, len(v), block):  # blocks of rows keep memory at block × n
+        sim = v[start : start + block] @ v.T
+        rows = np.arange(sim.shape[0])
+        sim[rows, start + rows] = -np.inf
+        out[start : start + block] = sim.argmax(axis=1)
+    return out
+
+
+def neighbour_agreement(baseline: np.ndarray, variant: np.ndarray) -> float:
+    """Share of samples whose nearest other sample is the same under the variant as under the baseline."""
+    if len(baseline) < 2:
+        return 1.0
+    return float((nearest_neighbours(baseline) == nearest_neighbours(variant)).mean())
+
+
 def compare_outputs(
     baseline: dict[str, np.ndarray],
     variant: dict[str, np.ndarray],
     top1_outputs: list[str],
+    neighbour_outputs: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Per output: cosine mean/min, max/mean abs error, top-1 agreement for classifier outputs.
+    """Per output: cosine mean/min, max/mean abs error, top-1 agreement for classifier outputs,
+    nearest-neighbour agreement for embedding outputs.
 
     The aggregate keys (`cosine_min`, ...) take the worst output, so one gate covers a multi-output model.
     """
@@ -61,6 +84,8 @@ def compare_outputs(
             agree = float((got.argmax(axis=-1) == ref64.argmax(axis=-1)).mean())
             stats["top1_agreement"] = agree
             stats["top1_agreement_drop"] = 1.0 - agree
+        if name in neighbour_outputs:
+            stats["neighbour_agreement"] = neighbour_agreement(ref64, got)
         per_output[name] = stats
     agg: dict[str, Any] = {
         "cosine_mean": min(s["cosine_mean"] for s in per_output.values()),
@@ -72,6 +97,9 @@ def compare_outputs(
     if top1:
         agg["top1_agreement"] = min(s["top1_agreement"] for s in top1)
         agg["top1_agreement_drop"] = max(s["top1_agreement_drop"] for s in top1)
+    nn = [s["neighbour_agreement"] for s in per_output.values() if "neighbour_agreement" in s]
+    if nn:
+        agg["neighbour_agreement"] = min(nn)
     agg["outputs"] = per_output
     return agg
 

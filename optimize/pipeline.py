@@ -25,7 +25,7 @@ from optimize import __version__
 from optimize.console import Progress, capture_output, console
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
-from optimize.recipe import OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
+from optimize.recipe import Int8Variant, OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
 
 LIBRARIES = (
@@ -202,13 +202,15 @@ def _execute(state: _Run) -> RunResult:
                 input_names = [i.name for i in r.inputs]
         else:
             input_names = export.input_names_for(loaded, recipe.export)
-        used = {recipe.evaluate.dataset, *(v.reference_data for v in recipe.precision.variants if v.reference_data)}
+        side = sorted(side_datasets(recipe))
         datasets = {
             name: data.load_dataset(name, spec, input_names, loaded.tokenizer_dir)
             for name, spec in recipe.data.items()
-            if name in used
+            if name in {recipe.evaluate.dataset, *side}
         }
         eval_ds = datasets[recipe.evaluate.dataset]
+        for name in side:  # data a variant is built or tuned on must not be what it is judged on
+            data.check_disjoint(datasets[name], eval_ds)
         state.manifest["model"] = {"description": loaded.description, "sha256": loaded.content_sha256}
         state.manifest["datasets"] = {n: d.record() for n, d in datasets.items()}
         rec["detail"] = f"{loaded.description}; {eval_ds.description}"
@@ -235,8 +237,21 @@ def _execute(state: _Run) -> RunResult:
         state.log("precision"),
     ):
         records = {}
-        for variant in recipe.precision.variants:
+        locked = to_plain(recipe)
+        for index, variant in enumerate(recipe.precision.variants):
             dest = art_dir / f"{variant.name}.onnx"
+            if isinstance(variant, Int8Variant):
+                records[variant.name], excluded = _build_int8(state, index, baseline_path, dest, datasets)
+                with open_runner("onnxruntime-cpu", dest) as r:
+                    feeds = eval_ds.batches[0]
+                    fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
+                paths[variant.name] = dest
+                precisions[variant.name] = variant.kind
+                # The lock reproduces this build without searching: the exclusions found, fallback off.
+                entry = locked["precision"]["variants"][index]
+                entry["nodes_to_exclude"] = excluded
+                entry["fallback"]["enabled"] = False
+                continue
             reference_dir = None
             if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
                 reference_dir = art_dir / f"{variant.name}-reference"
@@ -253,7 +268,12 @@ def _execute(state: _Run) -> RunResult:
                 "reference_data": variant.reference_data if reference_dir else None,
             }
         rec["variants"] = records
-        rec["detail"] = ", ".join(f"{n} via {r['backend']}" for n, r in records.items())
+        rec["detail"] = ", ".join(
+            f"{n} via {r['backend']}"
+            + (f", {len(r['nodes_excluded'])} node(s) kept high-precision" if r.get("nodes_excluded") else "")
+            for n, r in records.items()
+        )
+        write_text(run_dir / "recipe.lock.yaml", LOCK_HEADER + yaml.safe_dump(locked, sort_keys=False))
 
     ran = [t for t, s in state.targets.items() if s["status"] == "ran"]
     baseline_size = baseline_path.stat().st_size
@@ -287,7 +307,9 @@ def _execute(state: _Run) -> RunResult:
                 with open_runner(target, p, recipe.benchmark.threads) as r:
                     outputs[name] = accuracy.run_all(r, eval_ds.batches)
             for name in paths:
-                acc = accuracy.compare_outputs(outputs["fp32"], outputs[name], recipe.evaluate.top1_outputs)
+                acc = accuracy.compare_outputs(
+                    outputs["fp32"], outputs[name], recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs
+                )
                 if metric_fn is not None:
                     acc.update(accuracy.task_metric(metric_fn, outputs["fp32"], outputs[name], eval_ds.labels))
                 results[name][target]["accuracy"] = acc
@@ -344,6 +366,9 @@ def _execute(state: _Run) -> RunResult:
         )
 
     metrics = {"baseline": "fp32", "variants": variants_meta, "results": results}
+    fallbacks = {n: r["fallback"] for n, r in records.items() if r.get("fallback", {}).get("trials")}
+    if fallbacks:
+        metrics["fallback"] = fallbacks
     with stage("gate", f"{len(recipe.gates)} gate(s)") as rec:
         verdict = gates.evaluate_gates(recipe.gates, results, state.targets)
         rec["detail"] = f"{verdict['status'].upper()}: " + ", ".join(
@@ -374,6 +399,129 @@ def _execute(state: _Run) -> RunResult:
     state.save_manifest()
     write_text(run_dir / "report.md", report.markdown(metrics, verdict, state.manifest))
     return RunResult(run_dir, verdict["status"], 0 if verdict["status"] == "passed" else 1, registered)
+
+
+LOCK_HEADER = (
+    "# recipe.lock.yaml: this run's recipe, resolved, with what the INT8 fallback found written in\n"
+    "# (nodes_to_exclude) and the search turned off. `optimize run` on this file rebuilds the same variants.\n"
+)
+
+
+def side_datasets(recipe: Recipe) -> set[str]:
+    """Datasets a variant is built or tuned on (calibration, fallback, AutoCast reference data)."""
+    out: set[str] = set()
+    for v in recipe.precision.variants:
+        if isinstance(v, Int8Variant):
+            out.update(n for n in (v.calibration, v.fallback.dataset) if n)
+        elif v.reference_data:
+            out.add(v.reference_data)
+    return out
+
+
+def _build_int8(
+    state: _Run, index: int, baseline_path: Path, dest: Path, datasets: dict[str, Any]
+) -> tuple[dict[str, Any], list[str]]:
+    """Quantise one INT8 variant to `dest`, with the accuracy-aware fallback where the recipe has accuracy
+    gates for it. Returns the stage record and the final nodes kept in high precision."""
+    from optimize import accuracy, bench, gates
+    from optimize.models import import_entry_point
+    from optimize.precision import fallback, int8
+    from optimize.runtimes import open_runner
+
+    recipe = state.recipe
+    variant = recipe.precision.variants[index]
+    assert isinstance(variant, Int8Variant)
+    where = f"precision.variants[{index}]"
+    int8.require_backend(variant, where)
+    work = state.run_dir / "work" / variant.name
+    src, fusion = baseline_path, None
+    if variant.fusion:
+        src = work / "fused.onnx"
+        fusion = int8.fuse(baseline_path, src, variant.fusion, where)
+    int8.check_exclusions(src, variant.nodes_to_exclude, variant.op_types_to_exclude, where)
+    calib = datasets[variant.calibration].batches[: variant.calibration_batches] if variant.calibration else []
+    checks = fallback.accuracy_gates(recipe.gates, variant.name)
+    fb_name = variant.fallback.dataset or variant.calibration
+    fb_ds = datasets.get(fb_name) if fb_name else None
+    if fb_ds is not None and fb_ds.labels is None:
+        checks = [g for g in checks if not g.metric.startswith("accuracy.task_metric")]
+    off_reason = (
+        "fallback.enabled is false"
+        if not variant.fallback.enabled
+        else "no accuracy gate covers this variant"
+        if not checks
+        else "no data to tune on: set fallback.dataset (never the evaluation dataset)"
+        if fb_ds is None
+        else None
+    )
+    if off_reason:
+        result = int8.quantize(src, dest, variant, calib, work, where)
+        result.fusion = fusion
+        shutil.rmtree(work, ignore_errors=True)
+        return {**result.record(), "fallback": {"enabled": False, "reason": off_reason}}, result.nodes_excluded
+
+    batches = fb_ds.batches[: variant.fallback.batches]
+    n = sum(len(next(iter(b.values()))) for b in batches)
+    labels = fb_ds.labels[:n] if fb_ds.labels is not None else None
+    metric_fn = None
+    if recipe.evaluate.task_metric and labels is not None:
+        metric_fn = import_entry_point(
+            recipe.evaluate.task_metric, recipe.evaluate.task_metric_python_path, "evaluate.task_metric"
+        )
+    with open_runner("onnxruntime-cpu", baseline_path, recipe.benchmark.threads) as r:
+        base_out = accuracy.run_all(r, batches)
+        inputs = r.inputs
+    largest = max(recipe.benchmark.shapes, key=lambda sh: int(np.prod(list(sh.values()))))
+    speed_feeds = bench.make_feeds(inputs, largest, batches[0], "benchmark.shapes")
+    results_by_trial: dict[int, Any] = {}
+    ran = {"onnxruntime-cpu": {"status": "ran"}}
+
+    def build(i: int, excluded: list[str]) -> Path:
+        path = work / f"trial{i}.onnx"
+        results_by_trial[i] = int8.quantize(src, path, variant, calib, work, where, excluded)
+        return path
+
+    def judge(path: Path) -> tuple[dict[str, Any], list[str]]:
+        with open_runner("onnxruntime-cpu", path, recipe.benchmark.threads) as r:
+            out = accuracy.run_all(r, batches)
+        acc = accuracy.compare_outputs(base_out, out, recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs)
+        if metric_fn is not None:
+            acc.update(accuracy.task_metric(metric_fn, base_out, out, labels))
+        verdict = gates.evaluate_gates(checks, {"fp32": {}, variant.name: {"onnxruntime-cpu": {"accuracy": acc}}}, ran)
+        return acc, [f"{row['check']}: {row.get('reason')}" for row in verdict["gates"] if row["status"] == "failed"]
+
+    def speed(path: Path) -> float:
+        runners = {
+            "fp32": open_runner("onnxruntime-cpu", baseline_path, recipe.benchmark.threads),
+            "trial": open_runner("onnxruntime-cpu", path, recipe.benchmark.threads),
+        }
+        try:
+            t = bench.time_interleaved(runners, speed_feeds, 3, max(10, recipe.benchmark.iterations // 5))
+        finally:
+            for r in runners.values():
+                r.close()
+        return float(np.percentile(t["fp32"], 50) / np.percentile(t["trial"], 50))
+
+    def rank(path: Path) -> list[tuple[str, float]]:
+        return fallback.sensitivity(src, path, batches[:2])
+
+    def shown(trial: fallback.Trial) -> None:
+        if not state.options.quiet:
+            acc = trial.accuracy
+            console().print(
+                f"  fallback {variant.name} trial {trial.index}: {len(trial.excluded)} node(s) high-precision, "
+                f"cosine mean {acc.get('cosine_mean', float('nan')):.4f}, p50 speed-up {trial.p50_speedup:.2f}×, "
+                + ("passed" if trial.passed else "failed: " + "; ".join(trial.failed_gates)),
+                highlight=False,
+            )
+
+    outcome = fallback.search(variant.fallback, build, judge, speed, rank, on_trial=shown)
+    write_with(dest, lambda tmp: shutil.copyfile(outcome.chosen.path, tmp))
+    result = results_by_trial[outcome.chosen.index]
+    result.fusion = fusion
+    shutil.rmtree(work, ignore_errors=True)
+    record = {**result.record(), "fallback": {"enabled": True, "dataset": fb_name, **outcome.record()}}
+    return record, result.nodes_excluded
 
 
 def _write_registry_folders(

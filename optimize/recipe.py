@@ -200,7 +200,105 @@ class Fp16Variant(_Strict):
     reference_batches: int = Field(default=4, gt=0, description="How many batches of `reference_data` to run.")
 
 
-Variant = Annotated[Fp16Variant, Field(discriminator="kind")]
+INT8_METHODS = {
+    "modelopt": ("max", "entropy"),
+    "onnxruntime": ("minmax", "entropy", "percentile"),
+    "onnxruntime-dynamic": (),
+}
+
+
+class FallbackSection(_Strict):
+    """Accuracy-aware fallback: when the variant misses its accuracy gates, move the most sensitive nodes
+    to higher precision and retry, within a budget. The fastest trial that passes is kept."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Search for nodes to keep in high precision when an "
+        "accuracy gate fails. Off: the variant is built once, as configured.",
+    )
+    max_trials: int = Field(default=8, gt=0, description="Quantisations tried, the first (as configured) included.")
+    max_seconds: float = Field(
+        default=900,
+        gt=0,
+        description="Time budget of the search (seconds); the trial running when it runs out finishes.",
+    )
+    dataset: str | None = Field(
+        default=None,
+        description="Dataset in `data` on which trials are measured and nodes ranked; default: the calibration "
+        "dataset. onnxruntime-dynamic has none: without this the fallback is off. Never the evaluation dataset "
+        "(checked: the two must not share a sample).",
+    )
+    batches: int = Field(default=4, gt=0, description="Batches of `dataset` each trial runs.")
+
+
+class Int8Variant(_Strict):
+    """INT8 quantisation of the FP32 ONNX, calibrated on real data (static backends) or dynamic."""
+
+    name: str = Field(pattern=NAME_RE, description="Variant name, unique in the recipe (not `fp32`).")
+    kind: Literal["int8"] = Field(description="INT8 quantisation.")
+    backend: Literal["modelopt", "onnxruntime", "onnxruntime-dynamic"] = Field(
+        description="`modelopt`: ModelOpt ONNX PTQ, explicit Q/DQ for TensorRT (calibrated on the CPU through "
+        "ONNX Runtime). `onnxruntime`: quantize_static (QDQ or QOperator) for CPU targets. "
+        "`onnxruntime-dynamic`: quantize_dynamic (weights INT8, activations quantised at run time), no calibration."
+    )
+    calibration: str | None = Field(
+        default=None,
+        description="Dataset in `data` to calibrate on (required by `modelopt` and `onnxruntime`; never "
+        "random data). Must not share a sample with the evaluation dataset.",
+    )
+    calibration_batches: int | None = Field(
+        default=None, gt=0, description="Calibrate on the first N batches of `calibration`; default: all."
+    )
+    method: Literal["max", "entropy", "minmax", "percentile"] | None = Field(
+        default=None,
+        description="Calibration method: modelopt `max` (default) or `entropy`; onnxruntime `minmax` (default), "
+        "`entropy` or `percentile`.",
+    )
+    bins: int | None = Field(
+        default=None,
+        gt=0,
+        description="onnxruntime entropy/percentile: histogram bins (default 2048). ONNX Runtime's own entropy "
+        "default (128 bins = 128 quantised bins) equals MinMax.",
+    )
+    quantized_bins: int = Field(default=128, gt=0, description="onnxruntime entropy: quantised bins searched.")
+    percentile: float = Field(default=99.999, gt=0, le=100, description="onnxruntime percentile: the percentile kept.")
+    quant_format: Literal["qdq", "qoperator"] = Field(default="qdq", description="onnxruntime static: graph format.")
+    per_channel: bool = Field(default=True, description="Per-channel weight scales (onnxruntime backends).")
+    reduce_range: bool = Field(
+        default=False, description="7-bit weights (onnxruntime backends; for CPUs without VNNI)."
+    )
+    activation_type: Literal["int8", "uint8"] = Field(
+        default="int8", description="onnxruntime static: s8 or u8 activations."
+    )
+    weight_type: Literal["int8", "uint8"] = Field(default="int8", description="onnxruntime backends: s8 or u8 weights.")
+    op_types: list[str] = Field(
+        default_factory=list, description="Op types to quantise; default: the backend's default set."
+    )
+    nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in high precision.")
+    op_types_to_exclude: list[str] = Field(default_factory=list, description="Op types kept in high precision.")
+    high_precision_dtype: Literal["fp32", "fp16"] = Field(
+        default="fp32", description="modelopt: type of what is not quantised (fp16 for TensorRT, fp32 to run on CPUs)."
+    )
+    fusion: str | None = Field(
+        default=None,
+        description="Fuse the graph with ONNX Runtime's transformer optimizer before quantising, with this model "
+        "type (e.g. `bert`): attention, LayerNorm and GELU fusions. onnxruntime backends; the fused model runs on "
+        "ONNX Runtime only.",
+    )
+    memory_budget_gb: float = Field(
+        default=4.0, gt=0, description="Calibration memory budget; calibration streams or fails with a clear message."
+    )
+    fallback: FallbackSection = Field(default_factory=FallbackSection, description="Accuracy-aware fallback.")
+
+    @property
+    def calibration_method(self) -> str | None:
+        """The method that runs (the backend's default when none is given)."""
+        if self.backend == "onnxruntime-dynamic":
+            return None
+        return self.method or INT8_METHODS[self.backend][0]
+
+
+Variant = Annotated[Fp16Variant | Int8Variant, Field(discriminator="kind")]
 
 
 class PrecisionSection(_Strict):
@@ -210,7 +308,7 @@ class PrecisionSection(_Strict):
 
     @field_validator("variants")
     @classmethod
-    def _unique(cls, v: list[Fp16Variant]) -> list[Fp16Variant]:
+    def _unique(cls, v: list[Fp16Variant | Int8Variant]) -> list[Fp16Variant | Int8Variant]:
         names = [x.name for x in v]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
@@ -253,7 +351,72 @@ class NpzDataset(_DatasetBase):
     labels: str | None = Field(default=None, description="Key of an array of labels (for a task metric).")
 
 
-Dataset = Annotated[TextDataset | NpzDataset, Field(discriminator="kind")]
+class ImageFolderDataset(_DatasetBase):
+    """Image files in a folder, decoded and preprocessed into one float input."""
+
+    kind: Literal["images"] = Field(description="A folder of images (PNG, JPEG, BMP, WebP, TIFF).")
+    path: RecipePath = Field(
+        description="The folder. Images directly in it, or (with `labels_from_folders`) in one subfolder per class."
+    )
+    input: str | None = Field(default=None, description="ONNX input the images feed; default: the model's only input.")
+    labels_from_folders: bool = Field(
+        default=False, description="Each subfolder is a class; labels are the sorted subfolder names' indices."
+    )
+    mode: Literal["RGB", "L"] = Field(default="RGB", description="Colour mode the images are converted to.")
+    resize: list[int] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2,
+        description="[size]: resize the shorter side to size, keeping the aspect ratio; [height, width]: exactly.",
+    )
+    crop: list[int] | None = Field(
+        default=None, min_length=1, max_length=2, description="Centre crop to [size] or [height, width] after resizing."
+    )
+    scale: float = Field(default=1 / 255, gt=0, description="Pixel values (0..255) are multiplied by this first.")
+    mean: list[float] = Field(default_factory=lambda: [0.0], description="Subtracted per channel after scaling.")
+    std: list[float] = Field(default_factory=lambda: [1.0], description="Divided per channel after the mean.")
+    layout: Literal["NCHW", "NHWC"] = Field(default="NCHW", description="Axis order of the batch.")
+    dtype: Literal["float32", "float16"] = Field(default="float32", description="Element type of the batch.")
+
+    @field_validator("resize", "crop")
+    @classmethod
+    def _positive_sizes(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(x <= 0 for x in v):
+            raise ValueError(f"sizes must be > 0, got {v}")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _nonzero_std(cls, v: list[float]) -> list[float]:
+        if any(x == 0 for x in v):
+            raise ValueError("std must not contain 0")
+        return v
+
+
+class EntryPointDataset(_DatasetBase):
+    """Arrays returned by a Python function, for data no other reader handles."""
+
+    kind: Literal["entry_point"] = Field(description="A Python function returns the arrays.")
+    entry_point: str = Field(
+        description="`package.module:function()` returning {input name: array with samples first} "
+        "(plus the labels array, if any).",
+        examples=["my_data:calibration_set"],
+    )
+    python_path: list[RecipePath] = Field(
+        default_factory=list, description="Folders put on sys.path before importing the entry point."
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments passed to the function.")
+    labels: str | None = Field(default=None, description="Key of an array of labels in what the function returns.")
+
+    @field_validator("entry_point")
+    @classmethod
+    def _entry_point_form(cls, v: str) -> str:
+        if not ENTRY_POINT_RE.match(v):
+            raise ValueError(f"{v!r} is not of the form package.module:function")
+        return v
+
+
+Dataset = Annotated[TextDataset | NpzDataset | ImageFolderDataset | EntryPointDataset, Field(discriminator="kind")]
 
 
 # --- evaluate / benchmark / gates / registry -----------------------------------------------------
@@ -265,6 +428,11 @@ class EvaluateSection(_Strict):
     dataset: str = Field(description="Name of a dataset in `data`.")
     top1_outputs: list[str] = Field(
         default_factory=list, description="Classifier outputs (logits) for which top-1 agreement is reported."
+    )
+    neighbour_outputs: list[str] = Field(
+        default_factory=list,
+        description="Embedding outputs for which nearest-neighbour agreement is reported: the share of samples "
+        "whose most similar other sample (cosine) is the same as under the baseline.",
     )
     task_metric: str | None = Field(
         default=None,
@@ -324,6 +492,7 @@ METRICS: dict[str, str] = {
     "accuracy.mean_abs_error": "max",
     "accuracy.top1_agreement": "min",
     "accuracy.top1_agreement_drop": "max",
+    "accuracy.neighbour_agreement": "min",
     "accuracy.task_metric": "min",
     "accuracy.task_metric_drop": "max",
     "latency.mean_ms": "max",
@@ -432,7 +601,9 @@ class Recipe(_Strict):
                 if axis_names and axis not in axis_names:
                     raise _FieldError(("benchmark", "shapes", i, axis), _unknown(axis, axis_names, "axis name"))
         for i, variant in enumerate(self.precision.variants):
-            if variant.reference_data is not None and variant.reference_data not in self.data:
+            if isinstance(variant, Int8Variant):
+                self._check_int8(i, variant)
+            elif variant.reference_data is not None and variant.reference_data not in self.data:
                 raise _FieldError(
                     ("precision", "variants", i, "reference_data"),
                     _unknown(variant.reference_data, self.data, "dataset"),
@@ -445,10 +616,46 @@ class Recipe(_Strict):
                 raise _FieldError(("gates", i, "check"), "top-1 gates need `evaluate.top1_outputs`")
             if gate.metric.startswith("accuracy.task_metric") and not self.evaluate.task_metric:
                 raise _FieldError(("gates", i, "check"), "task-metric gates need `evaluate.task_metric`")
-        for out in self.evaluate.top1_outputs:
-            if out not in self.export.output_names and not isinstance(self.model, OnnxModel):
-                raise _FieldError(("evaluate", "top1_outputs"), _unknown(out, self.export.output_names, "output"))
+            if gate.metric == "accuracy.neighbour_agreement" and not self.evaluate.neighbour_outputs:
+                raise _FieldError(("gates", i, "check"), "neighbour-agreement gates need `evaluate.neighbour_outputs`")
+        for field in ("top1_outputs", "neighbour_outputs"):
+            for out in getattr(self.evaluate, field):
+                if out not in self.export.output_names and not isinstance(self.model, OnnxModel):
+                    raise _FieldError(("evaluate", field), _unknown(out, self.export.output_names, "output"))
         return self
+
+    def _check_int8(self, i: int, v: Int8Variant) -> None:
+        """Backend options that fit together; calibration data that exists, is real and has fixed shapes."""
+        at = ("precision", "variants", i)
+        methods = INT8_METHODS[v.backend]
+        if v.backend == "onnxruntime-dynamic":
+            for field in ("calibration", "method", "bins"):
+                if getattr(v, field) is not None:
+                    raise _FieldError((*at, field), f"onnxruntime-dynamic does not calibrate; remove `{field}`")
+        else:
+            if v.calibration is None:
+                raise _FieldError(
+                    (*at, "calibration"),
+                    f"backend {v.backend} needs calibration data: name a dataset in `data` (random data is never used)",
+                )
+            if v.calibration not in self.data:
+                raise _FieldError((*at, "calibration"), _unknown(v.calibration, self.data, "dataset"))
+            if v.method is not None and v.method not in methods:
+                raise _FieldError(
+                    (*at, "method"), f"{v.method!r} is not a {v.backend} method; use one of {', '.join(methods)}"
+                )
+            ds = self.data[v.calibration]
+            if isinstance(ds, TextDataset) and ds.padding != "max_length":
+                raise _FieldError(
+                    ("data", v.calibration, "padding"),
+                    f"calibration batches need one fixed length (variant {v.name}); set padding: max_length",
+                )
+        if v.backend == "modelopt":
+            for field in ("fusion", "bins"):
+                if getattr(v, field) is not None:
+                    raise _FieldError((*at, field), f"`{field}` is an onnxruntime option; modelopt does not take it")
+        if v.fallback.dataset is not None and v.fallback.dataset not in self.data:
+            raise _FieldError((*at, "fallback", "dataset"), _unknown(v.fallback.dataset, self.data, "dataset"))
 
     @property
     def registered_model_name(self) -> str:

@@ -105,10 +105,15 @@ def unary_onnx(path: Path, op: str, dims: list[Any], elem_type: int | None = Non
 
 @pytest.fixture()
 def tiny_dir(tmp_path: Path) -> Path:
-    """A folder with `tinynet.py` (entry points) and `tiny.npz` (64 samples of `x`, labels)."""
+    """A folder with `tinynet.py` (entry points), `tiny.npz` (64 samples of `x`, labels) for evaluation and
+    `tiny-calib.npz` (64 other samples) for calibration."""
     (tmp_path / "tinynet.py").write_text(TINY_MODULE)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
+    rng = np.random.default_rng(1)  # calibration data: other samples than the evaluation set's
+    np.savez(
+        tmp_path / "tiny-calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64)
+    )
     return tmp_path
 
 

@@ -59,7 +59,7 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
     assert {"torch", "onnx", "onnxruntime", "mlflow", "numpy"} <= set(manifest["versions"])
     assert manifest["hardware"]["cores"] >= 1 and manifest["os"]
     assert manifest["datasets"]["eval"]["samples"] == 64
-    assert manifest["datasets"]["eval"]["sha256"] == sha256_file(tmp_path / "tiny.npz")
+    assert manifest["datasets"]["eval"]["file_sha256"] == sha256_file(tmp_path / "tiny.npz")
     assert [s["stage"] for s in manifest["stages"]] == [
         "load",
         "export",
@@ -291,12 +291,13 @@ def test_autocast_with_real_reference_data_keeps_the_overflowing_op_in_fp32(writ
     # random inputs in [-1, 1]) sees exp(12 x) leave FP16's range and keeps that part in FP32 by itself.
     recipe = write_recipe({
         "model": {"entry_point": "tinynet:overflow"},
-        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt", "reference_data": "eval"}]},
+        "precision": {"variants": [{"name": "fp16", "kind": "fp16", "backend": "modelopt", "reference_data": "calib"}]},
+        "data": {"calib": {"kind": "npz", "path": "tiny-calib.npz", "batch_size": 16}},
         "gates": ["accuracy.top1_agreement >= 0.9"],
     })  # fmt: skip
     result = run(recipe, _options(tmp_path, register=False))
     assert result.exit_code == 0
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     precision = next(s for s in manifest["stages"] if s["stage"] == "precision")
-    assert precision["variants"]["fp16"]["reference_data"] == "eval"
+    assert precision["variants"]["fp16"]["reference_data"] == "calib"
     assert len(list((result.run_dir / "artifacts" / "fp16-reference").glob("*.npz"))) == 4  # 64 samples / 16

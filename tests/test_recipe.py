@@ -367,13 +367,13 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
     # tagged unions: the `source` / `kind` field is named, with the choices
     (
         "unknown-variant-kind",
-        _variants({"name": "q", "kind": "int8"}),
-        "recipe.yaml: precision.variants[0].kind: 'int8' is not one of 'fp16'",
+        _variants({"name": "q", "kind": "int4"}),
+        "recipe.yaml: precision.variants[0].kind: 'int4' is not one of 'fp16', 'int8'; did you mean 'int8'?",
     ),
     (
         "missing-variant-kind",
         _variants({"name": "q"}),
-        "recipe.yaml: precision.variants[0].kind: required field is missing; add it (one of 'fp16')",
+        "recipe.yaml: precision.variants[0].kind: required field is missing; add it (one of 'fp16', 'int8')",
     ),
     (
         "model-source-typo",

@@ -129,7 +129,7 @@ def check_finite(model_path: Path, outputs: dict[str, np.ndarray], feeds: dict[s
     them, which hides an overflow that FP16 kernels (GPUs) produce.
     """
     try:
-        values, culprits = _run_every_node(model_path, feeds)
+        values, culprits = run_every_node(model_path, feeds)
     except Exception:  # a graph ONNX Runtime cannot run this way (e.g. sequence-typed values): outputs only
         values, culprits = {}, []
     bad = [name for name, arr in outputs.items() if not _finite(arr) or not _finite(values.get(name))]
@@ -149,7 +149,7 @@ def check_finite(model_path: Path, outputs: dict[str, np.ndarray], feeds: dict[s
 
 def nonfinite_op_types(model_path: Path, feeds: dict[str, np.ndarray]) -> list[tuple[str, str]]:
     """(op type, node name) of the first nodes whose outputs are non-finite while all their inputs are finite."""
-    return _run_every_node(model_path, feeds)[1]
+    return run_every_node(model_path, feeds)[1]
 
 
 def _finite(v: Any) -> bool:
@@ -157,7 +157,7 @@ def _finite(v: Any) -> bool:
     return not (isinstance(v, np.ndarray) and v.dtype.kind == "f") or bool(np.all(np.isfinite(v)))
 
 
-def _run_every_node(
+def run_every_node(
     model_path: Path, feeds: dict[str, np.ndarray]
 ) -> tuple[dict[str, np.ndarray], list[tuple[str, str]]]:
     """Run the unoptimised graph with every node output as a graph output (so each keeps its own type).

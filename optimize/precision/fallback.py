@@ -1,0 +1,232 @@
+"""Accuracy-aware fallback for INT8: when a quantised model misses the recipe's accuracy gates, rank the
+quantised nodes by the error each one adds, keep the most sensitive in high precision, and retry within a
+budget of trials and seconds. Of the trials that pass, the fastest is kept (not the first).
+
+The search itself takes its steps as functions (build, judge, time, rank), so the policy is testable on
+its own; `sensitivity` is the ranking the pipeline uses.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from optimize.recipe import FallbackSection, Gate
+
+
+@dataclass
+class Trial:
+    """One quantisation tried: what was kept in high precision and what it measured."""
+
+    index: int
+    excluded: list[str]
+    path: Path
+    accuracy: dict[str, Any]
+    failed_gates: list[str]
+    p50_speedup: float | None = None
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        """True when every accuracy gate passed."""
+        return not self.failed_gates
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able form (report, metrics.json, MLflow)."""
+        return {
+            "trial": self.index,
+            "excluded": list(self.excluded),
+            "excluded_count": len(self.excluded),
+            "passed": self.passed,
+            "failed_gates": list(self.failed_gates),
+            "accuracy": {k: v for k, v in self.accuracy.items() if not isinstance(v, dict)},
+            "p50_speedup": self.p50_speedup,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class Outcome:
+    """The search's result: the kept trial, every trial, and why the search stopped."""
+
+    chosen: Trial
+    trials: list[Trial] = field(default_factory=list)
+    stopped: str = ""
+    ranking: list[tuple[str, float]] = field(default_factory=list)
+
+    def record(self) -> dict[str, Any]:
+        """JSON-able form (report, metrics.json, MLflow)."""
+        return {
+            "chosen_trial": self.chosen.index,
+            "passed": self.chosen.passed,
+            "excluded": list(self.chosen.excluded),
+            "stopped": self.stopped,
+            "trials": [t.record() for t in self.trials],
+            "ranking": [{"node": n, "added_error": round(e, 6)} for n, e in self.ranking[:20]],
+        }
+
+
+def accuracy_gates(gates: list[Gate], variant: str) -> list[Gate]:
+    """The recipe's accuracy gates that cover `variant` (what the fallback must satisfy)."""
+    return [g for g in gates if g.metric.startswith("accuracy.") and (g.variants is None or variant in g.variants)]
+
+
+def search(
+    settings: FallbackSection,
+    build: Callable[[int, list[str]], Path],
+    judge: Callable[[Path], tuple[dict[str, Any], list[str]]],
+    speed: Callable[[Path], float],
+    rank: Callable[[Path], list[tuple[str, float]]],
+    clock: Callable[[], float] = time.monotonic,
+    on_trial: Callable[[Trial], None] = lambda _: None,
+) -> Outcome:
+    """Find the fastest quantisation that passes the accuracy gates within the budget.
+
+    `build(i, excluded)` quantises with `excluded` nodes kept in high precision and returns the model path;
+    `judge(path)` returns (accuracy, failed gate descriptions); `speed(path)` a p50 speed-up against FP32;
+    `rank(path)` the quantised nodes of the first model, most error-adding first; `on_trial` sees each trial.
+
+    Trial 0 is the model as configured. If it fails, the top-k ranked nodes are excluded for k = 1, 2, 4, …
+    until a trial passes; then the count is bisected down between the last failing and the passing k, since
+    fewer exclusions usually run faster. Every trial is timed; the fastest passing one is chosen. With no
+    passing trial, the last (most excluded) one is kept and the gates fail later with every trial reported.
+    """
+    start = clock()
+    trials: list[Trial] = []
+
+    def out_of_budget() -> str | None:
+        if len(trials) >= settings.max_trials:
+            return f"trial budget ({settings.max_trials}) used"
+        if clock() - start >= settings.max_seconds:
+            return f"time budget ({settings.max_seconds:g} s) used"
+        return None
+
+    def attempt(excluded: list[str]) -> Trial:
+        t0 = clock()
+        path = build(len(trials), excluded)
+        accuracy, failed = judge(path)
+        trial = Trial(len(trials), excluded, path, accuracy, failed)
+        trial.p50_speedup = speed(path)
+        trial.seconds = clock() - t0
+        trials.append(trial)
+        on_trial(trial)
+        return trial
+
+    first = attempt([])
+    if first.passed:
+        return Outcome(first, trials, "the model as configured passed")
+    ranking = [(n, e) for n, e in rank(first.path)]
+    # Excluding every quantised node would leave nothing INT8: at most all but one are tried.
+    names = [n for n, _ in ranking][: max(len(ranking) - 1, 0)]
+    if not names:
+        return Outcome(first, trials, "too few quantised nodes to move any to high precision", ranking)
+    stopped = ""
+    low, high = 0, None  # the largest failing and the smallest passing exclusion counts seen
+    k = 1
+    while high is None:
+        stopped = out_of_budget() or ""
+        if stopped:
+            break
+        if attempt(names[:k]).passed:
+            high = k
+        else:
+            low = k
+            if k >= len(names):
+                stopped = f"{len(names)} of {len(ranking)} quantised nodes kept high-precision and the gates still fail"
+                break
+            k = min(2 * k, len(names))
+    while high is not None and high - low > 1:
+        stopped = out_of_budget() or ""
+        if stopped:
+            break
+        mid = (low + high) // 2
+        if attempt(names[:mid]).passed:
+            high = mid
+        else:
+            low = mid
+    passing = [t for t in trials if t.passed]
+    if passing:
+        best = max(passing, key=lambda t: (t.p50_speedup or 0.0, -len(t.excluded)))
+        return Outcome(best, trials, stopped or f"smallest passing exclusion count found ({high})", ranking)
+    return Outcome(trials[-1], trials, stopped or "no trial passed", ranking)
+
+
+# --- sensitivity ---------------------------------------------------------------------------------
+
+
+def quantised_nodes(source: Any, quantised: Any) -> list[str]:
+    """Nodes of the source graph the quantiser changed: replaced by integer kernels (name or op type gone), or
+    fed through a DequantizeLinear (Q/DQ)."""
+    kept = {n.name: n for n in quantised.graph.node}
+    dq_outputs = {o for n in quantised.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    out = []
+    for node in source.graph.node:
+        q = kept.get(node.name)
+        if q is None or q.op_type != node.op_type or any(i in dq_outputs for i in q.input):
+            out.append(node.name)
+    return out
+
+
+def _relative_error(ref: np.ndarray, got: np.ndarray) -> float:
+    ref = ref.astype(np.float64).ravel()
+    got = got.astype(np.float64).ravel()
+    if ref.shape != got.shape:
+        return 0.0
+    denom = float(np.linalg.norm(ref)) or 1.0
+    return float(np.linalg.norm(got - ref)) / denom
+
+
+def sensitivity(source_path: Path, quantised_path: Path, feeds: list[dict[str, np.ndarray]]) -> list[tuple[str, float]]:
+    """Rank the quantised nodes by the relative error they add: the error of their output against the source
+    model minus the largest error among their inputs, summed over `feeds`. Most error-adding first."""
+    import onnx
+
+    source = onnx.load(str(source_path))
+    quantised = onnx.load(str(quantised_path))
+    candidates = set(quantised_nodes(source, quantised))
+    initializers = {t.name for t in source.graph.initializer}
+    nodes = [n for n in source.graph.node if n.name in candidates]
+    wanted = sorted({t for n in nodes for t in [*n.input, *n.output] if t and t not in initializers})
+    run_ref, run_got = _exposing(source, wanted), _exposing(quantised, wanted)
+    scores = {n.name: 0.0 for n in nodes}
+    for feed in feeds:  # one feed at a time: a transformer's activations are hundreds of MB per batch
+        ref, got = run_ref(feed), run_got(feed)
+        for node in nodes:
+            outs = [_relative_error(ref[o], got[o]) for o in node.output if o in ref and o in got]
+            if outs:
+                ins = [_relative_error(ref[i], got[i]) for i in node.input if i in ref and i in got]
+                scores[node.name] += (max(outs) - max(ins, default=0.0)) / len(feeds)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def _exposing(model: Any, names: list[str]) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """A function running `model` with the named tensors it has exposed as outputs; returns the float ones."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    produced = {o for n in m.graph.node for o in n.output}
+    have = {o.name for o in m.graph.output}
+    for name in names:
+        if name in produced and name not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outputs = [o.name for o in session.get_outputs()]
+    inputs = {i.name for i in session.get_inputs()}
+
+    def run(feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = dict(zip(outputs, session.run(outputs, {k: v for k, v in feed.items() if k in inputs}), strict=True))
+        values.update({k: v for k, v in feed.items() if k in names})
+        return {k: v for k, v in values.items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"}
+
+    return run

@@ -1,0 +1,304 @@
+"""INT8 backends on a small two-layer MLP: real ONNX Runtime and ModelOpt quantisation, determinism,
+memory-bounded calibration, exclusions, and the accuracy-aware fallback's ranking and search policy."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from optimize.errors import RecipeError, RuntimeMissingError, StageError
+from optimize.precision import fallback, int8
+from optimize.recipe import FallbackSection, Gate, Int8Variant
+
+WHERE = "precision.variants[0]"
+
+
+def mlp_onnx(path: Path, outlier: float = 0.0) -> Path:
+    """x (N, 8) → MatMul fc1 → Add → Relu → MatMul fc2 → Add → logits (N, 4); `outlier` spikes one fc2 weight."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32) * 0.5
+    w2 = rng.standard_normal((16, 4)).astype(np.float32) * 0.5
+    w2[0, 0] += outlier
+    inits = [
+        numpy_helper.from_array(w1, "w1"),
+        numpy_helper.from_array(np.zeros(16, np.float32) + 0.1, "b1"),
+        numpy_helper.from_array(w2, "w2"),
+        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1b"], ["h1r"], name="relu"),
+        helper.make_node("MatMul", ["h1r", "w2"], ["h2"], name="fc2"),
+        helper.make_node("Add", ["h2", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def conv_onnx(path: Path) -> Path:
+    """image (N, 1, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits (N, 8)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.5, "c1"),
+        numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2, "c2"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["image", "c1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
+        helper.make_node("Conv", ["ar", "c2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["b"], ["br"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["br"], ["g"], name="pool"),
+        helper.make_node("Flatten", ["g"], ["logits"], name="flatten"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "cnn",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 8])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def image_batches(n: int = 64, size: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    x = np.random.default_rng(seed).random((n, 1, 8, 8)).astype(np.float32)
+    return [{"image": x[i : i + size]} for i in range(0, n, size)]
+
+
+def batches(n: int = 64, size: int = 16, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    return [{"x": x[i : i + size]} for i in range(0, n, size)]
+
+
+def variant(**kw) -> Int8Variant:
+    base = {"name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib"}
+    if kw.get("backend") == "onnxruntime-dynamic":
+        base.pop("calibration")
+    return Int8Variant(**{**base, **kw})
+
+
+def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def mlp(tmp_path: Path) -> Path:
+    return mlp_onnx(tmp_path / "fp32.onnx")
+
+
+BACKENDS = [
+    {"backend": "onnxruntime-dynamic"},
+    {"backend": "onnxruntime", "method": "minmax"},
+    {"backend": "onnxruntime", "method": "entropy"},
+    {"backend": "onnxruntime", "method": "percentile", "quant_format": "qoperator"},
+    {"backend": "modelopt", "method": "max"},
+    {"backend": "modelopt", "method": "entropy"},
+]
+
+
+@pytest.mark.parametrize("options", BACKENDS, ids=lambda o: f"{o['backend']}-{o.get('method', 'dynamic')}")
+def test_each_backend_quantises_deterministically_and_stays_close(tmp_path: Path, options) -> None:
+    v = variant(**options)
+    # ModelOpt places Q/DQ for TensorRT: it leaves a bias-added MatMul MLP alone but quantises convolutions
+    convolutional = v.backend == "modelopt"
+    model = conv_onnx(tmp_path / "cnn.onnx") if convolutional else mlp_onnx(tmp_path / "mlp.onnx")
+    data = image_batches() if convolutional else batches()
+    calib = [] if v.backend == "onnxruntime-dynamic" else data
+    first = int8.quantize(model, tmp_path / "a" / "q.onnx", v, calib, tmp_path / "wa", WHERE)
+    second = int8.quantize(model, tmp_path / "b" / "q.onnx", v, calib, tmp_path / "wb", WHERE)
+    assert sha(tmp_path / "a" / "q.onnx") == sha(tmp_path / "b" / "q.onnx"), "same recipe and data, other bytes"
+    assert first.quant_ops and first.quant_ops == second.quant_ops
+    assert first.backend == v.backend and first.method == v.calibration_method
+    feeds = (image_batches if convolutional else batches)(n=32, seed=7)[0]
+    ref, got = run(model, feeds), run(tmp_path / "a" / "q.onnx", feeds)
+    cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+    assert cos.min() > 0.99
+    if v.backend != "onnxruntime-dynamic":
+        assert first.calibration["samples"] == 64 and first.calibration["batches"] == 4
+
+
+def test_entropy_bins_are_exposed_and_not_minmax_in_disguise(mlp: Path, tmp_path: Path) -> None:
+    calib = batches()
+    minmax = int8.quantize(mlp, tmp_path / "mm.onnx", variant(method="minmax"), calib, tmp_path / "w1", WHERE)
+    entropy = int8.quantize(mlp, tmp_path / "en.onnx", variant(method="entropy"), calib, tmp_path / "w2", WHERE)
+    assert entropy.calibration["num_bins"] == 2048 and minmax.calibration["method"] == "minmax"
+    assert sha(tmp_path / "mm.onnx") != sha(tmp_path / "en.onnx")
+    # ONNX Runtime's own default (128 bins, 128 quantised bins) leaves the search one candidate: MinMax's range
+    same = variant(method="entropy", bins=128, quantized_bins=128)
+    int8.quantize(mlp, tmp_path / "en128.onnx", same, calib, tmp_path / "w3", WHERE)
+    assert sha(tmp_path / "en128.onnx") != sha(tmp_path / "en.onnx")
+
+
+def test_static_backend_needs_calibration_batches(mlp: Path, tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="never calibrated on random data"):
+        int8.quantize(mlp, tmp_path / "q.onnx", variant(), [], tmp_path / "w", WHERE)
+    assert not (tmp_path / "q.onnx").exists()
+
+
+def test_calibration_streams_in_chunks_under_a_small_budget(mlp: Path, tmp_path: Path) -> None:
+    """With a budget that fits two batches beside the process, calibration runs in chunks and still works."""
+    calib = batches(n=128, size=16)
+    per_batch = 16 * (8 + 16 + 16 + 16 + 4 + 4) * 4  # every float tensor the entropy calibrator holds, roughly
+    budget = (int8.rss_bytes() + 200 * 2**20 + 0 * per_batch) / 2**30
+    v = variant(method="entropy", memory_budget_gb=budget)
+    res = int8.quantize(mlp, tmp_path / "q.onnx", v, calib, tmp_path / "w", WHERE)
+    assert 1 <= res.calibration["chunk_batches"] <= 8
+    assert res.calibration["peak_rss_mb"] > 0
+    assert run(tmp_path / "q.onnx", calib[0]).shape == (16, 4)
+
+
+def test_plan_chunks_fits_the_budget_and_names_the_knobs() -> None:
+    assert (
+        int8.plan_chunks(100, batches=50, budget_bytes=1000 + 100 * 2 * 10, base_bytes=1000, where=WHERE, dataset="d")
+        == 10
+    )
+    assert int8.plan_chunks(100, batches=5, budget_bytes=10**9, base_bytes=0, where=WHERE, dataset="d") == 5
+    with pytest.raises(StageError) as e:
+        int8.plan_chunks(2**30, batches=5, budget_bytes=2**30, base_bytes=2**29, where=WHERE, dataset="calib")
+    assert f"{WHERE}.memory_budget_gb" in str(e.value) and "data.calib.batch_size" in str(e.value)
+
+
+def test_chunks_never_mix_shapes() -> None:
+    b = [{"x": np.zeros((16, 8))}] * 3 + [{"x": np.zeros((5, 8))}] + [{"x": np.zeros((16, 8))}] * 2
+    assert int8.chunk_ranges(b, 2) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert int8.chunk_ranges(b, 10) == [(0, 3), (3, 4), (4, 6)]
+
+
+def test_unknown_exclusions_list_near_matches(mlp: Path) -> None:
+    with pytest.raises(RecipeError) as e:
+        int8.check_exclusions(mlp, ["fc3"], [], WHERE)
+    assert re.match(
+        rf"{re.escape(WHERE)}\.nodes_to_exclude: no node .fc3. in fp32.onnx; near matches: fc\d, fc\d$", str(e.value)
+    )
+    with pytest.raises(RecipeError, match=r"op_types_to_exclude: no op type 'Matmul'.*near matches: MatMul"):
+        int8.check_exclusions(mlp, [], ["Matmul"], WHERE)
+    int8.check_exclusions(mlp, ["fc1"], ["Relu"], WHERE)  # names that exist pass
+
+
+def test_excluded_nodes_stay_float(mlp: Path, tmp_path: Path) -> None:
+    v = variant(backend="onnxruntime-dynamic", nodes_to_exclude=["fc2"])
+    res = int8.quantize(mlp, tmp_path / "q.onnx", v, [], tmp_path / "w", WHERE)
+    model = onnx.load(str(tmp_path / "q.onnx"))
+    assert [n.op_type for n in model.graph.node if n.name == "fc2"] == ["MatMul"]
+    assert res.quant_ops.get("MatMulInteger") == 1 and res.nodes_excluded == ["fc2"]
+
+
+def test_a_missing_modelopt_is_exit_4_with_the_install_command(mlp: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(int8, "modelopt_quantization_available", lambda: "nvidia-modelopt is not installed")
+    with pytest.raises(RuntimeMissingError) as e:
+        int8.quantize(
+            mlp, tmp_path / "q.onnx", variant(backend="modelopt", method="max"), batches(), tmp_path / "w", WHERE
+        )
+    assert "pip install 'optimize[modelopt]'" in str(e.value) and f"{WHERE}.backend" in str(e.value)
+
+
+# --- fallback --------------------------------------------------------------------------------------
+
+
+def test_sensitivity_ranks_the_badly_quantised_node_first(tmp_path: Path) -> None:
+    src = mlp_onnx(tmp_path / "fp32.onnx", outlier=60.0)  # one huge fc2 weight: per-tensor scale wipes the rest
+    v = variant(backend="onnxruntime-dynamic", per_channel=False)
+    int8.quantize(src, tmp_path / "q.onnx", v, [], tmp_path / "w", WHERE)
+    ranking = fallback.sensitivity(src, tmp_path / "q.onnx", batches()[:2])
+    assert {n for n, _ in ranking} == {"fc1", "fc2"}
+    assert ranking[0][0] == "fc2" and ranking[0][1] > ranking[1][1]
+
+
+def fake_search(passes_at: int, speed_of=lambda n: 1.0, max_trials: int = 8, nodes: int = 20):
+    built: list[list[str]] = []
+    names = [f"n{i}" for i in range(nodes)]
+
+    def build(i, excluded):
+        built.append(list(excluded))
+        return Path(f"trial{i}")
+
+    def judge(path):
+        n = len(built[-1])
+        return {"cosine_mean": 0.9 + 0.01 * n}, ([] if n >= passes_at else [f"cosine with {n} excluded"])
+
+    def speed(path):
+        return speed_of(len(built[int(str(path).removeprefix("trial"))]))
+
+    outcome = fallback.search(
+        FallbackSection(max_trials=max_trials), build, judge, speed, lambda p: [(n, 1.0) for n in names]
+    )
+    return outcome, built
+
+
+def test_search_stops_at_once_when_the_model_as_configured_passes() -> None:
+    outcome, built = fake_search(passes_at=0)
+    assert built == [[]] and outcome.chosen.index == 0 and outcome.chosen.passed
+
+
+def test_search_grows_then_bisects_to_the_smallest_passing_exclusion() -> None:
+    outcome, built = fake_search(passes_at=5)
+    assert [len(b) for b in built] == [0, 1, 2, 4, 8, 6, 5]
+    assert outcome.chosen.passed and len(outcome.chosen.excluded) == 5
+    assert outcome.chosen.excluded == ["n0", "n1", "n2", "n3", "n4"]  # the most sensitive first
+
+
+def test_search_keeps_the_fastest_passing_trial_not_the_first() -> None:
+    # here more exclusions run faster (say, they remove slow Q/DQ pairs): the 8-node trial wins
+    outcome, _ = fake_search(passes_at=5, speed_of=lambda n: 1.0 + n / 10)
+    assert len(outcome.chosen.excluded) == 8 and all(t.p50_speedup for t in outcome.trials)
+
+
+def test_search_reports_every_trial_when_the_budget_runs_out() -> None:
+    outcome, built = fake_search(passes_at=100, max_trials=3)
+    assert len(built) == 3 and not outcome.chosen.passed and outcome.chosen.index == 2
+    assert outcome.stopped == "trial budget (3) used"
+    record = outcome.record()
+    assert [t["excluded_count"] for t in record["trials"]] == [0, 1, 2]
+    assert all(t["failed_gates"] for t in record["trials"])
+
+
+def test_search_never_excludes_every_quantised_node() -> None:
+    outcome, built = fake_search(passes_at=100, nodes=3, max_trials=10)
+    assert max(len(b) for b in built) == 2
+    assert outcome.stopped == "2 of 3 quantised nodes kept high-precision and the gates still fail"
+
+
+def test_search_honours_the_time_budget() -> None:
+    ticks = iter(range(0, 10_000, 100))
+    outcome = fallback.search(
+        FallbackSection(max_seconds=250),
+        lambda i, ex: Path(f"t{i}"),
+        lambda p: ({}, ["fails"]),
+        lambda p: 1.0,
+        lambda p: [("a", 1.0), ("b", 0.5), ("c", 0.1)],
+        clock=lambda: next(ticks),
+    )
+    assert outcome.stopped == "time budget (250 s) used" and len(outcome.trials) < 3
+
+
+def test_accuracy_gates_for_a_variant() -> None:
+    gates = [
+        Gate(check="accuracy.cosine_mean >= 0.99"),
+        Gate(check="latency.p50_speedup >= 1.2"),
+        Gate(check="accuracy.cosine_min >= 0.9", variants=["other"]),
+    ]
+    assert [g.check for g in fallback.accuracy_gates(gates, "int8")] == ["accuracy.cosine_mean >= 0.99"]
