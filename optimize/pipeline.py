@@ -274,6 +274,7 @@ def _execute(state: _Run) -> RunResult:
             for n, r in records.items()
         )
         write_text(run_dir / "recipe.lock.yaml", LOCK_HEADER + yaml.safe_dump(locked, sort_keys=False))
+        shutil.rmtree(run_dir / "work", ignore_errors=True)  # INT8 trials and calibration scratch
 
     ran = [t for t, s in state.targets.items() if s["status"] == "ran"]
     baseline_size = baseline_path.stat().st_size

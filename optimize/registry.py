@@ -144,9 +144,17 @@ def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
             for k, v in flat.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     flat_metrics.append(Metric(_metric_key(k), float(v), now, 0))
+    for variant, fb in metrics.get("fallback", {}).items():  # one step per INT8 fallback trial
+        for t in fb["trials"]:
+            values = {**t["accuracy"], "excluded_count": t["excluded_count"], "passed": float(t["passed"])}
+            if t.get("p50_speedup") is not None:
+                values["p50_speedup"] = t["p50_speedup"]
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    flat_metrics.append(Metric(_metric_key(f"fallback.{variant}.{k}"), float(v), now, t["trial"]))
     for i in range(0, len(flat_metrics), 500):
         client.log_batch(run_id, metrics=flat_metrics[i : i + 500])
-    for name in ("report.md", "metrics.json", "verdict.json", "manifest.json", "recipe.yaml"):
+    for name in ("report.md", "metrics.json", "verdict.json", "manifest.json", "recipe.yaml", "recipe.lock.yaml"):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
     versions: dict[str, int] = {}

@@ -43,8 +43,11 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     out.append("")
     out.append("## Accuracy vs FP32")
     out.append("")
-    out.append("| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | top-1 agree |")
-    out.append("|---|---|---|---|---|---|---|---|")
+    out.append(
+        "| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | top-1 agree "
+        "| neighbour agree |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for variant, by_target in metrics["results"].items():
         if variant == "fp32":
             continue
@@ -52,14 +55,18 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
             for output, s in result["accuracy"]["outputs"].items():
                 out.append(
                     f"| {variant} | {target} | {output} | {s['cosine_mean']:.6f} | {s['cosine_min']:.6f} | "
-                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {_f(s.get('top1_agreement'))} |"
+                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {_f(s.get('top1_agreement'))} | "
+                    f"{_f(s.get('neighbour_agreement'))} |"
                 )
             acc = result["accuracy"]
             if "task_metric" in acc:
                 out.append(
                     f"| {variant} | {target} | task metric | {acc['task_metric']:.4f} "
-                    f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | |"
+                    f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | | |"
                 )
+    fallback = metrics.get("fallback") or {}
+    if fallback:
+        out.extend(_fallback_section(fallback))
     out.append("")
     out.append("## Latency and throughput")
     out.append("")
@@ -112,3 +119,29 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
         out.append(f"- `{name}`: {art['path']} sha256 `{art['sha256']}`")
     out.append("")
     return "\n".join(out)
+
+
+def _fallback_section(fallback: dict[str, Any]) -> list[str]:
+    """Every INT8 fallback trial: what was kept in high precision, accuracy on the tuning data, speed."""
+    out = ["", "## INT8 accuracy-aware fallback", ""]
+    for variant, fb in fallback.items():
+        chosen = fb["trials"][fb["chosen_trial"]]
+        out.append(
+            f"`{variant}` tuned on `{fb.get('dataset')}`: kept trial {fb['chosen_trial']} "
+            f"({'passed' if fb['passed'] else 'no trial passed'}; {chosen['excluded_count']} node(s) in high "
+            f"precision); search stopped: {fb['stopped']}."
+        )
+        out.append("")
+        out.append("| trial | nodes kept high-precision | cosine mean | cosine min | p50 speed-up | seconds | result |")
+        out.append("|---|---|---|---|---|---|---|")
+        for t in fb["trials"]:
+            acc = t["accuracy"]
+            shown = ", ".join(f"`{n}`" for n in t["excluded"][:6]) + (" …" if len(t["excluded"]) > 6 else "")
+            result = "passed" if t["passed"] else "failed: " + "; ".join(t["failed_gates"])
+            out.append(
+                f"| {t['trial']}{' ✓' if t['trial'] == fb['chosen_trial'] else ''} | {t['excluded_count']} "
+                f"{shown} | {_f(acc.get('cosine_mean'))} | {_f(acc.get('cosine_min'))} | "
+                f"{_f(t.get('p50_speedup'), 3)} | {t['seconds']:.1f} | {result} |"
+            )
+        out.append("")
+    return out

@@ -245,3 +245,25 @@ def test_run_all_on_a_real_onnx_runner(tmp_path: Path) -> None:
     np.testing.assert_array_equal(out["y"], -x)
     acc = compare_outputs(out, {"y": out["y"].copy()}, [])
     assert acc["outputs"]["y"]["samples"] == 5 and acc["max_abs_error"] == 0.0
+
+
+def test_neighbour_agreement_counts_samples_whose_nearest_other_sample_changed() -> None:
+    from optimize.accuracy import nearest_neighbours, neighbour_agreement
+
+    base = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert list(nearest_neighbours(base)) == [1, 0, 3, 2]
+    assert list(nearest_neighbours(base, block=1)) == [1, 0, 3, 2]  # blocks of rows give the same answer
+    assert neighbour_agreement(base, base * 3.0) == 1.0  # cosine ignores scale
+    moved = base.copy()
+    moved[1] = [0.2, 0.95]  # sample 1 now sits next to sample 3; sample 0 keeps sample 1 as nearest
+    assert list(nearest_neighbours(moved)) == [1, 3, 3, 1]
+    assert neighbour_agreement(base, moved) == 0.5
+
+
+def test_compare_outputs_reports_neighbour_agreement_for_named_outputs_only() -> None:
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((20, 8))
+    acc = compare_outputs({"e": emb, "f": emb}, {"e": emb, "f": emb}, [], ["e"])
+    assert acc["neighbour_agreement"] == 1.0
+    assert "neighbour_agreement" in acc["outputs"]["e"] and "neighbour_agreement" not in acc["outputs"]["f"]
+    assert "neighbour_agreement" not in compare_outputs({"e": emb}, {"e": emb}, [])

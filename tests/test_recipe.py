@@ -543,6 +543,61 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         {"model": {"source": "huggingface", **_HF}},
         "recipe.yaml: model: give exactly one of `path` (a folder) or `package` (a package that ships it)",
     ),
+    # INT8: calibration is mandatory for the static backends, options must fit the backend
+    (
+        "int8-static-without-calibration",
+        _variants({"name": "q", "kind": "int8", "backend": "onnxruntime"}),
+        "recipe.yaml: precision.variants[0].calibration: backend onnxruntime needs calibration data: name a "
+        "dataset in `data` (random data is never used)",
+    ),
+    (
+        "int8-modelopt-without-calibration",
+        _variants({"name": "q", "kind": "int8", "backend": "modelopt"}),
+        "recipe.yaml: precision.variants[0].calibration: backend modelopt needs calibration data",
+    ),
+    (
+        "int8-calibration-unknown-dataset",
+        _variants({"name": "q", "kind": "int8", "backend": "onnxruntime", "calibration": "evl"}),
+        "recipe.yaml: precision.variants[0].calibration: unknown dataset 'evl'; did you mean 'eval'?",
+    ),
+    (
+        "int8-dynamic-with-calibration",
+        _variants({"name": "q", "kind": "int8", "backend": "onnxruntime-dynamic", "calibration": "eval"}),
+        "recipe.yaml: precision.variants[0].calibration: onnxruntime-dynamic does not calibrate; remove `calibration`",
+    ),
+    (
+        "int8-method-of-another-backend",
+        _variants({"name": "q", "kind": "int8", "backend": "modelopt", "calibration": "eval", "method": "minmax"}),
+        "recipe.yaml: precision.variants[0].method: 'minmax' is not a modelopt method; use one of max, entropy",
+    ),
+    (
+        "int8-modelopt-fusion",
+        _variants({"name": "q", "kind": "int8", "backend": "modelopt", "calibration": "eval", "fusion": "bert"}),
+        "recipe.yaml: precision.variants[0].fusion: `fusion` is an onnxruntime option; modelopt does not take it",
+    ),
+    (
+        "int8-fallback-unknown-dataset",
+        _variants({"name": "q", "kind": "int8", "backend": "onnxruntime-dynamic", "fallback": {"dataset": "x"}}),
+        "recipe.yaml: precision.variants[0].fallback.dataset: unknown dataset 'x'",
+    ),
+    (
+        "int8-calibration-text-padded-to-longest",
+        {
+            **_variants({"name": "q", "kind": "int8", "backend": "onnxruntime", "calibration": "t"}),
+            "data": {"t": {"kind": "text", "path": "t.txt", "padding": "longest"}},
+        },
+        "recipe.yaml: data.t.padding: calibration batches need one fixed length (variant q); set padding: max_length",
+    ),
+    (
+        "neighbour-gate-without-outputs",
+        {"gates": ["accuracy.neighbour_agreement >= 0.9"]},
+        "recipe.yaml: gates[0].check: neighbour-agreement gates need `evaluate.neighbour_outputs`",
+    ),
+    (
+        "neighbour-output-unknown",
+        {"evaluate": {"neighbour_outputs": ["logit"]}},
+        "recipe.yaml: evaluate.neighbour_outputs: unknown output 'logit'; did you mean 'logits'?",
+    ),
 ]
 
 
