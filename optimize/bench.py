@@ -17,12 +17,8 @@ import numpy as np
 
 from optimize.errors import RecipeError, StageError
 from optimize.files import write_npz
+from optimize.recipe import shape_key
 from optimize.runtimes.base import TensorSpec
-
-
-def shape_key(shape: dict[str, int]) -> str:
-    """A readable key for a benchmark shape, e.g. `batch=1,sequence=32`."""
-    return ",".join(f"{k}={v}" for k, v in shape.items())
 
 
 def make_feeds(

@@ -8,13 +8,14 @@ import math
 import operator
 from typing import Any
 
-from optimize.recipe import METRICS, Gate
+from optimize.recipe import METRICS, Gate, shape_key
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
-def metric_value(result: dict[str, Any], metric: str) -> float | None:
-    """The value of a gate metric in one variant×target result; over shapes, the worst one counts."""
+def metric_value(result: dict[str, Any], metric: str, shape: str | None = None) -> float | None:
+    """The value of a gate metric in one variant×target result; over shapes, the worst one counts
+    (only `shape`, a shape key such as `batch=16,sequence=64`, when given)."""
     family, _, key = metric.partition(".")
     worst = min if METRICS[metric] == "min" else max
     if family in ("latency", "throughput"):
@@ -23,7 +24,7 @@ def metric_value(result: dict[str, Any], metric: str) -> float | None:
             if family == "throughput"
             else key
         )
-        values = [s[field] for s in result.get("shapes", {}).values() if field in s]
+        values = [s[field] for k, s in result.get("shapes", {}).items() if field in s and shape in (None, k)]
         return worst(values) if values else None
     return result.get(family, {}).get(key)
 
@@ -54,13 +55,16 @@ def evaluate_gates(
                     "variant": variant,
                     "target": target,
                 }
+                if gate.shape:
+                    row["shape"] = shape_key(gate.shape)
                 status = targets.get(target, {"status": "skipped", "reason": "target not in benchmark.targets"})
                 if status["status"] != "ran":
                     row.update(status="skipped", reason=status.get("reason", "target did not run"))
                     rows.append(row)
                     continue
-                value = metric_value(results[variant][target], gate.metric)
-                base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric)
+                shape = shape_key(gate.shape) if gate.shape else None
+                value = metric_value(results[variant][target], gate.metric, shape)
+                base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric, shape)
                 row["value"] = value
                 row["baseline_value"] = base
                 if value is None:

@@ -483,6 +483,11 @@ class BenchmarkSection(_Strict):
         return v
 
 
+def shape_key(shape: dict[str, int]) -> str:
+    """A readable key for a benchmark shape, e.g. `batch=1,sequence=32`."""
+    return ",".join(f"{k}={v}" for k, v in shape.items())
+
+
 GATE_OPS = (">=", "<=", ">", "<")
 # metric -> how values across shapes/outputs are combined: the worst one counts.
 METRICS: dict[str, str] = {
@@ -522,6 +527,12 @@ class Gate(_Strict):
     )
     target: Target | None = Field(default=None, description="Only on this target; default: every target run.")
     variants: list[str] | None = Field(default=None, description="Only these variants; default: all.")
+    shape: dict[str, int] | None = Field(
+        default=None,
+        description="Latency/throughput gates only: judge this benchmark shape (one of `benchmark.shapes`) "
+        "instead of the worst shape.",
+        examples=[{"batch": 16, "sequence": 64}],
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -616,6 +627,14 @@ class Recipe(_Strict):
                 raise _FieldError(("gates", i, "check"), "top-1 gates need `evaluate.top1_outputs`")
             if gate.metric.startswith("accuracy.task_metric") and not self.evaluate.task_metric:
                 raise _FieldError(("gates", i, "check"), "task-metric gates need `evaluate.task_metric`")
+            if gate.shape is not None:
+                if gate.metric.split(".")[0] not in ("latency", "throughput"):
+                    raise _FieldError(("gates", i, "shape"), "`shape` applies to latency and throughput gates only")
+                if gate.shape not in self.benchmark.shapes:
+                    shown = ", ".join(shape_key(s) for s in self.benchmark.shapes)
+                    raise _FieldError(
+                        ("gates", i, "shape"), f"{shape_key(gate.shape)} is not a benchmark shape (those: {shown})"
+                    )
             if gate.metric == "accuracy.neighbour_agreement" and not self.evaluate.neighbour_outputs:
                 raise _FieldError(("gates", i, "check"), "neighbour-agreement gates need `evaluate.neighbour_outputs`")
         for field in ("top1_outputs", "neighbour_outputs"):

@@ -14,6 +14,10 @@ def _f(v: Any, digits: int = 6) -> str:
     return str(v)
 
 
+def _at(row: dict[str, Any]) -> str:
+    return f" at {row['shape']}" if row.get("shape") else ""
+
+
 def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> str:
     """The run's report as Markdown."""
     out: list[str] = []
@@ -32,7 +36,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     for row in verdict["gates"]:
         result = row["status"] + (f": {row['reason']}" if row.get("reason") and row["status"] != "passed" else "")
         out.append(
-            f"| {row['variant']} | {row['target']} | `{row['check']}` | {_f(row.get('value'))} | "
+            f"| {row['variant']} | {row['target']} | `{row['check']}`{_at(row)} | {_f(row.get('value'))} | "
             f"{_f(row.get('baseline_value'))} | {result} |"
         )
     skipped = {t: s for t, s in verdict["targets"].items() if s["status"] != "ran"}

@@ -279,3 +279,12 @@ def test_evaluate_gates_does_not_modify_its_inputs() -> None:
     before = copy.deepcopy(res), copy.deepcopy(targets)
     evaluate_gates([gate("latency.p50_speedup >= 1"), gate("size.ratio <= 1", target="tensorrt")], res, targets)
     assert (res, targets) == before
+
+
+def test_a_gate_scoped_to_one_shape_judges_that_shape_only() -> None:
+    assert metric_value(result(), "latency.p50_speedup", "batch=1") == 1.2
+    assert metric_value(result(), "latency.p50_speedup", "batch=4") is None
+    row = one_row(evaluate_gates([gate("latency.p50_speedup >= 1.0", shape={"batch": 1})], results(), TARGETS))
+    assert row["status"] == "passed" and row["value"] == 1.2 and row["shape"] == "batch=1"
+    worst = one_row(evaluate_gates([gate("latency.p50_speedup >= 1.0")], results(), TARGETS))
+    assert worst["status"] == "failed" and worst["value"] == 0.8 and "shape" not in worst

@@ -589,6 +589,16 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "recipe.yaml: data.t.padding: calibration batches need one fixed length (variant q); set padding: max_length",
     ),
     (
+        "gate-shape-not-benchmarked",
+        {"gates": [{"check": "latency.p50_speedup >= 1", "shape": {"batch": 4}}]},
+        "recipe.yaml: gates[0].shape: batch=4 is not a benchmark shape (those: batch=1, batch=8)",
+    ),
+    (
+        "gate-shape-on-accuracy",
+        {"gates": [{"check": "accuracy.cosine_min >= 0.9", "shape": {"batch": 1}}]},
+        "recipe.yaml: gates[0].shape: `shape` applies to latency and throughput gates only",
+    ),
+    (
         "neighbour-gate-without-outputs",
         {"gates": ["accuracy.neighbour_agreement >= 0.9"]},
         "recipe.yaml: gates[0].check: neighbour-agreement gates need `evaluate.neighbour_outputs`",
