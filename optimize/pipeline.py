@@ -23,7 +23,7 @@ import yaml
 
 from optimize import __version__
 from optimize.console import Progress, capture_output, console
-from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
+from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.recipe import Int8Variant, OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
@@ -441,7 +441,8 @@ def _build_int8(
         fusion = int8.fuse(baseline_path, src, variant.fusion, where)
     int8.check_exclusions(src, variant.nodes_to_exclude, variant.op_types_to_exclude, where)
     calib = datasets[variant.calibration].batches[: variant.calibration_batches] if variant.calibration else []
-    checks = fallback.accuracy_gates(recipe.gates, variant.name)
+    ran = [t for t, st in state.targets.items() if st["status"] == "ran"]
+    checks = fallback.accuracy_gates(recipe.gates, variant.name, ran)
     fb_name = variant.fallback.dataset or variant.calibration
     fb_ds = datasets.get(fb_name) if fb_name else None
     if fb_ds is not None and fb_ds.labels is None:
@@ -449,7 +450,7 @@ def _build_int8(
     off_reason = (
         "fallback.enabled is false"
         if not variant.fallback.enabled
-        else "no accuracy gate covers this variant"
+        else "no accuracy gate covers this variant on a target that runs here"
         if not checks
         else "no data to tune on: set fallback.dataset (never the evaluation dataset)"
         if fb_ds is None
@@ -503,8 +504,33 @@ def _build_int8(
                 r.close()
         return float(np.percentile(t["fp32"], 50) / np.percentile(t["trial"], 50))
 
+    rank_batches = batches[:2]
+    with open_runner("onnxruntime-cpu", src, recipe.benchmark.threads) as r:
+        rank_reference = accuracy.run_all(r, rank_batches)
+
+    def outputs_of(path: Path) -> dict[str, np.ndarray]:
+        with open_runner("onnxruntime-cpu", path, recipe.benchmark.threads) as r:
+            return accuracy.run_all(r, rank_batches)
+
+    def quantise_only(node: str) -> Path | None:
+        path = work / "rank.onnx"
+        try:
+            int8.quantize(src, path, variant, calib, work, where, only=node)
+        except StageError:  # a node that is not quantised on its own
+            return None
+        return path
+
     def rank(path: Path) -> list[tuple[str, float]]:
-        return fallback.sensitivity(src, path, batches[:2])
+        import onnx
+
+        candidates = fallback.quantised_nodes(
+            onnx.load(str(src), load_external_data=False),
+            onnx.load(str(path), load_external_data=False),
+            int8.candidate_op_types(variant),
+        )
+        if not state.options.quiet:
+            console().print(f"  fallback {variant.name}: ranking {len(candidates)} quantised nodes", highlight=False)
+        return fallback.rank_isolated(candidates, quantise_only, outputs_of, rank_reference)
 
     def shown(trial: fallback.Trial) -> None:
         if not state.options.quiet:

@@ -68,3 +68,65 @@ def test_digits_vision_recipe(tmp_path: Path) -> None:
     assert abs(acc["task_metric_drop"]) <= 0.01
     assert acc["outputs"]["logits"]["samples"] == 300
     assert result.registered["versions"] == {"fp16": 1}
+
+
+def test_digits_int8_recipe_calibrated_on_real_images(tmp_path: Path) -> None:
+    from optimize.pipeline import RunOptions, run
+
+    result = run(REPO / "recipes" / "digits-int8.yaml", RunOptions(runs_dir=tmp_path / "runs", quiet=True))
+    assert result.exit_code == 0, (result.run_dir / "report.md").read_text()
+    verdict = json.loads((result.run_dir / "verdict.json").read_text())
+    assert verdict["variants"]["int8"]["status"] == "passed"
+    assert verdict["variants"]["int8-trt"]["status"] == "skipped"  # TensorRT gates only; built, not registered
+    assert result.registered["versions"] == {"int8": 1}
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    acc = metrics["results"]["int8"]["onnxruntime-cpu"]["accuracy"]
+    assert acc["task_metric_baseline"] >= 0.95 and acc["top1_agreement"] >= 0.98
+    assert metrics["results"]["int8"]["onnxruntime-cpu"]["size"]["ratio"] <= 0.5
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert manifest["datasets"]["digits-images-calib"]["samples"] == 300
+    precision = next(s for s in manifest["stages"] if s["stage"] == "precision")["variants"]
+    assert precision["int8"]["calibration"]["samples"] == 300 and precision["int8"]["calibration"]["num_bins"] == 2048
+    assert precision["int8-trt"]["quant_ops"]["QuantizeLinear"] > 0  # ModelOpt's Q/DQ for TensorRT, built on CPU
+
+
+@pytest.mark.slow
+def test_minilm_dynamic_int8_keeps_the_embedding(tmp_path: Path) -> None:
+    """The real model through the INT8 path of recipes/int8.yaml (dynamic variant only, no fallback search)."""
+    import yaml
+
+    from optimize.pipeline import RunOptions, run
+
+    recipe = tmp_path / "int8-quick.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "extends": str(REPO / "recipes" / "int8.yaml"),
+                "name": "minilm-int8-quick",
+                "precision": {
+                    "variants": [
+                        {
+                            "name": "int8",
+                            "kind": "int8",
+                            "backend": "onnxruntime-dynamic",
+                            "fusion": "bert",
+                            "per_channel": True,
+                            "reduce_range": True,
+                            "fallback": {"enabled": False},
+                        }
+                    ]
+                },
+                "benchmark": {"warmup": 2, "iterations": 5},
+                "gates": ["accuracy.cosine_mean >= 0.99", "accuracy.cosine_min >= 0.95", "size.ratio <= 0.3"],
+            }
+        )
+    )
+    result = run(recipe, RunOptions(runs_dir=tmp_path / "runs", quiet=True, register=False))
+    assert result.exit_code == 0, (result.run_dir / "report.md").read_text()
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    acc = metrics["results"]["int8"]["onnxruntime-cpu"]["accuracy"]
+    assert acc["outputs"]["sentence_embedding"]["samples"] == 160
+    assert 0.5 < acc["neighbour_agreement"] <= 1.0
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    record = next(s for s in manifest["stages"] if s["stage"] == "precision")["variants"]["int8"]
+    assert record["fusion"]["SkipLayerNormalization"] == 12 and record["quant_ops"]["MatMulInteger"] > 30

@@ -147,7 +147,8 @@ def test_variant_with_only_skipped_gates_is_not_registered(write_recipe, tmp_pat
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
     assert verdict["gates"][0]["status"] == "skipped"
     assert "TensorRT" in verdict["gates"][0]["reason"]
-    assert "no gate was evaluated" in verdict["variants"]["fp16"]["reason"]
+    assert verdict["variants"]["fp16"]["status"] == "skipped"
+    assert verdict["variants"]["fp16"]["reason"] == "every gate is on a target that did not run here (tensorrt)"
 
 
 def test_onnx_model_source_skips_export(write_recipe, tmp_path: Path) -> None:

@@ -98,6 +98,15 @@ def test_fallback_moves_the_sensitive_node_to_fp32_and_the_lock_keeps_it(tiny_di
     assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0)]
 
 
+def test_gates_shared_by_several_int8_variants_drive_each_fallback(write_recipe, tmp_path: Path) -> None:
+    gates = [{"check": "accuracy.cosine_mean >= 0.99", "variants": ["int8", "int8-dyn"]}]
+    dyn = {**DYNAMIC, "fallback": {"dataset": "calib"}}
+    result = run(_int8_recipe(write_recipe, [STATIC, dyn], gates=gates), _options(tmp_path, register=False))
+    assert result.exit_code == 0
+    fallback = json.loads((result.run_dir / "metrics.json").read_text())["fallback"]
+    assert set(fallback) == {"int8", "int8-dyn"} and all(fb["passed"] for fb in fallback.values())
+
+
 def test_an_exhausted_fallback_fails_the_gate_and_reports_every_trial(write_recipe, tmp_path: Path) -> None:
     variant = {**STATIC, "method": "minmax", "fallback": {"max_trials": 2}}
     recipe = _int8_recipe(write_recipe, [variant], gates=["accuracy.max_abs_error <= 0"])

@@ -219,13 +219,45 @@ def test_a_missing_modelopt_is_exit_4_with_the_install_command(mlp: Path, tmp_pa
 # --- fallback --------------------------------------------------------------------------------------
 
 
-def test_sensitivity_ranks_the_badly_quantised_node_first(tmp_path: Path) -> None:
-    src = mlp_onnx(tmp_path / "fp32.onnx", outlier=60.0)  # one huge fc2 weight: per-tensor scale wipes the rest
+def test_isolated_ranking_puts_the_badly_quantised_node_first(tmp_path: Path) -> None:
+    src = mlp_onnx(tmp_path / "fp32.onnx", outlier=60.0)  # one huge fc2 weight: per-tensor INT8 wipes the rest
     v = variant(backend="onnxruntime-dynamic", per_channel=False)
     int8.quantize(src, tmp_path / "q.onnx", v, [], tmp_path / "w", WHERE)
-    ranking = fallback.sensitivity(src, tmp_path / "q.onnx", batches()[:2])
-    assert {n for n, _ in ranking} == {"fc1", "fc2"}
-    assert ranking[0][0] == "fc2" and ranking[0][1] > ranking[1][1]
+    candidates = fallback.quantised_nodes(onnx.load(str(src)), onnx.load(str(tmp_path / "q.onnx")))
+    assert candidates == ["fc1", "fc2"]
+    feeds = batches()[:2]
+    reference = {"logits": np.concatenate([run(src, f) for f in feeds])}
+
+    def quantise_only(node: str) -> Path:
+        return int8.quantize(src, tmp_path / f"{node}.onnx", v, [], tmp_path / "w", WHERE, only=node) and (
+            tmp_path / f"{node}.onnx"
+        )
+
+    def outputs_of(path: Path) -> dict[str, np.ndarray]:
+        return {"logits": np.concatenate([run(path, f) for f in feeds])}
+
+    ranking = fallback.rank_isolated(candidates, quantise_only, outputs_of, reference)
+    assert [n for n, _ in ranking] == ["fc2", "fc1"] and ranking[0][1] > 2 * ranking[1][1] > 0
+    only_fc1 = onnx.load(str(tmp_path / "fc1.onnx"))
+    assert [n.op_type for n in only_fc1.graph.node if n.name == "fc2"] == ["MatMul"], "only the named node is INT8"
+
+
+def test_quantised_nodes_skips_data_movement_and_keeps_asked_op_types(tmp_path: Path) -> None:
+    src = mlp_onnx(tmp_path / "fp32.onnx")
+    int8.quantize(src, tmp_path / "q.onnx", variant(op_types=["MatMul", "Relu"]), batches(), tmp_path / "w", WHERE)
+    source, quantised = onnx.load(str(src)), onnx.load(str(tmp_path / "q.onnx"))
+    # the bias Adds read the shared DequantizeLinear outputs too, but ONNX Runtime's QDQ quantiser does not
+    # quantise Add: the backend's op types keep them out; Relu only moves data
+    assert fallback.quantised_nodes(source, quantised, int8.candidate_op_types(variant())) == ["fc1", "fc2"]
+    assert fallback.quantised_nodes(source, quantised, {"MatMul", "Relu"}) == ["fc1", "fc2"]
+    assert fallback.quantised_nodes(source, quantised, {"MatMul", "Add"}) == ["fc1", "fc1_bias", "fc2", "fc2_bias"]
+    assert "MatMul" in int8.candidate_op_types(variant(backend="onnxruntime-dynamic"))
+
+
+def test_output_error_is_relative_over_all_outputs() -> None:
+    ref = {"a": np.array([3.0, 4.0]), "b": np.array([0.0])}
+    assert fallback.output_error(ref, ref) == 0.0
+    assert fallback.output_error(ref, {"a": np.array([3.0, 4.0]), "b": np.array([5.0])}) == pytest.approx(1.0)
 
 
 def fake_search(passes_at: int, speed_of=lambda n: 1.0, max_trials: int = 8, nodes: int = 20):
@@ -301,4 +333,8 @@ def test_accuracy_gates_for_a_variant() -> None:
         Gate(check="latency.p50_speedup >= 1.2"),
         Gate(check="accuracy.cosine_min >= 0.9", variants=["other"]),
     ]
-    assert [g.check for g in fallback.accuracy_gates(gates, "int8")] == ["accuracy.cosine_mean >= 0.99"]
+    gates.append(Gate(check="accuracy.cosine_min >= 0.95", target="tensorrt"))
+    assert [g.check for g in fallback.accuracy_gates(gates, "int8", ["onnxruntime-cpu"])] == [
+        "accuracy.cosine_mean >= 0.99"
+    ]
+    assert len(fallback.accuracy_gates(gates, "int8", ["onnxruntime-cpu", "tensorrt"])) == 2

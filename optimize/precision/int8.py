@@ -148,6 +148,19 @@ def check_exclusions(model_path: Path, nodes: list[str], op_types: list[str], wh
             )
 
 
+def candidate_op_types(variant: Int8Variant) -> set[str]:
+    """The op types the variant's quantiser touches: the recipe's `op_types`, else the backend's defaults."""
+    if variant.op_types:
+        return set(variant.op_types)
+    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
+
+    if variant.backend == "onnxruntime-dynamic":
+        return set(IntegerOpsRegistry)
+    if variant.backend == "onnxruntime" and variant.quant_format == "qoperator":
+        return set(QLinearOpsRegistry)
+    return set(QDQRegistry)
+
+
 def quant_op_counts(model: Any) -> dict[str, int]:
     """How many quantisation-related nodes of each op type a model holds."""
     return dict(sorted(Counter(n.op_type for n in model.graph.node if QUANT_OPS.match(n.op_type)).items()))
@@ -261,11 +274,13 @@ def quantize(
     work_dir: Path,
     where: str,
     extra_exclusions: tuple[str, ...] | list[str] = (),
+    only: str | None = None,
 ) -> Int8Result:
     """Quantise `src` (already fused where the recipe asks) to `dest` atomically.
 
     `calibration` holds the calibration batches (empty for onnxruntime-dynamic); `work_dir` keeps what
-    trials share (the ONNX Runtime calibration cache). `extra_exclusions` are the fallback's nodes.
+    trials share (the ONNX Runtime calibration cache). `extra_exclusions` are the fallback's nodes; `only`
+    quantises that one node alone (the fallback's sensitivity ranking).
     """
     require_backend(variant, where)
     excluded = list(dict.fromkeys([*variant.nodes_to_exclude, *extra_exclusions]))
@@ -275,11 +290,11 @@ def quantize(
     calib_record: dict[str, Any] = {}
     try:
         if variant.backend == "onnxruntime-dynamic":
-            _ort_dynamic(src, dest, variant, excluded)
+            _ort_dynamic(src, dest, variant, excluded, only)
         elif variant.backend == "onnxruntime":
-            calib_record = _ort_static(src, dest, variant, calibration, work_dir, excluded, where)
+            calib_record = _ort_static(src, dest, variant, calibration, work_dir, excluded, where, only)
         else:
-            calib_record = _modelopt(src, dest, variant, calibration, work_dir, excluded, where)
+            calib_record = _modelopt(src, dest, variant, calibration, work_dir, excluded, where, only)
     except (RecipeError, StageError, RuntimeMissingError):
         raise
     except Exception as e:
@@ -309,7 +324,7 @@ def _quant_type(name: str) -> Any:
     return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
 
 
-def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str]) -> None:
+def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str], only: str | None) -> None:
     from onnxruntime.quantization import quantize_dynamic
 
     def save(tmp: Path) -> None:
@@ -320,6 +335,7 @@ def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str
             per_channel=variant.per_channel,
             reduce_range=variant.reduce_range,
             weight_type=_quant_type(variant.weight_type),
+            nodes_to_quantize=[only] if only else None,
             nodes_to_exclude=[*excluded, *_nodes_of_types(src, variant.op_types_to_exclude)],
         )
 
@@ -427,6 +443,7 @@ def _ort_static(
     work_dir: Path,
     excluded: list[str],
     where: str,
+    only: str | None,
 ) -> dict[str, Any]:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
 
@@ -451,6 +468,7 @@ def _ort_static(
             reduce_range=variant.reduce_range,
             activation_type=_quant_type(variant.activation_type),
             weight_type=_quant_type(variant.weight_type),
+            nodes_to_quantize=[only] if only else None,
             nodes_to_exclude=[*excluded, *_nodes_of_types(src, variant.op_types_to_exclude)],
             calibrate_method={
                 "minmax": CalibrationMethod.MinMax,
@@ -472,6 +490,7 @@ def _modelopt(
     work_dir: Path,
     excluded: list[str],
     where: str,
+    only: str | None,
 ) -> dict[str, Any]:
     """ModelOpt PTQ in a child process: ModelOpt patches ONNX Runtime's calibrators process-wide (its own
     collect/compute functions replace ONNX Runtime's), which would change what the `onnxruntime` backend
@@ -494,6 +513,7 @@ def _modelopt(
         "op_types": list(variant.op_types) or None,
         "op_types_to_exclude": list(variant.op_types_to_exclude) or None,
         "nodes_to_exclude": [f"{re.escape(n)}\\Z" for n in excluded] or None,  # ModelOpt takes regexes
+        "nodes_to_quantize": [f"{re.escape(only)}\\Z"] if only else None,
         "high_precision_dtype": variant.high_precision_dtype,
         "budget_bytes": variant.memory_budget_gb * 2**30,
         "per_batch_bytes": _activation_bytes(src, calibration[0]),
@@ -570,6 +590,7 @@ def _modelopt_child(args_path: Path) -> int:
         op_types_to_quantize=args["op_types"],
         op_types_to_exclude=args["op_types_to_exclude"],
         nodes_to_exclude=args["nodes_to_exclude"],
+        nodes_to_quantize=args["nodes_to_quantize"],
         high_precision_dtype=args["high_precision_dtype"],
         calibrate_per_node=per_node,
         output_path=args["out"],
