@@ -16,9 +16,9 @@ from optimize.errors import OptimizeError
 
 app = typer.Typer(
     name="optimize",
-    help="Recipe-driven model optimisation: export → FP16 → evaluate → benchmark → gate → register.\n\n"
-    "Exit codes: 0 every gate passed; 1 a gate failed; 2 bad recipe or usage; 3 a stage failed; "
-    "4 a required runtime or device is missing; 5 the registry is unreachable.",
+    help="Recipe-driven model optimisation: export → FP16/INT8 → evaluate → benchmark → gate → register.\n\n"
+    "Exit codes: 0 every gate that ran passed; 1 a gate failed (or nothing passed); 2 bad recipe or usage; "
+    "3 a stage failed; 4 a required runtime or device is missing; 5 the registry is unreachable.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -90,8 +90,8 @@ def evaluate_gates(
             status, reason = "failed", "; ".join(f"{r['target']}: {r['reason']}" for r in failed)
         elif not passed and skipped:
             # e.g. a TensorRT variant on a CPU box: not judged here, so neither registered nor failing the run
-            targets = ", ".join(sorted({r["target"] for r in skipped}))
-            status, reason = "skipped", f"every gate is on a target that did not run here ({targets})"
+            where = ", ".join(sorted({r["target"] for r in skipped}))
+            status, reason = "skipped", f"every gate is on a target that did not run here ({where})"
         elif not passed:
             status, reason = (
                 "failed",

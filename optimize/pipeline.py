@@ -219,12 +219,14 @@ def _execute(state: _Run) -> RunResult:
         if loaded.module is None:
             write_with(baseline_path, lambda tmp: shutil.copyfile(loaded.onnx_path, tmp))
             with open_runner("onnxruntime-cpu", baseline_path) as r:
-                data.check_against_inputs(eval_ds, r.inputs)
+                for ds in datasets.values():
+                    data.check_against_inputs(ds, r.inputs)
             rec["detail"] = f"ONNX given ({loaded.onnx_path.name}); export skipped"
         else:
             export.export_onnx(loaded, recipe.export, baseline_path)
             with open_runner("onnxruntime-cpu", baseline_path) as r:
-                data.check_against_inputs(eval_ds, r.inputs)
+                for ds in datasets.values():  # evaluation, calibration, fallback and reference data alike
+                    data.check_against_inputs(ds, r.inputs)
                 check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
             rec["check"] = check.record()
             worst = max(check.max_abs_error.values())
@@ -476,7 +478,7 @@ def _build_int8(
     largest = max(recipe.benchmark.shapes, key=lambda sh: int(np.prod(list(sh.values()))))
     speed_feeds = bench.make_feeds(inputs, largest, batches[0], "benchmark.shapes")
     results_by_trial: dict[int, Any] = {}
-    ran = {"onnxruntime-cpu": {"status": "ran"}}
+    cpu_only = {"onnxruntime-cpu": {"status": "ran"}}
 
     def build(i: int, excluded: list[str]) -> Path:
         path = work / f"trial{i}.onnx"
@@ -489,7 +491,9 @@ def _build_int8(
         acc = accuracy.compare_outputs(base_out, out, recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs)
         if metric_fn is not None:
             acc.update(accuracy.task_metric(metric_fn, base_out, out, labels))
-        verdict = gates.evaluate_gates(checks, {"fp32": {}, variant.name: {"onnxruntime-cpu": {"accuracy": acc}}}, ran)
+        verdict = gates.evaluate_gates(
+            checks, {"fp32": {}, variant.name: {"onnxruntime-cpu": {"accuracy": acc}}}, cpu_only
+        )
         return acc, [f"{row['check']}: {row.get('reason')}" for row in verdict["gates"] if row["status"] == "failed"]
 
     def speed(path: Path) -> float:

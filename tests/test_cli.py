@@ -62,7 +62,7 @@ def test_python_m_optimize_help(tmp_path: Path) -> None:
     assert proc.stdout.startswith("Usage: ")
     for command in ("run", "validate", "schema"):
         assert f"  {command} " in proc.stdout
-    assert "4 a required runtime or device is missing" in proc.stdout
+    assert "4 a required runtime or device is missing" in " ".join(proc.stdout.split())
     assert proc.stderr == ""
 
 

@@ -245,6 +245,7 @@ def test_a_skipped_variant_beside_a_passing_one_does_not_fail_the_run() -> None:
     v = evaluate_gates(gates, results(cpu=result(), trt=result()), TARGETS)
     assert v["variants"]["cpu"]["status"] == "passed" and v["variants"]["trt"]["status"] == "skipped"
     assert v["status"] == "passed"
+    assert v["targets"] == TARGETS
 
 
 def test_a_variant_without_gates_fails() -> None:

@@ -136,3 +136,18 @@ def test_a_missing_modelopt_is_exit_4(write_recipe, tmp_path: Path, monkeypatch)
     recipe = _int8_recipe(write_recipe, [{**STATIC, "backend": "modelopt", "method": "max"}])
     msg = _raises(recipe, _options(tmp_path), 4)
     assert "pip install 'optimize[modelopt]'" in msg
+
+
+def test_calibration_data_of_the_wrong_dtype_is_a_recipe_error(write_recipe, tiny_dir: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    np.savez(tiny_dir / "tiny-calib.npz", x=rng.standard_normal((64, 8)), label=rng.integers(0, 4, 64))  # float64 x
+    msg = _raises(_int8_recipe(write_recipe, [STATIC]), _options(tmp_path), 2)
+    assert "data.calib: array 'x' has dtype float64, the model's input wants float32" in msg
+
+
+def test_asking_for_more_calibration_samples_than_exist_is_an_error(write_recipe, tmp_path: Path) -> None:
+    recipe = _int8_recipe(write_recipe, [STATIC], data={"calib": {**CALIB["calib"], "samples": 65}})
+    msg = _raises(recipe, _options(tmp_path), 2)
+    assert "data.calib.samples: asked for 65" in msg and "has 64" in msg

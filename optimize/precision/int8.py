@@ -516,7 +516,8 @@ def _modelopt(
         "nodes_to_quantize": [f"{re.escape(only)}\\Z"] if only else None,
         "high_precision_dtype": variant.high_precision_dtype,
         "budget_bytes": variant.memory_budget_gb * 2**30,
-        "per_batch_bytes": _activation_bytes(src, calibration[0]),
+        # `max`: ModelOpt's MinMax collector reduces every batch as it comes (ort_patching), holding ranges only
+        "per_batch_bytes": 0 if variant.calibration_method == "max" else _activation_bytes(src, calibration[0]),
     }
     args_path = work_dir / "modelopt-args.json"
     write_json(args_path, args)
