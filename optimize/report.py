@@ -44,6 +44,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
         out.append("")
         for target, s in skipped.items():
             out.append(f"- target `{target}` skipped: {s.get('reason', '')}")
+    out.extend(_precision_section(manifest))
     out.append("")
     out.append("## Accuracy vs FP32")
     out.append("")
@@ -148,4 +149,33 @@ def _fallback_section(fallback: dict[str, Any]) -> list[str]:
                 f"{_f(t.get('p50_speedup'), 3)} | {t['seconds']:.1f} | {result} |"
             )
         out.append("")
+    return out
+
+
+def _precision_section(manifest: dict[str, Any]) -> list[str]:
+    """How each variant was built: backend, calibration (data, chunks, peak RSS against the budget), fusion,
+    nodes kept in high precision."""
+    stage = next((st for st in manifest.get("stages", []) if st.get("stage") == "precision"), {})
+    records = stage.get("variants") or {}
+    if not records:
+        return []
+    out = ["", "## How the variants were built", ""]
+    out.append("| variant | backend | calibration | fusion | nodes kept high-precision |")
+    out.append("|---|---|---|---|---|")
+    for name, r in records.items():
+        cal = r.get("calibration") or {}
+        calib = "–"
+        if cal:
+            calib = f"{cal.get('method')} on {cal.get('samples')} samples"
+            if cal.get("chunk_batches"):
+                calib += f", {cal['chunk_batches']} batch(es) a chunk"
+            if cal.get("per_node"):
+                calib += ", node by node"
+            if cal.get("peak_rss_mb") is not None:
+                calib += f", peak RSS {cal['peak_rss_mb']:.0f} MB (budget {cal.get('memory_budget_gb')} GB)"
+        elif r.get("backend") == "onnxruntime-dynamic":
+            calib = "none (dynamic)"
+        fusion = ", ".join(f"{op} {n}" for op, n in (r.get("fusion") or {}).items()) or "–"
+        kept = r.get("nodes_excluded")
+        out.append(f"| {name} | {r.get('backend')} | {calib} | {fusion} | {len(kept) if kept is not None else '–'} |")
     return out

@@ -123,3 +123,44 @@ def test_numbers_on_the_page_are_the_metrics() -> None:
     assert "- fp16 on onnxruntime-cpu at batch=1: CV 12.0% (noisy machine?)" in text
     assert "| export | 1.50 | ok |" in text
     assert f"- `fp16`: artifacts/fp16.onnx sha256 `{'b' * 64}`" in text
+
+
+def test_int8_build_and_fallback_trials_are_reported() -> None:
+    metrics, verdict, manifest = _docs()
+    manifest["stages"].append(
+        {
+            "stage": "precision",
+            "seconds": 9.0,
+            "variants": {
+                "fp16": {"backend": "onnxruntime", "seconds": 1.0},
+                "q": {
+                    "backend": "onnxruntime",
+                    "calibration": {"method": "entropy", "samples": 240, "chunk_batches": 7, "peak_rss_mb": 2368.2,
+                                    "memory_budget_gb": 4.0},
+                    "fusion": {"SkipLayerNormalization": 12},
+                    "nodes_excluded": ["a", "b"],
+                },
+            },
+        }
+    )  # fmt: skip
+    trial = {"excluded_count": 0, "excluded": [], "accuracy": {"cosine_mean": 0.93}, "p50_speedup": 1.5}
+    metrics["fallback"] = {
+        "q": {
+            "dataset": "calib",
+            "chosen_trial": 1,
+            "passed": True,
+            "stopped": "smallest passing exclusion count found (2)",
+            "trials": [
+                {**trial, "trial": 0, "passed": False, "failed_gates": ["cos"], "seconds": 3.0},
+                {**trial, "trial": 1, "excluded_count": 2, "excluded": ["a", "b"], "passed": True, "failed_gates": [],
+                 "seconds": 4.0},
+            ],
+        }
+    }  # fmt: skip
+    md = markdown(metrics, verdict, manifest)
+    assert (
+        "| q | onnxruntime | entropy on 240 samples, 7 batch(es) a chunk, peak RSS 2368 MB (budget 4.0 GB) | "
+        "SkipLayerNormalization 12 | 2 |" in md
+    )
+    assert "`q` tuned on `calib`: kept trial 1 (passed; 2 node(s) in high precision)" in md
+    assert "| 0 | 0  | 0.93 |" in md and "| 1 ✓ | 2 `a`, `b` |" in md and "failed: cos" in md
