@@ -73,6 +73,7 @@ def main() -> None:
         print("| calibration | budget GB | batches per chunk | process before MB | peak RSS MB | under budget | s |")
         print("|---|---|---|---|---|---|---|")
         cases = [("ours", b) for b in opts.budgets] + [("onnxruntime quantize_static", 0.0)]
+        all_under = True
         for mode, budget in cases:
             work = Path(tmp) / f"w-{mode[:4]}-{budget}"
             work.mkdir()
@@ -94,13 +95,17 @@ def main() -> None:
             if proc.returncode != 0:
                 tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
                 print(f"| {mode} | {budget or '-'} | - | - | - | failed: {tail} | - |")
+                all_under = all_under and not budget
                 continue
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             under = "yes" if budget and r["peak_mb"] < budget * 1024 else ("-" if not budget else "NO")
+            all_under = all_under and under != "NO"
             print(
                 f"| {mode} | {budget or '-'} | {r['chunk_batches'] or r['batches']} of {r['batches']} | "
                 f"{r['base_mb']:.0f} | {r['peak_mb']:.0f} | {under} | {r['seconds']:.0f} |"
             )
+
+    sys.exit(0 if all_under else 1)
 
 
 if __name__ == "__main__":
