@@ -16,12 +16,12 @@ Usage: python examples/make_digit_images.py
 from __future__ import annotations
 
 import io
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from optimize.files import write_bytes  # atomic: temp file + fsync + rename
 
 HERE = Path(__file__).resolve().parent
 CALIBRATION = HERE.parent / "calibration"
@@ -44,27 +44,13 @@ def to_pixels(image: np.ndarray) -> np.ndarray:
     return (v * 15).astype(np.uint8)
 
 
-def _write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_split(npz: Path, folder: Path) -> int:
     with np.load(npz, allow_pickle=False) as z:
         images, labels = z["image"], z["label"]
     for old in folder.glob("*/*.png"):
         old.unlink()
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
-        _write(folder / str(int(label)) / f"{i:03d}.png", png_bytes(to_pixels(image)))
+        write_bytes(folder / str(int(label)) / f"{i:03d}.png", png_bytes(to_pixels(image)))
     return len(images)
 
 

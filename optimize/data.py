@@ -161,14 +161,28 @@ def _from_arrays(
     index = _select(total, spec.samples, spec.seed, where, source)
     feeds = {n: arrays[n][index] for n in input_names}
     labels = arrays[labels_key][index] if labels_key else None
+    return _array_batches(
+        name, feeds, labels, spec, f"{what}: {len(index)} of {total} samples, batch_size={spec.batch_size}", file_sha256
+    )
+
+
+def _array_batches(
+    name: str,
+    feeds: dict[str, np.ndarray],
+    labels: np.ndarray | None,
+    spec: Any,
+    description: str,
+    file_sha256: str | None,
+) -> Batches:
+    """Selected samples (arrays keyed by input name) cut into batches, with their content hashes."""
     hashes = array_sample_hashes(feeds)
     return Batches(
         name,
         _batched(feeds, spec.batch_size),
         labels,
-        len(index),
+        len(hashes),
         samples_sha256(hashes),
-        f"{what}: {len(index)} of {total} samples, batch_size={spec.batch_size}",
+        description,
         hashes,
         file_sha256,
     )
@@ -417,7 +431,6 @@ def load_images(name: str, spec: ImageFolderDataset, input_names: list[str]) -> 
         images.append(x)
     feeds = {input_name: np.stack(images)}
     labels = np.asarray([class_of[i] for i in index], dtype=np.int64) if spec.labels_from_folders else None
-    hashes = array_sample_hashes(feeds)
     steps = [f"mode={spec.mode}"]
     if spec.resize:
         steps.append(f"resize={spec.resize}")
@@ -425,15 +438,13 @@ def load_images(name: str, spec: ImageFolderDataset, input_names: list[str]) -> 
         steps.append(f"crop={spec.crop}")
     steps += [f"scale={spec.scale:g}", f"mean={spec.mean}", f"std={spec.std}", spec.layout, spec.dtype]
     what = f"{len(classes)} classes, " if spec.labels_from_folders else ""
-    return Batches(
+    return _array_batches(
         name,
-        _batched(feeds, spec.batch_size),
+        feeds,
         labels,
-        len(index),
-        samples_sha256(hashes),
+        spec,
         f"images {spec.path.name}/: {len(index)} of {len(files)} images, {what}{', '.join(steps)}, "
         f"batch_size={spec.batch_size}",
-        hashes,
         _listing_sha256(spec.path, files),
     )
 

@@ -465,8 +465,7 @@ def _build_int8(
         return {**result.record(), "fallback": {"enabled": False, "reason": off_reason}}, result.nodes_excluded
 
     batches = fb_ds.batches[: variant.fallback.batches]
-    n = sum(len(next(iter(b.values()))) for b in batches)
-    labels = fb_ds.labels[:n] if fb_ds.labels is not None else None
+    labels = fb_ds.labels[: int8.sample_count(batches)] if fb_ds.labels is not None else None
     metric_fn = None
     if recipe.evaluate.task_metric and labels is not None:
         metric_fn = import_entry_point(

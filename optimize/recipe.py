@@ -178,10 +178,13 @@ class ExportSection(_Strict):
 # --- precision -----------------------------------------------------------------------------------
 
 
-class Fp16Variant(_Strict):
+class _VariantBase(_Strict):
+    name: str = Field(pattern=NAME_RE, description="Variant name, unique in the recipe (not `fp32`).")
+
+
+class Fp16Variant(_VariantBase):
     """FP16 conversion of the FP32 ONNX."""
 
-    name: str = Field(pattern=NAME_RE, description="Variant name, unique in the recipe (not `fp32`).")
     kind: Literal["fp16"] = Field(description="FP16 conversion.")
     backend: Literal["auto", "modelopt", "onnxruntime"] = Field(
         default="auto",
@@ -231,10 +234,9 @@ class FallbackSection(_Strict):
     batches: int = Field(default=4, gt=0, description="Batches of `dataset` each trial runs.")
 
 
-class Int8Variant(_Strict):
+class Int8Variant(_VariantBase):
     """INT8 quantisation of the FP32 ONNX, calibrated on real data (static backends) or dynamic."""
 
-    name: str = Field(pattern=NAME_RE, description="Variant name, unique in the recipe (not `fp32`).")
     kind: Literal["int8"] = Field(description="INT8 quantisation.")
     backend: Literal["modelopt", "onnxruntime", "onnxruntime-dynamic"] = Field(
         description="`modelopt`: ModelOpt ONNX PTQ, explicit Q/DQ for TensorRT (calibrated on the CPU through "

@@ -318,6 +318,21 @@ def quantize(
     )
 
 
+def _ort_method(name: str | None) -> Any:
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[name]
+
+
+def sample_count(batches: list[dict[str, np.ndarray]]) -> int:
+    """Samples in a list of batches (the first axis of each batch's first array)."""
+    return int(sum(len(next(iter(b.values()))) for b in batches))
+
+
 def _quant_type(name: str) -> Any:
     from onnxruntime.quantization import QuantType
 
@@ -360,7 +375,7 @@ def calibrate_ort(
 ) -> tuple[Path, dict[str, Any]]:
     """Calibrate `src` with ONNX Runtime's calibrator for the variant's method, streaming chunks of batches
     that fit `memory_budget_gb`; returns the calibration cache (JSON ranges) and what it did."""
-    from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     cache = work_dir / "calibration.json"
     method = variant.calibration_method
@@ -376,11 +391,7 @@ def calibrate_ort(
         src,
         list(variant.op_types) or None,
         augmented_model_path=str(work_dir / "augmented.onnx"),
-        calibrate_method={
-            "minmax": CalibrationMethod.MinMax,
-            "entropy": CalibrationMethod.Entropy,
-            "percentile": CalibrationMethod.Percentile,
-        }[method],
+        calibrate_method=_ort_method(method),
         providers=["CPUExecutionProvider"],
         extra_options=extra,
     )
@@ -411,7 +422,7 @@ def calibrate_ort(
         **{k: v for k, v in extra.items() if k != "percentile"},
         **({"percentile": variant.percentile} if method == "percentile" else {}),
         "batches": len(calibration),
-        "samples": int(sum(len(next(iter(b.values()))) for b in calibration)),
+        "samples": sample_count(calibration),
         "chunk_batches": chunk,
         "activation_mb_per_batch": round(per_batch / 2**20, 1),
         "memory_budget_gb": variant.memory_budget_gb,
@@ -445,7 +456,7 @@ def _ort_static(
     where: str,
     only: str | None,
 ) -> dict[str, Any]:
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, quantize_static
+    from onnxruntime.quantization import QuantFormat, quantize_static
 
     # One calibration serves every fallback trial; the file name carries what the ranges depend on.
     key = calibration_key(src, variant, calibration)
@@ -470,11 +481,7 @@ def _ort_static(
             weight_type=_quant_type(variant.weight_type),
             nodes_to_quantize=[only] if only else None,
             nodes_to_exclude=[*excluded, *_nodes_of_types(src, variant.op_types_to_exclude)],
-            calibrate_method={
-                "minmax": CalibrationMethod.MinMax,
-                "entropy": CalibrationMethod.Entropy,
-                "percentile": CalibrationMethod.Percentile,
-            }[variant.calibration_method],
+            calibrate_method=_ort_method(variant.calibration_method),
             calibration_cache_path=str(cache),
         )
 
@@ -544,7 +551,7 @@ def _modelopt(
     return {
         **result,
         "batches": len(calibration),
-        "samples": int(sum(len(next(iter(b.values()))) for b in calibration)),
+        "samples": sample_count(calibration),
         "memory_budget_gb": variant.memory_budget_gb,
     }
 
