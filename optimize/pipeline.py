@@ -244,31 +244,26 @@ def _execute(state: _Run) -> RunResult:
             dest = art_dir / f"{variant.name}.onnx"
             if isinstance(variant, Int8Variant):
                 records[variant.name], excluded = _build_int8(state, index, baseline_path, dest, datasets)
-                with open_runner("onnxruntime-cpu", dest) as r:
-                    feeds = eval_ds.batches[0]
-                    fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
-                paths[variant.name] = dest
-                precisions[variant.name] = variant.kind
                 # The lock reproduces this build without searching: the exclusions found, fallback off.
                 entry = locked["precision"]["variants"][index]
                 entry["nodes_to_exclude"] = excluded
                 entry["fallback"]["enabled"] = False
-                continue
-            reference_dir = None
-            if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
-                reference_dir = art_dir / f"{variant.name}-reference"
-                for k, batch in enumerate(datasets[variant.reference_data].batches[: variant.reference_batches]):
-                    write_npz(reference_dir / f"batch{k:04d}.npz", batch)
-            result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
-            with open_runner("onnxruntime-cpu", dest) as r:
+            else:
+                reference_dir = None
+                if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
+                    reference_dir = art_dir / f"{variant.name}-reference"
+                    for k, batch in enumerate(datasets[variant.reference_data].batches[: variant.reference_batches]):
+                        write_npz(reference_dir / f"batch{k:04d}.npz", batch)
+                result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
+                records[variant.name] = {
+                    **result.record(),
+                    "reference_data": variant.reference_data if reference_dir else None,
+                }
+            with open_runner("onnxruntime-cpu", dest) as r:  # every built model is run; NaN/Inf fails the stage
                 feeds = eval_ds.batches[0]
                 fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
             paths[variant.name] = dest
             precisions[variant.name] = variant.kind
-            records[variant.name] = {
-                **result.record(),
-                "reference_data": variant.reference_data if reference_dir else None,
-            }
         rec["variants"] = records
         rec["detail"] = ", ".join(
             f"{n} via {r['backend']}"
