@@ -454,6 +454,8 @@ def _build_int8(
         else None
     )
     if off_reason:
+        if fb_ds is None and checks and variant.fallback.enabled and not state.options.quiet:
+            console().print(f"  note: {variant.name}: accuracy-aware fallback off, {off_reason}", highlight=False)
         result = int8.quantize(src, dest, variant, calib, work, where)
         result.fusion = fusion
         shutil.rmtree(work, ignore_errors=True)
