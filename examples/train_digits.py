@@ -124,8 +124,12 @@ def main() -> None:
     torch.save(model.state_dict(), weights)
     _atomic_write_bytes(HERE / "digits_cnn.pt", weights.getvalue())
     calib_dir = HERE.parent / "calibration"
-    _atomic_write_bytes(calib_dir / "digits-calib.npz", _npz_bytes({"image": images[calib_idx], "label": labels[calib_idx]}))
-    _atomic_write_bytes(calib_dir / "digits-eval.npz", _npz_bytes({"image": images[eval_idx], "label": labels[eval_idx]}))
+    _atomic_write_bytes(
+        calib_dir / "digits-calib.npz", _npz_bytes({"image": images[calib_idx], "label": labels[calib_idx]})
+    )
+    _atomic_write_bytes(
+        calib_dir / "digits-eval.npz", _npz_bytes({"image": images[eval_idx], "label": labels[eval_idx]})
+    )
     print("wrote", HERE / "digits_cnn.pt", calib_dir / "digits-calib.npz", calib_dir / "digits-eval.npz")
 
 

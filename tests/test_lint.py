@@ -14,10 +14,10 @@ def _ruff(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_ruff_check() -> None:
-    proc = _ruff("check", "optimize", "tests", "benchmarks")
+    proc = _ruff("check", "optimize", "tests", "benchmarks", "examples")
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ruff_format() -> None:
-    proc = _ruff("format", "--check", "optimize", "tests", "benchmarks")
+    proc = _ruff("format", "--check", "optimize", "tests", "benchmarks", "examples")
     assert proc.returncode == 0, proc.stdout + proc.stderr
