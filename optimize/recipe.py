@@ -277,6 +277,13 @@ class Int8Variant(_VariantBase):
         default_factory=list, description="Op types to quantise; default: the backend's default set."
     )
     nodes_to_exclude: list[str] = Field(default_factory=list, description="Node names kept in high precision.")
+    exclude_as: Literal["float", "int8-weights"] = Field(
+        default="float",
+        description="How excluded nodes (`nodes_to_exclude` and those the fallback adds) are kept: `float`, or "
+        "`int8-weights`: INT8 weights in blocks of 32 with activations quantised per block of 32 at run time "
+        "(ONNX Runtime MatMulNBits, accuracy level 4) for MatMul nodes with constant weights: about the accuracy "
+        "of float at the file size of INT8. onnxruntime backends only.",
+    )
     op_types_to_exclude: list[str] = Field(default_factory=list, description="Op types kept in high precision.")
     high_precision_dtype: Literal["fp32", "fp16"] = Field(
         default="fp32", description="modelopt: type of what is not quantised (fp16 for TensorRT, fp32 to run on CPUs)."
@@ -671,6 +678,10 @@ class Recipe(_Strict):
                     ("data", v.calibration, "padding"),
                     f"calibration batches need one fixed length (variant {v.name}); set padding: max_length",
                 )
+        if v.backend == "modelopt" and v.exclude_as != "float":
+            raise _FieldError(
+                (*at, "exclude_as"), "`int8-weights` is an ONNX Runtime op; modelopt keeps excluded nodes float"
+            )
         if v.backend == "modelopt":
             for field in ("fusion", "bins"):
                 if getattr(v, field) is not None:

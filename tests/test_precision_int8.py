@@ -338,3 +338,18 @@ def test_accuracy_gates_for_a_variant() -> None:
         "accuracy.cosine_mean >= 0.99"
     ]
     assert len(fallback.accuracy_gates(gates, "int8", ["onnxruntime-cpu", "tensorrt"])) == 2
+
+
+def test_excluded_nodes_can_keep_int8_weights_with_float_activations(mlp: Path, tmp_path: Path) -> None:
+    v = variant(backend="onnxruntime-dynamic", nodes_to_exclude=["fc2"], exclude_as="int8-weights")
+    res = int8.quantize(mlp, tmp_path / "a.onnx", v, [], tmp_path / "w", WHERE)
+    int8.quantize(mlp, tmp_path / "b.onnx", v, [], tmp_path / "w2", WHERE)
+    assert sha(tmp_path / "a.onnx") == sha(tmp_path / "b.onnx")
+    model = onnx.load(str(tmp_path / "a.onnx"))
+    assert [n.op_type for n in model.graph.node if n.name.startswith("fc2")] == ["MatMulNBits", "Add"]
+    assert res.quant_ops["MatMulNBits"] == 1 and res.quant_ops["MatMulInteger"] == 1
+    float_kept = variant(backend="onnxruntime-dynamic", nodes_to_exclude=["fc2"])
+    int8.quantize(mlp, tmp_path / "f.onnx", float_kept, [], tmp_path / "w3", WHERE)
+    feeds = batches()[0]
+    ref, got, flt = run(mlp, feeds), run(tmp_path / "a.onnx", feeds), run(tmp_path / "f.onnx", feeds)
+    assert np.abs(got - flt).max() < 0.05 * np.abs(ref).max()  # about the accuracy of keeping fc2 float

@@ -576,6 +576,14 @@ BAD: list[tuple[str, dict[str, Any], str]] = [
         "recipe.yaml: precision.variants[0].fusion: `fusion` is an onnxruntime option; modelopt does not take it",
     ),
     (
+        "int8-modelopt-int8-weights",
+        _variants(
+            {"name": "q", "kind": "int8", "backend": "modelopt", "calibration": "eval", "exclude_as": "int8-weights"}
+        ),
+        "recipe.yaml: precision.variants[0].exclude_as: `int8-weights` is an ONNX Runtime op; modelopt keeps "
+        "excluded nodes float",
+    ),
+    (
         "int8-fallback-unknown-dataset",
         _variants({"name": "q", "kind": "int8", "backend": "onnxruntime-dynamic", "fallback": {"dataset": "x"}}),
         "recipe.yaml: precision.variants[0].fallback.dataset: unknown dataset 'x'",

@@ -35,7 +35,9 @@ from optimize.recipe import Int8Variant
 
 MODELOPT_INSTALL = "pip install 'optimize[modelopt]'"
 # Op types whose presence marks a quantised graph (Q/DQ, integer and QLinear kernels).
-QUANT_OPS = re.compile(r"^(QuantizeLinear|DequantizeLinear|DynamicQuantizeLinear|.*Integer|QLinear.*|Q[A-Z]\w*)$")
+QUANT_OPS = re.compile(
+    r"^(QuantizeLinear|DequantizeLinear|DynamicQuantizeLinear|.*Integer|QLinear.*|Q[A-Z]\w*|MatMulNBits)$"
+)
 
 
 @dataclass
@@ -299,6 +301,8 @@ def quantize(
         raise
     except Exception as e:
         raise StageError(f"{where}: INT8 quantisation with {variant.backend} failed: {first_line(e)}") from None
+    if variant.exclude_as == "int8-weights" and excluded and not only:
+        _weights_only(dest, excluded)
     import onnx
 
     model = onnx.load(str(dest), load_external_data=False)
@@ -316,6 +320,22 @@ def quantize(
         counts,
         calib_record,
     )
+
+
+def _weights_only(path: Path, nodes: list[str]) -> None:
+    """Rewrite the named MatMul nodes (constant weights) of `path` as INT8-weight MatMulNBits, in place.
+
+    accuracy_level 4 lets ONNX Runtime quantise the activations per block of 32 values at run time (int8
+    compute); with the default (float compute) batch-1 MiniLM ran 1.37x slower than FP32, with 4 at 0.72x.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(path)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_include=list(nodes)
+    )
+    quantizer.process()
+    write_with(path, lambda tmp: quantizer.model.save_model_to_file(str(tmp)))
 
 
 def _ort_method(name: str | None) -> Any:
