@@ -98,3 +98,31 @@ def sha256_tree(root: Path) -> str:
 def sha256_bytes(data: bytes) -> str:
     """Hex sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
+    """Hold an exclusive advisory lock on `path` (created if missing) for the block; parallel jobs on one
+    host sharing a file take turns. Raises TimeoutError naming `what` after `timeout_s`."""
+    import fcntl
+    import time
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"{what}: {path} stayed locked for {timeout_s:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

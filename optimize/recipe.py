@@ -27,8 +27,10 @@ from pydantic import (
 from optimize.errors import RecipeError
 from optimize.files import display_path
 
-TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt")
-Target = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt"]
+TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cpu", "torch-cuda")
+Target = Literal["onnxruntime-cpu", "onnxruntime-cuda", "tensorrt", "torch-cpu", "torch-cuda"]
+# Targets whose models run on a CUDA GPU: timed with CUDA events, memory read through NVML.
+GPU_TARGETS = ("onnxruntime-cuda", "tensorrt", "torch-cuda")
 
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
@@ -492,6 +494,51 @@ class BenchmarkSection(_Strict):
         return v
 
 
+class ProfileSection(_Strict):
+    """One TensorRT optimization profile, by the export's dynamic axis names."""
+
+    min: dict[str, int] = Field(description="Smallest size of each dynamic axis, e.g. {batch: 1, sequence: 8}.")
+    opt: dict[str, int] = Field(description="The sizes TensorRT tunes its kernels for.")
+    max: dict[str, int] = Field(description="Largest size of each dynamic axis.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProfileSection:
+        if not (set(self.min) == set(self.opt) == set(self.max)):
+            raise ValueError("min, opt and max must name the same axes")
+        for axis in self.min:
+            lo, mid, hi = self.min[axis], self.opt[axis], self.max[axis]
+            if not 0 < lo <= mid <= hi:
+                raise ValueError(f"{axis}: needs 0 < min <= opt <= max, got {lo}, {mid}, {hi}")
+        return self
+
+
+class EngineSection(_Strict):
+    """TensorRT engine build (only where the `tensorrt` target runs)."""
+
+    profile: ProfileSection | None = Field(
+        default=None,
+        description="Optimization profile; default: min and max of each axis over `benchmark.shapes`, opt the "
+        "largest shape. Every benchmark shape must fit inside it.",
+    )
+    workspace_gb: float = Field(default=4.0, gt=0, description="Builder workspace memory pool limit (GiB).")
+    optimization_level: int = Field(
+        default=3, ge=0, le=5, description="Builder optimisation level (0-5); higher builds slower, may run faster."
+    )
+    timing_cache: str | None = Field(
+        default=None,
+        description="Timing cache folder shared across runs (one file per GPU architecture and TensorRT "
+        "version). Default: OPTIMIZE_CACHE_DIR/tensorrt, else ~/.cache/optimize/tensorrt.",
+    )
+    min_precision_share: float = Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="The build fails unless at least this share of the engine's compute layers runs in the "
+        "variant's precision (FP16 asked, mostly FP32 built is the known silent failure).",
+    )
+    build_timeout_s: int = Field(default=1800, gt=0, description="Give up an engine build after this long.")
+
+
 def shape_key(shape: dict[str, int]) -> str:
     """A readable key for a benchmark shape, e.g. `batch=1,sequence=32`."""
     return ",".join(f"{k}={v}" for k, v in shape.items())
@@ -607,6 +654,7 @@ class Recipe(_Strict):
     data: dict[str, Dataset] = Field(description="Named datasets, referenced by name from other sections.")
     evaluate: EvaluateSection = Field(description="Accuracy against the FP32 baseline.")
     benchmark: BenchmarkSection = Field(description="Latency, throughput and memory measurement.")
+    engine: EngineSection = Field(default_factory=EngineSection, description="TensorRT engine build (GPU runners).")
     gates: list[Gate] = Field(default_factory=list, description="Thresholds; a failed gate fails the run (exit 1).")
     registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow registration.")
 
@@ -620,6 +668,23 @@ class Recipe(_Strict):
             for axis in shape:
                 if axis_names and axis not in axis_names:
                     raise _FieldError(("benchmark", "shapes", i, axis), _unknown(axis, axis_names, "axis name"))
+        profile = self.engine.profile
+        if profile is not None:
+            for axis in profile.min:
+                if axis_names and axis not in axis_names:
+                    raise _FieldError(("engine", "profile", "min", axis), _unknown(axis, axis_names, "axis name"))
+            for i, shape in enumerate(self.benchmark.shapes):
+                for axis, size in shape.items():
+                    if axis not in profile.min:
+                        raise _FieldError(
+                            ("engine", "profile"), f"no range for axis {axis!r} (benchmark.shapes[{i}] uses it)"
+                        )
+                    if not profile.min[axis] <= size <= profile.max[axis]:
+                        raise _FieldError(
+                            ("benchmark", "shapes", i, axis),
+                            f"{size} is outside engine.profile ({profile.min[axis]}..{profile.max[axis]}); "
+                            "widen the profile or change the shape",
+                        )
         for i, variant in enumerate(self.precision.variants):
             if isinstance(variant, Int8Variant):
                 self._check_int8(i, variant)

@@ -23,6 +23,7 @@ RECIPE_SECTIONS = (
     "data",
     "evaluate",
     "benchmark",
+    "engine",
     "gates",
     "registry",
     "extends",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import numpy as np
 
@@ -39,3 +40,45 @@ class Runner(abc.ABC):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class DeviceRunner(Runner):
+    """A runner whose model runs on a CUDA GPU. Besides `run`, it exposes the three phases that GPU timing
+    brackets with CUDA events, all enqueued on `stream` (a `torch.cuda.Stream`):
+
+        stage(feeds)   host → device copy of the inputs into the runner's device buffers
+        compute()      the model on the staged inputs (enqueue only; returns before the GPU is done)
+        fetch()        device → host copy of the outputs into pinned host buffers
+
+    After `stream.synchronize()`, `outputs_host()` returns the fetched outputs. `run` does all of it.
+    """
+
+    stream: Any
+
+    @abc.abstractmethod
+    def stage(self, feeds: dict[str, np.ndarray]) -> None:
+        """Enqueue the host → device copy of `feeds` (sets the input shapes)."""
+
+    @abc.abstractmethod
+    def compute(self) -> None:
+        """Enqueue the model on the staged inputs."""
+
+    @abc.abstractmethod
+    def fetch(self) -> None:
+        """Enqueue the device → host copy of the outputs."""
+
+    @abc.abstractmethod
+    def outputs_host(self) -> dict[str, np.ndarray]:
+        """The fetched outputs (valid once the stream is synchronised); copies, keyed by output name."""
+
+    def device_memory(self) -> dict[str, float]:
+        """Device memory the runtime reports for this model (MB), e.g. a TensorRT engine's activation memory."""
+        return {}
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Stage, compute and fetch one batch, wait for the stream, return the outputs."""
+        self.stage(feeds)
+        self.compute()
+        self.fetch()
+        self.stream.synchronize()
+        return self.outputs_host()

@@ -1,0 +1,540 @@
+"""TensorRT engine stage: ONNX → serialized engine (a `.plan`) with an identity sidecar, a timing cache
+shared across runs, and a check that the engine really carries the asked precision.
+
+Precision lives in the ONNX (AutoCast FP16, Q/DQ INT8): the network is strongly typed, so TensorRT
+compiles what the ONNX says. TensorRT 11 removed the FP16/INT8 builder flags; TensorRT 10 needs the
+STRONGLY_TYPED creation flag for the same behaviour. Features are detected by trying, not by version.
+
+The build runs in a child process (`python -m optimize.engine build ARGS.json`): a build can take many
+minutes, and only a child can be stopped at `engine.build_timeout_s` and gives its GPU memory back.
+TensorRT is imported lazily; a machine without it gets exit 4 with the reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError, first_line
+from optimize.files import file_lock, sha256_file, write_bytes, write_json, write_text
+from optimize.runtimes.base import TensorSpec
+
+# Variant precision → the layer precisions that count as carrying it.
+ASKED = {"fp32": {"fp32"}, "fp16": {"fp16", "bf16"}, "int8": {"int8", "fp8", "int4"}}
+# An FP16 or INT8 engine whose plan is above this share of the FP32 engine's size kept FP32 weights.
+MAX_SIZE_RATIO = 0.75
+TIMING_CACHE_LOCK_S = 600.0
+
+_DTYPES = (  # substrings of the inspector's "Format/Datatype" (lower case) → precision, most specific first
+    ("bf16", "bf16"),
+    ("bfloat16", "bf16"),
+    ("fp16", "fp16"),
+    ("half", "fp16"),
+    ("fp8", "fp8"),
+    ("int8", "int8"),
+    ("int4", "int4"),
+    ("fp32", "fp32"),
+    ("float", "fp32"),
+    ("int32", "int32"),
+    ("int64", "int64"),
+    ("bool", "bool"),
+)
+_FLOATISH = ("fp32", "fp16", "bf16", "fp8", "int8", "int4")
+_COMPUTE = ("conv", "gemm", "matrixmultiply", "matmul", "fullyconnected")
+_OPAQUE = ("myelin", "foreignnode", "foreign")
+
+
+def tensorrt() -> Any:
+    """The `tensorrt` module, or RuntimeMissingError (exit 4) with how to get it."""
+    try:
+        return importlib.import_module("tensorrt")
+    except ImportError as e:
+        raise RuntimeMissingError(
+            f"TensorRT is not installed ({first_line(e)}); on a GPU runner: pip install 'optimize[gpu]' "
+            "in NVIDIA's TensorRT container"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Device:
+    """The GPU an engine is built for or loaded on."""
+
+    name: str
+    compute_capability: str
+    driver: str
+    cuda: str
+
+    @property
+    def sm(self) -> str:
+        """The compute capability without its dot (`90` for 9.0), as engine and cache names carry it."""
+        return self.compute_capability.replace(".", "")
+
+
+def current_device() -> Device:
+    """GPU 0 of this machine (exit 4 when there is none)."""
+    from optimize.gpu import gpu
+
+    info = gpu(0)
+    return Device(info.name, info.compute_capability, info.driver, info.cuda_driver)
+
+
+# --- profiles, names and keys ---------------------------------------------------------------------
+
+
+def default_profile(shapes: list[dict[str, int]]) -> dict[str, dict[str, int]]:
+    """The profile the benchmark needs: per axis the smallest and largest size over `shapes`; opt is the
+    largest shape (by element count), the one throughput is judged on."""
+    axes = list(dict.fromkeys(a for s in shapes for a in s))
+    largest = max(shapes, key=lambda s: _volume(s.values()))
+    return {
+        "min": {a: min(s[a] for s in shapes if a in s) for a in axes},
+        "opt": {a: largest.get(a, max(s[a] for s in shapes if a in s)) for a in axes},
+        "max": {a: max(s[a] for s in shapes if a in s) for a in axes},
+    }
+
+
+def input_profiles(inputs: list[TensorSpec], profile: dict[str, dict[str, int]]) -> dict[str, dict[str, list[int]]]:
+    """Per input tensor, its min/opt/max shape: fixed dims as they are, named dims from `profile`."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for spec in inputs:
+        if all(isinstance(d, int) and d > 0 for d in spec.shape):
+            continue
+        shapes: dict[str, list[int]] = {}
+        for which in ("min", "opt", "max"):
+            dims = []
+            for axis, d in enumerate(spec.shape):
+                if isinstance(d, int) and d > 0:
+                    dims.append(d)
+                elif d in profile[which]:
+                    dims.append(int(profile[which][d]))
+                else:
+                    raise RecipeError(
+                        f"engine.profile: no size for axis {axis} ({d!r}) of input {spec.name!r}; "
+                        f"add {d!r} to engine.profile or to benchmark.shapes"
+                    )
+            shapes[which] = dims
+        out[spec.name] = shapes
+    return out
+
+
+def profile_hash(profiles: dict[str, Any], onnx_sha256: str, settings: dict[str, Any]) -> str:
+    """12 hex digits over the profile shapes, the exact ONNX and the builder settings: a different
+    profile, model or setting never reuses an engine's name."""
+    blob = json.dumps({"profiles": profiles, "onnx": onnx_sha256, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def engine_name(model: str, precision: str, device: Device, trt_version: str, phash: str) -> str:
+    """`{model}-{precision}-sm{cc}-trt{version}-{profile-hash}.plan`."""
+    return f"{model}-{precision}-sm{device.sm}-trt{trt_version}-{phash}.plan"
+
+
+def cache_dir(setting: str | None) -> Path:
+    """The timing cache folder: the recipe's, else $OPTIMIZE_CACHE_DIR/tensorrt, else ~/.cache/optimize/tensorrt."""
+    if setting:
+        return Path(setting).expanduser()
+    root = os.environ.get("OPTIMIZE_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "optimize") / "tensorrt"
+
+
+def timing_cache_path(folder: Path, device: Device, trt_version: str) -> Path:
+    """One timing cache per GPU architecture and TensorRT version: `timing-sm90-trt10.16.0.cache`."""
+    return Path(folder) / f"timing-sm{device.sm}-trt{trt_version}.cache"
+
+
+# --- the build (runs in the child process) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """Everything the child process needs to build one engine."""
+
+    onnx_path: str
+    out_dir: str
+    model: str
+    variant: str
+    precision: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    profile: dict[str, dict[str, int]]
+    workspace_gb: float
+    optimization_level: int
+    timing_cache_dir: str
+    log_path: str
+
+
+def network_flags(trt: Any) -> tuple[int, bool]:
+    """Creation flags for a strongly typed network: the STRONGLY_TYPED bit where the enum has it
+    (TensorRT 10); none where networks are always strongly typed (TensorRT 11 dropped the choice)."""
+    try:
+        flag = trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED
+    except AttributeError:
+        return 0, False
+    return 1 << int(flag), True
+
+
+def parser_errors(parser: Any) -> list[str]:
+    """The ONNX parser's errors, one line each: `node NAME (OP): description`."""
+    lines = []
+    for i in range(parser.num_errors):
+        err = parser.get_error(i)
+        where = ""
+        try:
+            name, op = err.node_name(), err.node_operator()
+            where = f"node {name or err.node()} ({op}): " if name or op else ""
+        except AttributeError:  # older parsers only give the node index
+            where = f"node {err.node()}: " if err.node() >= 0 else ""
+        lines.append(f"{where}{err.desc()}")
+    return lines
+
+
+def make_logger(trt: Any, lines: list[str]) -> Any:
+    """A TensorRT logger that keeps every message (warnings and up) for the build log and error messages."""
+
+    class _Logger(trt.ILogger):
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+
+        def log(self, severity: Any, msg: str) -> None:
+            name = getattr(severity, "name", str(severity))
+            lines.append(f"[{name}] {msg}")
+
+    return _Logger()
+
+
+def build_engine(request: BuildRequest, device: Device | None = None) -> dict[str, Any]:
+    """Parse the ONNX, build a strongly typed engine with one optimization profile, share the timing cache,
+    write the plan and its sidecar atomically, and read back the engine's per-layer precisions.
+
+    Returns the sidecar (what the `.json` beside the plan holds)."""
+    trt = tensorrt()
+    device = device or current_device()
+    version = str(trt.__version__)
+    lines: list[str] = []
+    log_path = Path(request.log_path)
+    started = time.perf_counter()
+    try:
+        sidecar = _build(trt, request, device, version, lines)
+    finally:
+        write_text(log_path, "\n".join(lines) + ("\n" if lines else ""))
+    sidecar["build_s"] = round(time.perf_counter() - started, 3)
+    write_json(Path(sidecar["plan_path"]).with_suffix(".json"), sidecar)
+    return sidecar
+
+
+def _build(trt: Any, req: BuildRequest, device: Device, version: str, lines: list[str]) -> dict[str, Any]:
+    logger = make_logger(trt, lines)
+    inputs = [TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in req.inputs]
+    profiles = input_profiles(inputs, req.profile)
+    onnx_sha = sha256_file(Path(req.onnx_path))
+    settings = {"workspace_gb": req.workspace_gb, "optimization_level": req.optimization_level}
+    phash = profile_hash(profiles, onnx_sha, settings)
+    plan_path = Path(req.out_dir) / engine_name(req.model, req.precision, device, version, phash)
+
+    builder = trt.Builder(logger)
+    flags, strongly_typed_flag = network_flags(trt)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file resolves external data beside the model (models over 2 GB).
+    if not parser.parse_from_file(str(req.onnx_path)):
+        errors = parser_errors(parser) or ["the parser gave no reason (see the build log)"]
+        lines.extend(f"[PARSER] {e}" for e in errors)
+        raise StageError(
+            f"engine {req.variant}: TensorRT cannot parse {Path(req.onnx_path).name}:\n" + "\n".join(errors)
+        )
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(req.workspace_gb * (1 << 30)))
+    config.builder_optimization_level = req.optimization_level
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer precisions for the inspector
+    if profiles:
+        profile = builder.create_optimization_profile()
+        for name, shape in profiles.items():
+            profile.set_shape(name, shape["min"], shape["opt"], shape["max"])
+        config.add_optimization_profile(profile)
+
+    cache_path = timing_cache_path(Path(req.timing_cache_dir), device, version)
+    cache_meta = {"gpu": device.name, "compute_capability": device.compute_capability, "tensorrt": version}
+    cache, cache_loaded = load_timing_cache(config, cache_path, cache_meta, lines)
+    if not config.set_timing_cache(cache, False):
+        lines.append(f"[optimize] timing cache {cache_path} was rejected by TensorRT; building without it")
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise StageError(f"engine {req.variant}: TensorRT build failed: " + build_failure(lines))
+    plan = bytes(serialized)
+    merge_timing_cache(config, cache_path, cache_meta)
+    write_bytes(plan_path, plan)
+
+    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    if engine is None:
+        raise StageError(f"engine {req.variant}: the engine just built cannot be loaded: " + build_failure(lines))
+    layers = inspect_layers(trt, engine)
+    return {
+        "plan_path": str(plan_path),
+        "plan_sha256": hashlib.sha256(plan).hexdigest(),
+        "plan_bytes": len(plan),
+        "model": req.model,
+        "variant": req.variant,
+        "precision": req.precision,
+        "gpu": device.name,
+        "compute_capability": device.compute_capability,
+        "driver": device.driver,
+        "cuda": device.cuda,
+        "tensorrt": version,
+        "strongly_typed_flag": strongly_typed_flag,
+        "onnx": Path(req.onnx_path).name,
+        "onnx_sha256": onnx_sha,
+        "profile": req.profile,
+        "profiles": profiles,
+        "profile_hash": phash,
+        "settings": settings,
+        "timing_cache": {"path": str(cache_path), "loaded": cache_loaded},
+        "inputs": req.inputs,
+        "outputs": req.outputs,
+        "device_memory_bytes": device_memory_bytes(engine),
+        "layers": len(layers),
+        "precisions": precision_histogram(layers),
+        "built": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def build_failure(lines: list[str]) -> str:
+    """The reason a build failed, from TensorRT's own error messages, with the known misleading ones explained."""
+    errors = [ln for ln in lines if ln.startswith(("[ERROR]", "[INTERNAL_ERROR]"))] or lines[-3:]
+    reason = " | ".join(e.split("] ", 1)[-1] for e in errors[-3:]) or "no message from TensorRT"
+    if any("Could not find any implementation" in ln for ln in lines):
+        reason += (
+            " (TensorRT says this when no kernel fits the memory it may use: often the GPU is out of memory "
+            "or engine.workspace_gb is too small; raise it or free the GPU)"
+        )
+    return reason
+
+
+def device_memory_bytes(engine: Any) -> int | None:
+    """Activation memory the engine needs on the device (the v2 property where the version has it)."""
+    for attr in ("device_memory_size_v2", "device_memory_size"):
+        try:
+            return int(getattr(engine, attr))
+        except AttributeError:
+            continue
+    return None
+
+
+# --- timing cache ----------------------------------------------------------------------------------
+
+
+def load_timing_cache(config: Any, path: Path, meta: dict[str, str], lines: list[str]) -> tuple[Any, bool]:
+    """The timing cache for this GPU architecture and TensorRT version, or a new empty one. A file whose
+    metadata names another GPU or version is never loaded (it is moved aside as `.rejected`)."""
+    meta_path = path.with_suffix(".json")
+    if path.exists():
+        try:
+            found = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            found = None
+        if found is not None and all(found.get(k) == v for k, v in meta.items() if k != "gpu"):
+            with file_lock(path.with_suffix(".lock"), TIMING_CACHE_LOCK_S, "timing cache"):
+                data = path.read_bytes()
+            return config.create_timing_cache(data), True
+        os.replace(path, path.with_suffix(".rejected"))
+        lines.append(f"[optimize] timing cache {path} is not for {meta}; moved aside, not loaded")
+    return config.create_timing_cache(b""), False
+
+
+def merge_timing_cache(config: Any, path: Path, meta: dict[str, str]) -> None:
+    """Merge what this build learned into the shared cache file, under a lock, so parallel jobs add up."""
+    with file_lock(path.with_suffix(".lock"), TIMING_CACHE_LOCK_S, "timing cache"):
+        ours = config.get_timing_cache()
+        if path.exists():
+            ours.combine(config.create_timing_cache(path.read_bytes()), False)
+        write_bytes(path, bytes(ours.serialize()))
+        write_json(path.with_suffix(".json"), {**meta, "updated": dt.datetime.now(dt.timezone.utc).isoformat()})
+
+
+# --- precision inspection --------------------------------------------------------------------------
+
+
+def inspect_layers(trt: Any, engine: Any) -> list[dict[str, Any]]:
+    """The engine inspector's per-layer records (needs ProfilingVerbosity.DETAILED at build time)."""
+    inspector = engine.create_engine_inspector()
+    info = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
+    layers = info.get("Layers", []) if isinstance(info, dict) else []
+    return [layer for layer in layers if isinstance(layer, dict)]
+
+
+def dtype_of(fmt: str) -> str | None:
+    """The precision named in an inspector "Format/Datatype" string, e.g. "Row major linear FP16 format"."""
+    low = fmt.lower()
+    for key, value in _DTYPES:
+        if key in low:
+            return value
+    return None
+
+
+def layer_precision(layer: dict[str, Any]) -> str:
+    """One layer's precision: the lowest float precision among its inputs (an INT8 GEMM reads INT8 and
+    may write FP32); `opaque` for fused foreign (Myelin) nodes whose inside the inspector does not show."""
+    kind = str(layer.get("LayerType", "")).lower()
+    if any(k in kind for k in _OPAQUE):
+        return "opaque"
+    dtypes = [dtype_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Inputs", [])]
+    floats = [d for d in dtypes if d in _FLOATISH]
+    if not floats:
+        outs = [dtype_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Outputs", [])]
+        floats = [d for d in outs if d in _FLOATISH]
+    if not floats:
+        return "other"
+    return min(floats, key=("int4", "int8", "fp8", "fp16", "bf16", "fp32").index)
+
+
+def precision_histogram(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts of layer precisions, over all layers and over compute layers (convolutions and GEMMs)."""
+    all_counts: dict[str, int] = {}
+    compute: dict[str, int] = {}
+    for layer in layers:
+        p = layer_precision(layer)
+        all_counts[p] = all_counts.get(p, 0) + 1
+        if any(k in str(layer.get("LayerType", "")).lower() for k in _COMPUTE):
+            compute[p] = compute.get(p, 0) + 1
+    return {"all": dict(sorted(all_counts.items())), "compute": dict(sorted(compute.items()))}
+
+
+def check_precision(
+    asked: str, histogram: dict[str, Any], size_ratio: float | None, min_share: float
+) -> dict[str, Any]:
+    """Does the engine carry the asked precision? Two pieces of evidence:
+
+    - the share of layers in that precision, over compute layers (or all layers with a float precision when
+      the engine shows no compute layer), where the inspector shows them (fused Myelin nodes do not);
+    - for FP16/INT8, the plan's size against the FP32 engine of the same run: weights that stayed FP32
+      keep the plan near the FP32 size.
+
+    Returns {"status": passed|failed|undetermined, "reason", "share", "size_ratio"}.
+    """
+    wanted = ASKED[asked]
+    counts = histogram.get("compute") or {p: n for p, n in histogram.get("all", {}).items() if p in _FLOATISH}
+    known = {p: n for p, n in counts.items() if p in _FLOATISH}
+    total = sum(known.values())
+    share = sum(n for p, n in known.items() if p in wanted) / total if total else None
+    out: dict[str, Any] = {"asked": asked, "share": share, "size_ratio": size_ratio, "min_share": min_share}
+    problems = []
+    if share is not None and share < min_share:
+        shown = ", ".join(f"{n} {p}" for p, n in sorted(known.items(), key=lambda kv: -kv[1]))
+        problems.append(f"{share:.0%} of the layers run in {asked} (< {min_share:.0%}; layers: {shown})")
+    if asked != "fp32" and size_ratio is not None and size_ratio > MAX_SIZE_RATIO:
+        problems.append(
+            f"the plan is {size_ratio:.0%} of the FP32 engine's size (> {MAX_SIZE_RATIO:.0%}): its weights stayed FP32"
+        )
+    if problems:
+        out.update(status="failed", reason=f"{asked} asked, but " + "; ".join(problems))
+    elif share is None and (size_ratio is None or asked == "fp32"):
+        out.update(
+            status="undetermined",
+            reason="the inspector shows no layer precisions (fused foreign nodes) and there is no size to compare",
+        )
+    else:
+        out.update(status="passed", reason=f"{asked} carried" + (f" by {share:.0%} of layers" if share else ""))
+    return out
+
+
+# --- loading: identity checks ------------------------------------------------------------------------
+
+
+def read_sidecar(plan_path: Path) -> dict[str, Any]:
+    """The JSON sidecar beside a plan (exit 2 when it is missing: an engine without identity is not loaded)."""
+    side = Path(plan_path).with_suffix(".json")
+    try:
+        return json.loads(side.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{plan_path}: no sidecar {side.name}; engines are loaded with their identity") from None
+    except ValueError as e:
+        raise RecipeError(f"{side}: not valid JSON ({e})") from None
+
+
+def check_compatible(sidecar: dict[str, Any], device: Device, trt_version: str, plan_path: Path) -> None:
+    """Refuse (exit 4) an engine built for another GPU architecture or TensorRT version, and (exit 3) a plan
+    whose bytes are not the ones the sidecar describes."""
+    built_for = (
+        f"sm{str(sidecar.get('compute_capability', '?')).replace('.', '')} with TensorRT {sidecar.get('tensorrt')}"
+    )
+    here = f"sm{device.sm} ({device.name}) with TensorRT {trt_version}"
+    if sidecar.get("compute_capability") != device.compute_capability or sidecar.get("tensorrt") != trt_version:
+        raise RuntimeMissingError(
+            f"{Path(plan_path).name}: built for {built_for}, this machine is {here}; engines only run on the "
+            "GPU architecture and TensorRT version that built them: rebuild it here"
+        )
+    digest = sha256_file(Path(plan_path))
+    if digest != sidecar.get("plan_sha256"):
+        raise StageError(f"{Path(plan_path).name}: sha256 {digest[:12]}… does not match its sidecar; rebuild it")
+
+
+# --- the stage, in the parent process ----------------------------------------------------------------
+
+
+def build_in_child(request: BuildRequest, timeout_s: float) -> dict[str, Any]:
+    """Run `build_engine` in a child process; map its outcome back to our exit codes."""
+    args_path = Path(request.out_dir) / f".{request.variant}-build.json"
+    result_path = args_path.with_suffix(".result.json")
+    write_json(args_path, request.__dict__)
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "optimize.engine", "build", str(args_path), str(result_path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired:
+        raise StageError(
+            f"engine {request.variant}: the build took over {timeout_s:g} s (engine.build_timeout_s); narrow "
+            "engine.profile or lower engine.optimization_level"
+        ) from None
+    finally:
+        args_path.unlink(missing_ok=True)
+    try:
+        outcome = json.loads(result_path.read_text())
+    except (OSError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise StageError(f"engine {request.variant}: the build process died (exit {proc.returncode}): {tail}") from None
+    finally:
+        result_path.unlink(missing_ok=True)
+    if "error" in outcome:
+        cls = {c.__name__: c for c in (RecipeError, StageError, RuntimeMissingError)}.get(outcome["kind"], StageError)
+        raise cls(outcome["error"])
+    return outcome["sidecar"]
+
+
+def _child(args_path: str, result_path: str) -> int:
+    request = BuildRequest(**json.loads(Path(args_path).read_text()))
+    try:
+        outcome: dict[str, Any] = {"sidecar": build_engine(request)}
+    except OptimizeError as e:
+        outcome = {"error": str(e), "kind": type(e).__name__}
+    except Exception as e:  # TensorRT raises plain exceptions; keep their message
+        outcome = {"error": f"engine {request.variant}: {type(e).__name__}: {first_line(e)}", "kind": "StageError"}
+    write_json(Path(result_path), outcome)
+    return 0
+
+
+def _volume(values: Any) -> int:
+    n = 1
+    for v in values:
+        n *= int(v)
+    return n
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 4 or sys.argv[1] != "build":
+        raise SystemExit("usage: python -m optimize.engine build ARGS.json RESULT.json")
+    raise SystemExit(_child(sys.argv[2], sys.argv[3]))
