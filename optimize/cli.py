@@ -137,6 +137,37 @@ def schema() -> None:
     typer.echo(json.dumps(json_schema(), indent=2))
 
 
+@app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    require_target: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--require-target",
+            metavar="TARGET",
+            help="After the report, exit 4 when this target cannot run here (repeatable): "
+            "onnxruntime-cpu, onnxruntime-cuda, tensorrt, torch-cpu, torch-cuda.",
+        ),
+    ] = None,
+) -> None:
+    """Report what this machine can run: GPUs and driver, torch, TensorRT, ONNX Runtime, ModelOpt, MLflow,
+    and whether each recipe target is available (and why not)."""
+    from optimize.recipe import TARGETS
+
+    for t in require_target or []:
+        if t not in TARGETS:
+            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    from optimize.doctor import diagnose, render
+
+    report = diagnose()
+    typer.echo(json.dumps(report, indent=2) if as_json else render(report), nl=as_json)
+    missing = [(t, report["targets"][t]["reason"]) for t in require_target or [] if report["targets"][t]["reason"]]
+    if missing:
+        from optimize.errors import RuntimeMissingError
+
+        raise RuntimeMissingError("; ".join(f"required target {t} is not available: {reason}" for t, reason in missing))
+
+
 def _usage(msg: str) -> OptimizeError:
     from optimize.errors import RecipeError
 
