@@ -1,6 +1,8 @@
 """Benchmark protocol: per shape, warm up every runner, then time them interleaved (rotating the order
-each iteration) so that the baseline/variant ratio survives a noisy machine. Peak memory is measured
-in a fresh process per artifact, so one model's allocations never count against another's."""
+each iteration, and rotating real input sets) so that the baseline/variant ratio survives a noisy machine.
+Host runners are timed with the host clock; GPU runners with CUDA events around the host-to-device copy,
+the compute and the device-to-host copy, as trtexec reports them. Peak memory is measured in a fresh
+process per artifact, so one model's allocations never count against another's."""
 
 from __future__ import annotations
 
@@ -17,8 +19,19 @@ import numpy as np
 
 from optimize.errors import RecipeError, StageError
 from optimize.files import write_npz
-from optimize.recipe import shape_key
-from optimize.runtimes.base import TensorSpec
+from optimize.recipe import GPU_TARGETS, shape_key
+from optimize.runtimes.base import DeviceRunner, TensorSpec
+
+# Input sets a shape is timed with (one per sample batch, rotated per iteration): enough that caches
+# do not see the same bytes every iteration, few enough to stay small in memory.
+MAX_FEED_SETS = 4
+# GPU compute time whose coefficient of variation exceeds 2.5 % is flagged unstable. trtexec's own
+# threshold is 1 % (kUNSTABLE_PERF_REPORTING_THRESHOLD in samples/common/sampleReporting.cpp); on shared
+# runners without locked clocks that flags nearly every run, so the bar here is the one our CI asks for.
+GPU_CV_WARN = 0.025
+# trtexec calls a run enqueue-bound when the median enqueue time exceeds 80 % of the median GPU compute time.
+TRTEXEC_ENQUEUE_BOUND = 0.8
+_MB = 1024 * 1024
 
 
 def make_feeds(
@@ -45,9 +58,7 @@ def make_feeds(
     return feeds
 
 
-def latency_stats(samples_ns: list[int], batch: int) -> dict[str, float]:
-    """Latency distribution (ms), coefficient of variation and throughput (items/s) of timed runs."""
-    ms = np.asarray(samples_ns, dtype=np.float64) / 1e6
+def _distribution(ms: np.ndarray) -> dict[str, Any]:
     mean = float(ms.mean())
     std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
     return {
@@ -61,28 +72,167 @@ def latency_stats(samples_ns: list[int], batch: int) -> dict[str, float]:
         "max_ms": float(ms.max()),
         "std_ms": std,
         "cv": std / mean if mean > 0 else 0.0,
-        "items_per_s": batch / (mean / 1e3) if mean > 0 else 0.0,
     }
 
 
+def latency_stats(samples_ns: list[int], batch: int) -> dict[str, Any]:
+    """Latency distribution (ms), coefficient of variation and throughput (items/s) of runs timed with the
+    host clock (`timing: host-clock`)."""
+    stats = _distribution(np.asarray(samples_ns, dtype=np.float64) / 1e6)
+    mean = stats["mean_ms"]
+    return {**stats, "items_per_s": batch / (mean / 1e3) if mean > 0 else 0.0, "timing": "host-clock"}
+
+
+def device_latency_stats(samples: dict[str, list[float]], batch: int, cv_warn: float = GPU_CV_WARN) -> dict[str, Any]:
+    """Statistics of one GPU runner's `time_device` samples (ms), in trtexec's terms.
+
+    The top-level keys are `latency_stats`'s, computed on `latency` (H2D + GPU compute + D2H, trtexec's
+    "Latency"), so gates read the same fields on every target. `items_per_s` is, as trtexec's throughput,
+    items over host wall time: per iteration, from before the input copy to the stream's end. Also:
+    `gpu_compute` (trtexec's "GPU Compute Time" distribution), the means `h2d_ms`, `d2h_ms`, `enqueue_ms`,
+    `wall_ms`, and `warnings`: trtexec's four — GPU compute CV above `cv_warn`, median enqueue time above
+    80 % of median GPU compute (enqueue-bound), median H2D or D2H at or above median GPU compute
+    (transfer-bound).
+    """
+    latency = np.asarray(samples["latency"], dtype=np.float64)
+    compute = np.asarray(samples["gpu_compute"], dtype=np.float64)
+    h2d, d2h, enqueue, wall = (np.asarray(samples[k], dtype=np.float64) for k in ("h2d", "d2h", "enqueue", "wall"))
+    stats = _distribution(latency)
+    wall_ms = float(wall.mean())
+    gpu = _distribution(compute)
+    warnings = []
+    if gpu["cv"] > cv_warn:
+        warnings.append(
+            f"GPU compute time is unstable, with coefficient of variation = {gpu['cv']:.2%} (> {cv_warn:.1%}); "
+            "locking the GPU clock frequency may improve the stability"
+        )
+    median = {"enqueue": float(np.median(enqueue)), "H2D": float(np.median(h2d)), "D2H": float(np.median(d2h))}
+    if median["enqueue"] > TRTEXEC_ENQUEUE_BOUND * gpu["p50_ms"]:
+        warnings.append(
+            "throughput may be bound by enqueue time rather than GPU compute and the GPU may be under-utilized "
+            f"(median enqueue {median['enqueue']:.3g} ms > {TRTEXEC_ENQUEUE_BOUND:.0%} of median GPU compute "
+            f"{gpu['p50_ms']:.3g} ms); CUDA graphs may increase the throughput"
+        )
+    for way, what in (
+        ("H2D", "host-to-device transfers for the inputs"),
+        ("D2H", "device-to-host transfers for the outputs"),
+    ):
+        if median[way] >= gpu["p50_ms"]:
+            warnings.append(
+                f"throughput may be bound by {what} rather than GPU compute and the GPU may be under-utilized "
+                f"(median {way} {median[way]:.3g} ms >= median GPU compute {gpu['p50_ms']:.3g} ms)"
+            )
+    return {
+        **stats,
+        "items_per_s": batch / (wall_ms / 1e3) if wall_ms > 0 else 0.0,
+        "timing": "cuda-events",
+        "gpu_compute": {k: gpu[k] for k in ("mean_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "cv")},
+        "h2d_ms": float(h2d.mean()),
+        "d2h_ms": float(d2h.mean()),
+        "enqueue_ms": float(enqueue.mean()),
+        "wall_ms": wall_ms,
+        "warnings": warnings,
+    }
+
+
+def _feed_sets(feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    sets = [feeds] if isinstance(feeds, dict) else list(feeds)
+    if not sets:
+        raise StageError("benchmark: no input set to time with")
+    return sets
+
+
 def time_interleaved(
-    runners: dict[str, Any], feeds: dict[str, np.ndarray], warmup: int, iterations: int
+    runners: dict[str, Any],
+    feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
+    warmup: int,
+    iterations: int,
 ) -> dict[str, list[int]]:
-    """Warm up each runner, then run them round-robin `iterations` times; per runner, ns per run."""
+    """Warm up each runner, then run them round-robin `iterations` times; per runner, ns per run.
+
+    `feeds` is one input set or several: iteration i (and warm-up run i) uses set i mod their number,
+    the same set for every runner in that iteration.
+    """
+    sets = _feed_sets(feeds)
     for runner in runners.values():
-        for _ in range(warmup):
-            runner.run(feeds)
+        for j in range(warmup):
+            runner.run(sets[j % len(sets)])
     keys = list(runners)
     timings: dict[str, list[int]] = {k: [] for k in keys}
     clock = time.perf_counter_ns
     for i in range(iterations):
         shift = i % len(keys)
+        batch = sets[i % len(sets)]
         for k in keys[shift:] + keys[:shift]:
             run = runners[k].run
             t0 = clock()
-            run(feeds)
+            run(batch)
             timings[k].append(clock() - t0)
     return timings
+
+
+def _timing_event() -> Any:
+    import torch
+
+    return torch.cuda.Event(enable_timing=True)
+
+
+DEVICE_SERIES = ("latency", "gpu_compute", "h2d", "d2h", "enqueue", "wall")
+
+
+def time_device(
+    runners: dict[str, DeviceRunner], feed_sets: list[dict[str, np.ndarray]], warmup: int, iterations: int
+) -> dict[str, dict[str, list[float]]]:
+    """GPU runners timed as trtexec does, interleaved and rotating the order and the input set as
+    `time_interleaved` does.
+
+    Each timed iteration records four CUDA events on the runner's stream — before `stage`, after `stage`,
+    after `compute`, after `fetch` — and reads two host clocks: around `compute()` (the enqueue time) and
+    around the whole iteration up to `stream.synchronize()` (the host wall time). Iterations do not overlap:
+    each one waits for its stream, so one runner's work never runs under another's events (so throughput
+    is that of one query at a time, not of queries pipelined as trtexec's default run does).
+
+    Events time the GPU's timeline, and the stream idles while the host prepares a phase: host work in
+    `stage` (numpy feeds into pinned buffers) shows in `h2d`, and launch gaps of an eager model that the
+    GPU outruns show in `gpu_compute` — as in trtexec, where the enqueue-bound warning points at them.
+
+    Returns per runner lists in ms: `latency` (H2D + compute + D2H), `gpu_compute`, `h2d`, `d2h`, `enqueue`,
+    `wall`.
+    """
+    sets = _feed_sets(feed_sets)
+    for runner in runners.values():
+        for j in range(warmup):
+            runner.run(sets[j % len(sets)])
+    keys = list(runners)
+    events = {k: [_timing_event() for _ in range(4)] for k in keys}
+    out: dict[str, dict[str, list[float]]] = {k: {s: [] for s in DEVICE_SERIES} for k in keys}
+    clock = time.perf_counter_ns
+    for i in range(iterations):
+        shift = i % len(keys)
+        batch = sets[i % len(sets)]
+        for k in keys[shift:] + keys[:shift]:
+            runner, (e0, e1, e2, e3) = runners[k], events[k]
+            stream = runner.stream
+            t0 = clock()
+            e0.record(stream)
+            runner.stage(batch)
+            e1.record(stream)
+            c0 = clock()
+            runner.compute()
+            c1 = clock()
+            e2.record(stream)
+            runner.fetch()
+            e3.record(stream)
+            stream.synchronize()
+            t1 = clock()
+            series = out[k]
+            series["latency"].append(e0.elapsed_time(e3))
+            series["gpu_compute"].append(e1.elapsed_time(e2))
+            series["h2d"].append(e0.elapsed_time(e1))
+            series["d2h"].append(e2.elapsed_time(e3))
+            series["enqueue"].append((c1 - c0) / 1e6)
+            series["wall"].append((t1 - t0) / 1e6)
+    return out
 
 
 def add_speedups(stats: dict[str, float], baseline: dict[str, float]) -> dict[str, float]:
@@ -93,32 +243,67 @@ def add_speedups(stats: dict[str, float], baseline: dict[str, float]) -> dict[st
         "p99_speedup": baseline["p99_ms"] / stats["p99_ms"],
         "mean_speedup": baseline["mean_ms"] / stats["mean_ms"],
         "throughput_speedup": stats["items_per_s"] / baseline["items_per_s"],
+        **(
+            {"gpu_compute_p50_speedup": baseline["gpu_compute"]["p50_ms"] / stats["gpu_compute"]["p50_ms"]}
+            if "gpu_compute" in stats and "gpu_compute" in baseline
+            else {}
+        ),
     }
 
 
 def run_shapes(
-    runners: dict[str, Any], spec: Any, sample: dict[str, np.ndarray], baseline: str
+    runners: dict[str, Any],
+    spec: Any,
+    samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray],
+    baseline: str,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """The benchmark protocol on one target: for each of `spec.shapes`, feeds cut from `sample`, all runners
-    timed interleaved, latency statistics per runner and speed-ups against `baseline`.
+    """The benchmark protocol on one target: for each of `spec.shapes`, one input set per sample batch (the
+    first MAX_FEED_SETS of `samples`; a single batch may be given as it is), all runners timed interleaved,
+    latency statistics per runner and speed-ups against `baseline`.
 
-    Returns {runner name: {shape key: stats}}; `cv_warning` marks stats noisier than `spec.cv_warn`.
+    Runners are all host runners (host clock, `latency_stats`) or all GPU runners (CUDA events,
+    `device_latency_stats`); a mix is a StageError, since each target is timed on its own.
+    Returns {runner name: {shape key: stats}}; `cv_warning` marks stats whose latency CV exceeds
+    `spec.cv_warn`. On GPU runners, `warnings` also flags a GPU compute CV above the smaller of
+    GPU_CV_WARN (2.5 %) and `spec.cv_warn`.
     """
+    on_device = {name: isinstance(r, DeviceRunner) for name, r in runners.items()}
+    if len(set(on_device.values())) > 1:
+        gpu = ", ".join(n for n, d in on_device.items() if d)
+        host = ", ".join(n for n, d in on_device.items() if not d)
+        raise StageError(
+            f"benchmark: {gpu} run on a GPU and {host} on the host; each target is timed on its own, so the "
+            "runners timed together must all be GPU runners or all host runners"
+        )
+    device = all(on_device.values())
+    if isinstance(samples, dict):  # one sample batch
+        samples = [samples]
+    if not samples:
+        raise StageError("benchmark: no sample batch to build the inputs from")
     inputs = runners[baseline].inputs
     out: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in runners}
     for i, shape in enumerate(spec.shapes):
-        feeds = make_feeds(inputs, shape, sample, f"benchmark.shapes[{i}]")
-        batch = len(next(iter(feeds.values())))
-        timings = time_interleaved(runners, feeds, spec.warmup, spec.iterations)
-        base = latency_stats(timings[baseline], batch)
-        for name in runners:
-            stats = base if name == baseline else add_speedups(latency_stats(timings[name], batch), base)
+        where = f"benchmark.shapes[{i}]"
+        feed_sets = [make_feeds(inputs, shape, sample, where) for sample in samples[:MAX_FEED_SETS]]
+        batch = len(next(iter(feed_sets[0].values())))
+        if device:
+            series = time_device(runners, feed_sets, spec.warmup, spec.iterations)
+            cv_warn = min(GPU_CV_WARN, spec.cv_warn)
+            per_runner = {name: device_latency_stats(series[name], batch, cv_warn) for name in runners}
+        else:
+            timings = time_interleaved(runners, feed_sets, spec.warmup, spec.iterations)
+            per_runner = {name: latency_stats(timings[name], batch) for name in runners}
+        base = per_runner[baseline]
+        for name, stats in per_runner.items():
+            if name != baseline:
+                stats = add_speedups(stats, base)
             out[name][shape_key(shape)] = {**stats, "cv_warning": stats["cv"] > spec.cv_warn}
     return out
 
 
 _PROBE = r"""
 import json, sys
+from contextlib import nullcontext
 import numpy as np
 from optimize.runtimes import open_runner, unavailable_reason
 def status_mb(key):
@@ -129,34 +314,94 @@ def status_mb(key):
                 return int(line.split()[1]) / 1024
     raise SystemExit("no " + key + " in /proc/self/status")
 target, model, feeds_path, threads = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) or None
+gpu = sys.argv[5] == "gpu"
 feeds = dict(np.load(feeds_path))
 unavailable_reason(target)  # imports the runtime, so its import is not counted as the session's
+record = {}
+if gpu:
+    try:
+        import torch
+        from optimize.bench import nvml_index
+        from optimize.gpu import ProcessGpuMemory
+        # The CUDA context exists before the session, so it counts as the context's, not the session's.
+        torch.cuda.init()
+        torch.ones(1, device="cuda").sum().item()
+        torch.cuda.empty_cache()
+        monitor = ProcessGpuMemory(index=nvml_index(torch.cuda.current_device()))
+    except Exception as e:
+        gpu = False
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        record = {"gpu_peak_mb": None, "gpu_context_mb": None, "gpu_session_mb": None,
+                  "gpu_memory_note": "not measured: torch cannot initialise CUDA in the probe (" + why + ")"}
 before = status_mb("VmRSS")
-with open_runner(target, model, threads) as r:
-    for _ in range(3):
-        r.run(feeds)
-    peak = status_mb("VmHWM")
-print(json.dumps({"rss_peak_mb": peak, "rss_session_mb": peak - before}))
+with monitor if gpu else nullcontext():
+    context = monitor.sample() if gpu else None
+    with open_runner(target, model, threads) as r:
+        for _ in range(3):
+            r.run(feeds)
+        peak = status_mb("VmHWM")
+        if gpu:
+            monitor.sample()
+            device_memory = r.device_memory() if hasattr(r, "device_memory") else {}
+if gpu:
+    gpu_peak = monitor.peak_mb
+    record = {
+        "gpu_peak_mb": gpu_peak,
+        "gpu_context_mb": context,
+        "gpu_session_mb": None if gpu_peak is None or context is None else gpu_peak - context,
+        "gpu_memory_note": monitor.note,
+        **device_memory,
+    }
+print(json.dumps({"rss_peak_mb": peak, "rss_session_mb": peak - before, **record}))
 """
 
 
 PROBE_TIMEOUT_S = 600
 
 
-def measure_memory(
-    target: str, model_path: Path, feeds: dict[str, np.ndarray], threads: int | None
-) -> dict[str, float]:
-    """Peak RSS (MB) of a fresh process that loads `model_path` on `target` and runs `feeds` three times.
+def nvml_index(cuda_device: int) -> int:
+    """The NVML index (nvidia-smi's order) of CUDA device `cuda_device`, matched by UUID; where the UUIDs
+    cannot be read, the CUDA index itself (the same when CUDA_VISIBLE_DEVICES is unset and the order is
+    the PCI bus order). A wrong guess reads no number: the process is then not listed on that GPU."""
+    import torch
 
-    `rss_session_mb` is that peak minus the process's RSS before the session was created.
+    from optimize.gpu import gpus
+
+    try:
+        uuid = str(torch.cuda.get_device_properties(cuda_device).uuid).lower().removeprefix("gpu-")
+    except Exception:  # an older torch without `uuid`
+        return cuda_device
+    for info in gpus():
+        if info.uuid.lower().removeprefix("gpu-") == uuid:
+            return info.index
+    return cuda_device
+
+
+def measure_memory(
+    target: str, artifact: Path | Any, feeds: dict[str, np.ndarray], threads: int | None
+) -> dict[str, Any]:
+    """Peak memory (MB) of a fresh process that loads `artifact` on `target` and runs `feeds` three times.
+
+    `rss_peak_mb` is that process's peak RSS, `rss_session_mb` the peak minus its RSS before the session
+    was created. On GPU targets (`GPU_TARGETS`) also, read through NVML for that process: `gpu_context_mb`
+    (after CUDA is initialised, before the session), `gpu_peak_mb`, `gpu_session_mb` (= peak − context),
+    `gpu_memory_note` (why a reading is None, if one is), and the runner's own `device_memory()`.
+
+    The torch targets run the source module (a TorchArtifact), which a fresh process cannot load from a
+    path: torch-cuda is measured in this process (`measure_torch_cuda_memory`), torch-cpu is not measured.
     """
+    if target.startswith("torch-"):
+        return _measure_torch_memory(target, artifact, feeds)
+    model_path = Path(artifact)
+    gpu = target in GPU_TARGETS
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         write_npz(feeds_path, feeds)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        args = [target, str(model_path), str(feeds_path), str(threads or 0), "gpu" if gpu else "host"]
         try:
             proc = subprocess.run(
-                [sys.executable, "-c", _PROBE, target, str(model_path), str(feeds_path), str(threads or 0)],
+                [sys.executable, "-c", _PROBE, *args],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -170,3 +415,52 @@ def measure_memory(
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise StageError(f"benchmark: memory probe for {model_path.name} on {target} failed: {tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+TORCH_CPU_MEMORY_NOTE = "not measured: torch-cpu runs in the pipeline's own process"
+
+
+def _measure_torch_memory(target: str, artifact: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    from optimize.runtimes.torch import TorchArtifact, TorchCudaRunner
+
+    if not isinstance(artifact, TorchArtifact):
+        raise StageError(f"benchmark: target {target} measures a TorchArtifact, not {type(artifact).__name__}")
+    if target == "torch-cpu":
+        return {"note": TORCH_CPU_MEMORY_NOTE}
+    with TorchCudaRunner(artifact.module, artifact.inputs, artifact.outputs, artifact.precision) as runner:
+        return measure_torch_cuda_memory(runner, feeds)
+
+
+def measure_torch_cuda_memory(runner: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+    """GPU memory of a TorchCudaRunner that runs `feeds` three times, measured in this process.
+
+    `torch_peak_allocated_mb` and `torch_peak_reserved_mb` are torch's allocator peaks over the three runs
+    (every live tensor of this process counts, not only this model's: close other GPU runners first);
+    `torch_allocated_before_mb` is what was allocated before them (the weights, staged inputs, anything
+    else alive). `gpu_process_peak_mb` is NVML's reading for the whole process (CUDA context included),
+    None with `gpu_memory_note` saying why where NVML has none. Plus the runner's `device_memory()`.
+    """
+    import torch
+
+    from optimize.gpu import ProcessGpuMemory
+
+    device = runner.device
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with ProcessGpuMemory(index=nvml_index(device.index)) as monitor:
+        for _ in range(3):
+            runner.run(feeds)
+        torch.cuda.synchronize(device)
+        monitor.sample()
+    notes = ["torch-cuda is measured in the pipeline's own process"]
+    if monitor.note:
+        notes.append(monitor.note)
+    return {
+        "torch_peak_allocated_mb": torch.cuda.max_memory_allocated(device) / _MB,
+        "torch_peak_reserved_mb": torch.cuda.max_memory_reserved(device) / _MB,
+        "torch_allocated_before_mb": before / _MB,
+        "gpu_process_peak_mb": monitor.peak_mb,
+        "gpu_memory_note": "; ".join(notes),
+        **runner.device_memory(),
+    }

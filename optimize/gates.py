@@ -63,8 +63,13 @@ def evaluate_gates(
                     row.update(status="skipped", reason=status.get("reason", "target did not run"))
                     rows.append(row)
                     continue
+                result = results[variant].get(target, {})
+                if "skipped" in result:  # this target does not run this variant (INT8 on torch, say)
+                    row.update(status="skipped", reason=result["skipped"])
+                    rows.append(row)
+                    continue
                 shape = shape_key(gate.shape) if gate.shape else None
-                value = metric_value(results[variant][target], gate.metric, shape)
+                value = metric_value(result, gate.metric, shape)
                 base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric, shape)
                 row["value"] = value
                 row["baseline_value"] = base

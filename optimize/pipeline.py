@@ -67,16 +67,22 @@ def resolve_targets(recipe: Recipe, require: tuple[str, ...]) -> dict[str, dict[
     required = list(dict.fromkeys([*bench.targets, *require]))
     out: dict[str, dict[str, Any]] = {}
     for target in required:
-        reason = unavailable_reason(target)
+        reason = _model_refuses(recipe, target) or unavailable_reason(target)
         if reason:
             source = "--require-target" if target in require and target not in bench.targets else "benchmark.targets"
             raise RuntimeMissingError(f"{source}: {target} is required but not available: {reason}")
         out[target] = {"status": "ran"}
     for target in bench.optional_targets:
         if target not in out:
-            reason = unavailable_reason(target)
+            reason = _model_refuses(recipe, target) or unavailable_reason(target)
             out[target] = {"status": "skipped", "reason": reason} if reason else {"status": "ran"}
     return out
+
+
+def _model_refuses(recipe: Recipe, target: str) -> str | None:
+    if target.startswith("torch-") and isinstance(recipe.model, OnnxModel):
+        return "the model is given as ONNX; torch targets run a PyTorch model source"
+    return None
 
 
 def make_run_dir(runs_dir: Path, name: str) -> tuple[Path, str]:
@@ -284,11 +290,60 @@ def _execute(state: _Run) -> RunResult:
         }
         for name, p in paths.items()
     }
+    # What runs on each target: the ONNX on ONNX Runtime, the source module on torch, a plan on TensorRT.
+    # A variant a target cannot run (INT8 on torch, QOperator INT8 on TensorRT) is skipped there, with why.
+    artifacts: dict[str, dict[str, Any]] = {}
+    not_run: dict[str, dict[str, str]] = {}
+    specs = {}
+    for name, p in paths.items():
+        with open_runner("onnxruntime-cpu", p) as r:
+            specs[name] = (r.inputs, r.outputs)
+    for target in ran:
+        artifacts[target], not_run[target] = {}, {}
+        for name, p in paths.items():
+            reason = target_refuses(target, recipe, name, precisions[name])
+            if reason:
+                not_run[target][name] = reason
+            elif target.startswith("torch-"):
+                from optimize.runtimes.torch import TorchArtifact
+
+                artifacts[target][name] = TorchArtifact(loaded.module, *specs[name], precisions[name])
+            else:
+                artifacts[target][name] = p
     results: dict[str, dict[str, dict[str, Any]]] = {
-        name: {t: {"size": {"bytes": meta["size_bytes"], "ratio": meta["size_bytes"] / baseline_size}} for t in ran}
+        name: {
+            t: {"skipped": not_run[t][name]}
+            if name in not_run[t]
+            else {"size": {"bytes": meta["size_bytes"], "ratio": meta["size_bytes"] / baseline_size}}
+            for t in ran
+        }
         for name, meta in variants_meta.items()
     }
-    golden: dict[str, dict[str, np.ndarray]] = {}
+
+    if "tensorrt" in ran:
+        with stage("engine", f"TensorRT engines for {', '.join(artifacts['tensorrt'])}") as rec, state.log("engine"):
+            sidecars = _build_engines(state, artifacts["tensorrt"], precisions, specs)
+            fp32_bytes = sidecars["fp32"]["plan_bytes"]
+            for name, side in sidecars.items():
+                artifacts["tensorrt"][name] = Path(side["plan_path"])
+                results[name]["tensorrt"]["size"] = {
+                    "bytes": side["plan_bytes"],
+                    "ratio": side["plan_bytes"] / fp32_bytes,
+                }
+                variants_meta[name]["engine"] = {
+                    "path": str(Path(side["plan_path"]).relative_to(run_dir)),
+                    "sha256": side["plan_sha256"],
+                    "precisions": side["precisions"],
+                    "precision_check": side["precision_check"],
+                    "build_s": side["build_s"],
+                    "device_memory_bytes": side["device_memory_bytes"],
+                }
+            rec["engines"] = {n: variants_meta[n]["engine"] for n in sidecars}
+            rec["detail"] = ", ".join(
+                f"{n} {s['precision_check']['status']} ({s['build_s']:.0f} s)" for n, s in sidecars.items()
+            )
+
+    golden: dict[str, dict[str, dict[str, np.ndarray]]] = {}
 
     with (
         stage("evaluate", f"accuracy on {eval_ds.name} ({eval_ds.sample_count} samples)") as rec,
@@ -299,26 +354,33 @@ def _execute(state: _Run) -> RunResult:
             metric_fn = import_entry_point(
                 recipe.evaluate.task_metric, recipe.evaluate.task_metric_python_path, "evaluate.task_metric"
             )
+        # Every target is judged against the same reference: the FP32 ONNX on ONNX Runtime's CPU provider.
+        with open_runner("onnxruntime-cpu", baseline_path, recipe.benchmark.threads) as r:
+            reference = accuracy.run_all(r, eval_ds.batches)
+        n_golden = len(eval_ds.batches[0][input_names[0]])
         for target in ran:
-            outputs = {}
-            for name, p in paths.items():
-                with open_runner(target, p, recipe.benchmark.threads) as r:
-                    outputs[name] = accuracy.run_all(r, eval_ds.batches)
-            for name in paths:
+            golden[target] = {}
+            for name, artifact in artifacts[target].items():
+                if target == "onnxruntime-cpu" and name == "fp32":
+                    outs = reference
+                else:
+                    with open_runner(target, artifact, recipe.benchmark.threads) as r:
+                        outs = accuracy.run_all(r, eval_ds.batches)
                 acc = accuracy.compare_outputs(
-                    outputs["fp32"], outputs[name], recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs
+                    reference, outs, recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs
                 )
                 if metric_fn is not None:
-                    acc.update(accuracy.task_metric(metric_fn, outputs["fp32"], outputs[name], eval_ds.labels))
+                    acc.update(accuracy.task_metric(metric_fn, reference, outs, eval_ds.labels))
                 results[name][target]["accuracy"] = acc
-            if target == ran[0]:
-                n = len(eval_ds.batches[0][input_names[0]])
-                golden = {name: {k: v[:n] for k, v in outs.items()} for name, outs in outputs.items()}
+                golden[target][name] = {k: v[:n_golden] for k, v in outs.items()}
+                if target != "onnxruntime-cpu":  # what a later smoke check on this target compares with
+                    write_npz(run_dir / "golden" / target / f"{name}.npz", golden[target][name])
         rec["detail"] = "; ".join(
             f"{n} cosine min {results[n][t]['accuracy']['cosine_min']:.6f} on {t}"
             for n in paths
             if n != "fp32"
             for t in ran
+            if "accuracy" in results[n][t]
         )
 
     b = recipe.benchmark
@@ -326,23 +388,29 @@ def _execute(state: _Run) -> RunResult:
         stage("benchmark", f"{len(b.shapes)} shape(s) × {len(paths)} models, {b.iterations} iterations") as rec,
         state.log("benchmark"),
     ):
+        samples = eval_ds.batches[:4]  # rotated, so no single input set is cached into flattering numbers
         for target in ran:
-            runners = {name: open_runner(target, p, b.threads) for name, p in paths.items()}
+            runners = {name: open_runner(target, a, b.threads) for name, a in artifacts[target].items()}
             try:
                 inputs = runners["fp32"].inputs
-                per_shape = bench.run_shapes(runners, b, eval_ds.batches[0], baseline="fp32")
+                per_shape = bench.run_shapes(runners, b, samples, baseline="fp32")
+                largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
+                feeds = bench.make_feeds(inputs, largest, eval_ds.batches[0], "benchmark.shapes")
+                if target == "torch-cuda":
+                    memory = {n: bench.measure_torch_cuda_memory(r, feeds) for n, r in runners.items()}
             finally:
                 for r in runners.values():
                     r.close()
             for name, shapes in per_shape.items():
                 results[name][target]["shapes"] = shapes
-            largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
-            feeds = bench.make_feeds(inputs, largest, eval_ds.batches[0], "benchmark.shapes")
-            for name, p in paths.items():
-                results[name][target]["memory"] = {
-                    **bench.measure_memory(target, p, feeds, b.threads),
-                    "shape": bench.shape_key(largest),
-                }
+            for name, artifact in artifacts[target].items():
+                if target == "torch-cuda":
+                    mem = memory[name]
+                elif target == "torch-cpu":
+                    mem = {"note": "not measured: torch-cpu runs in the pipeline's own process"}
+                else:
+                    mem = bench.measure_memory(target, artifact, feeds, b.threads)
+                results[name][target]["memory"] = {**mem, "shape": bench.shape_key(largest)}
         noisy = [
             f"{n}@{t}:{k}"
             for n in results
@@ -356,11 +424,17 @@ def _execute(state: _Run) -> RunResult:
                 markup=True,
                 highlight=False,
             )
+        for n in results:
+            for t in ran:
+                for k, s in results[n][t].get("shapes", {}).items():
+                    for w in s.get("warnings", []):
+                        console().print(f"[yellow]warning[/]: {n}@{t}:{k}: {w}", markup=True, highlight=False)
         rec["detail"] = "; ".join(
             f"{n} p50 speed-up {min(s['p50_speedup'] for s in results[n][t]['shapes'].values()):.2f}× on {t}"
             for n in paths
             if n != "fp32"
             for t in ran
+            if "shapes" in results[n][t]
         )
 
     metrics = {"baseline": "fp32", "variants": variants_meta, "results": results}
@@ -375,7 +449,10 @@ def _execute(state: _Run) -> RunResult:
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "verdict.json", verdict)
-    _write_registry_folders(run_dir, paths, variants_meta, verdict, golden, eval_ds, recipe)
+    # A registered version carries its ONNX: its golden outputs are ONNX Runtime's where that ran.
+    order = sorted(golden, key=lambda t: (not t.startswith("onnxruntime-"), t != "onnxruntime-cpu"))
+    golden_onnx = {n: next(golden[t][n] for t in order if n in golden[t]) for n in paths}
+    _write_registry_folders(run_dir, paths, variants_meta, verdict, golden_onnx, eval_ds, recipe)
     state.manifest["status"] = "measured"
     state.save_manifest()
     write_text(run_dir / "report.md", report.markdown(metrics, verdict, state.manifest))
@@ -403,6 +480,73 @@ LOCK_HEADER = (
     "# recipe.lock.yaml: this run's recipe, resolved, with what the INT8 fallback found written in\n"
     "# (nodes_to_exclude) and the search turned off. `optimize run` on this file rebuilds the same variants.\n"
 )
+
+
+def target_refuses(target: str, recipe: Recipe, name: str, precision: str) -> str | None:
+    """Why `target` does not run variant `name` (None when it does): torch runs the source module in FP32
+    or FP16 autocast, not INT8; TensorRT compiles Q/DQ INT8, not ONNX Runtime's own INT8 operators."""
+    if target.startswith("torch-") and precision == "int8":
+        return "torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
+    if target == "tensorrt" and precision == "int8":
+        variant = next(v for v in recipe.precision.variants if v.name == name)
+        assert isinstance(variant, Int8Variant)
+        if variant.backend == "onnxruntime-dynamic" or (
+            variant.backend == "onnxruntime" and variant.quant_format == "qoperator"
+        ):
+            return (
+                f"backend {variant.backend} writes ONNX Runtime's own INT8 operators; TensorRT takes Q/DQ INT8 "
+                "(backend modelopt, or onnxruntime with quant_format qdq)"
+            )
+    return None
+
+
+def _build_engines(
+    state: _Run, onnx_paths: dict[str, Path], precisions: dict[str, str], specs: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """One TensorRT engine per variant (the FP32 baseline first), each in a child process; then the
+    precision check: a variant whose engine does not carry its precision fails the stage."""
+    from dataclasses import asdict
+
+    from optimize import engine
+
+    recipe, b = state.recipe, state.recipe.benchmark
+    profile = recipe.engine.profile.model_dump() if recipe.engine.profile else engine.default_profile(b.shapes)
+    cache = engine.cache_dir(recipe.engine.timing_cache)
+    sidecars: dict[str, dict[str, Any]] = {}
+    for name, onnx_path in onnx_paths.items():
+        inputs, outputs = specs[name]
+        request = engine.BuildRequest(
+            onnx_path=str(onnx_path),
+            out_dir=str(state.run_dir / "artifacts" / "engines"),
+            model=recipe.name,
+            variant=name,
+            precision=name,  # the variant's name, which names its precision (fp32, fp16, int8-trt, …)
+            inputs=[asdict(s) for s in inputs],
+            outputs=[asdict(s) for s in outputs],
+            profile=profile,
+            workspace_gb=recipe.engine.workspace_gb,
+            optimization_level=recipe.engine.optimization_level,
+            timing_cache_dir=str(cache),
+            log_path=str(state.run_dir / "logs" / f"engine-{name}.log"),
+        )
+        if not state.options.quiet:
+            console().print(f"  engine {name}: building (log: logs/engine-{name}.log)", highlight=False)
+        sidecars[name] = engine.build_in_child(request, recipe.engine.build_timeout_s)
+    fp32_bytes = sidecars["fp32"]["plan_bytes"]
+    failed = []
+    for name, side in sidecars.items():
+        check = engine.check_precision(
+            precisions[name], side["precisions"], side["plan_bytes"] / fp32_bytes, recipe.engine.min_precision_share
+        )
+        side["precision_check"] = check
+        write_json(Path(side["plan_path"]).with_suffix(".json"), side)
+        if check["status"] == "failed":
+            failed.append(f"{name}: {check['reason']}")
+        elif check["status"] == "undetermined" and not state.options.quiet:
+            console().print(f"  [yellow]warning[/]: engine {name}: {check['reason']}", highlight=False)
+    if failed:
+        raise StageError("engine: " + "; ".join(failed))
+    return sidecars
 
 
 def side_datasets(recipe: Recipe) -> set[str]:

@@ -57,6 +57,9 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
         if variant == "fp32":
             continue
         for target, result in by_target.items():
+            if "skipped" in result:
+                out.append(f"| {variant} | {target} | – | not run here: {result['skipped']} | | | | | |")
+                continue
             for output, s in result["accuracy"]["outputs"].items():
                 out.append(
                     f"| {variant} | {target} | {output} | {s['cosine_mean']:.6f} | {s['cosine_min']:.6f} | "
@@ -78,9 +81,10 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     out.append("| variant | target | shape | p50 ms | p90 ms | p99 ms | mean ms | CV | items/s | p50 speed-up |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     warnings = []
+    gpu_rows = []
     for variant, by_target in metrics["results"].items():
         for target, result in by_target.items():
-            for shape, s in result["shapes"].items():
+            for shape, s in result.get("shapes", {}).items():
                 speed = f"{s['p50_speedup']:.2f}×" if "p50_speedup" in s else "1 (baseline)"
                 out.append(
                     f"| {variant} | {target} | {shape} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | "
@@ -88,21 +92,51 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
                 )
                 if s.get("cv_warning"):
                     warnings.append(f"- {variant} on {target} at {shape}: CV {s['cv']:.1%} (noisy machine?)")
+                warnings.extend(f"- {variant} on {target} at {shape}: {w}" for w in s.get("warnings", []))
+                if "gpu_compute" in s:
+                    g = s["gpu_compute"]
+                    gpu_rows.append(
+                        f"| {variant} | {target} | {shape} | {g['p50_ms']:.3f} | {g['p90_ms']:.3f} | "
+                        f"{g['p95_ms']:.3f} | {g['p99_ms']:.3f} | {_f(s.get('h2d_ms'), 3)} | "
+                        f"{_f(s.get('d2h_ms'), 3)} | {_f(s.get('enqueue_ms'), 3)} |"
+                    )
+    out.append("")
+    out.append(
+        "Latency is host to host: on GPU targets it includes the host↔device copies (trtexec's Latency); "
+        "GPU compute time below excludes them."
+    )
+    if gpu_rows:
+        out.append("")
+        out.append("GPU compute time (CUDA events around the model alone) and the transfers, means in ms:")
+        out.append("")
+        out.append("| variant | target | shape | compute p50 | p90 | p95 | p99 | H2D | D2H | enqueue |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|")
+        out.extend(gpu_rows)
     if warnings:
         out.append("")
         out.extend(warnings)
     out.append("")
     out.append("## Size and memory")
     out.append("")
-    out.append("| variant | size MB | size ratio | peak RSS MB | session RSS MB | target |")
-    out.append("|---|---|---|---|---|---|")
-    for variant, art in metrics["variants"].items():
+    out.append(
+        "| variant | target | size MB | size ratio | peak RSS MB | session RSS MB | GPU peak MB | GPU session MB "
+        "| engine device MB |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|---|")
+    for variant in metrics["variants"]:
         for target, result in metrics["results"].get(variant, {}).items():
+            if "skipped" in result:
+                continue
             mem = result.get("memory", {})
+            gpu_session = mem.get("gpu_session_mb", mem.get("torch_peak_allocated_mb"))
             out.append(
-                f"| {variant} | {art['size_bytes'] / 1e6:.2f} | {result['size']['ratio']:.3f} | "
-                f"{_f(mem.get('rss_peak_mb'))} | {_f(mem.get('rss_session_mb'))} | {target} |"
+                f"| {variant} | {target} | {result['size']['bytes'] / 1e6:.2f} | {result['size']['ratio']:.3f} | "
+                f"{_f(mem.get('rss_peak_mb'))} | {_f(mem.get('rss_session_mb'))} | {_f(mem.get('gpu_peak_mb'))} | "
+                f"{_f(gpu_session)} | {_f(mem.get('engine_device_memory_mb'))} |"
             )
+            if mem.get("note") or mem.get("gpu_memory_note"):
+                out.append(f"| | | {mem.get('note') or mem.get('gpu_memory_note')} | | | | | | |")
+    out.extend(_engine_section(metrics))
     out.append("")
     out.append("## Stages")
     out.append("")
@@ -124,6 +158,26 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
         out.append(f"- `{name}`: {art['path']} sha256 `{art['sha256']}`")
     out.append("")
     return "\n".join(out)
+
+
+def _engine_section(metrics: dict[str, Any]) -> list[str]:
+    """Each TensorRT engine: where it is, how long it took, and the precisions its layers run in."""
+    engines = {n: v["engine"] for n, v in metrics["variants"].items() if v.get("engine")}
+    if not engines:
+        return []
+    out = ["", "## TensorRT engines", ""]
+    out.append("| variant | layer precisions (compute layers) | all layers | precision check | build s | plan |")
+    out.append("|---|---|---|---|---|---|")
+    for name, e in engines.items():
+        hist = e["precisions"]
+        compute = ", ".join(f"{p} {n}" for p, n in hist.get("compute", {}).items()) or "–"
+        every = ", ".join(f"{p} {n}" for p, n in hist.get("all", {}).items()) or "–"
+        check = e["precision_check"]
+        out.append(
+            f"| {name} | {compute} | {every} | {check['status']}: {check['reason']} | {e['build_s']:.1f} | "
+            f"`{e['path']}` |"
+        )
+    return out
 
 
 def _fallback_section(fallback: dict[str, Any]) -> list[str]:

@@ -153,6 +153,7 @@ def test_latency_stats_exact_values() -> None:
     assert s["items_per_s"] == pytest.approx(4 / 0.003)
     one = bench.latency_stats([5_000_000], batch=1)
     assert one["std_ms"] == 0.0 and one["cv"] == 0.0 and one["items_per_s"] == pytest.approx(200.0)
+    assert s["timing"] == "host-clock"  # a GPU runner's stats say "cuda-events"
 
 
 def test_add_speedups_ratios() -> None:
@@ -229,6 +230,21 @@ def test_time_interleaved_times_each_runner_iterations_times(fake_clock: list[in
     assert all(isinstance(t, int) for t in timings["a"])
 
 
+def test_time_interleaved_rotates_the_input_sets(fake_clock: list[int]) -> None:
+    log: list[str] = []
+    runners = {n: Recorder(n, log, fake_clock, 1) for n in ("a", "b")}
+    sets = [{"x": np.zeros(1)}, {"x": np.ones(1)}, {"x": np.full(1, 2.0)}]
+    timings = bench.time_interleaved(runners, sets, warmup=4, iterations=5)
+    for r in runners.values():
+        assert [int(f["x"][0]) for f in r.feeds_seen] == [0, 1, 2, 0] + [0, 1, 2, 0, 1]
+    assert {k: len(v) for k, v in timings.items()} == {"a": 5, "b": 5}
+
+
+def test_time_interleaved_with_no_input_set_is_a_stage_error(fake_clock: list[int]) -> None:
+    with pytest.raises(StageError, match="no input set"):
+        bench.time_interleaved({"a": Recorder("a", [], fake_clock, 1)}, [], warmup=1, iterations=1)
+
+
 def test_time_interleaved_without_warmup(fake_clock: list[int]) -> None:
     log: list[str] = []
     timings = bench.time_interleaved({"only": Recorder("only", log, fake_clock, 5)}, {}, warmup=0, iterations=3)
@@ -281,7 +297,7 @@ def test_run_shapes_times_every_shape_and_reports_speedups_against_the_baseline(
         r.inputs = [TensorSpec("x", "float32", ("batch", 3))]
     spec = BenchmarkSection(shapes=[{"batch": 1}, {"batch": 4}], warmup=1, iterations=3, cv_warn=0.05)
     sample = {"x": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    out = bench.run_shapes(runners, spec, sample, baseline="fp32")
+    out = bench.run_shapes(runners, spec, [sample], baseline="fp32")
     assert set(out) == {"fp32", "fp16"} and set(out["fp16"]) == {"batch=1", "batch=4"}
     assert [f["x"].shape for f in runners["fp16"].feeds_seen] == [(1, 3)] * 4 + [(4, 3)] * 4
     fp16 = out["fp16"]["batch=4"]
@@ -290,3 +306,44 @@ def test_run_shapes_times_every_shape_and_reports_speedups_against_the_baseline(
     assert fp16["items_per_s"] == pytest.approx(4 / (1_001 / 1e9))
     assert "p50_speedup" not in out["fp32"]["batch=1"]  # the baseline is the reference, not a variant
     assert fp16["cv_warning"] is False  # identical samples: no spread
+    assert fp16["timing"] == "host-clock"
+
+
+def test_run_shapes_rotates_one_input_set_per_sample_batch_up_to_four(fake_clock: list[int]) -> None:
+    from optimize.recipe import BenchmarkSection
+
+    log: list[str] = []
+    runners = {"fp32": Recorder("fp32", log, fake_clock, 10), "fp16": Recorder("fp16", log, fake_clock, 10)}
+    for r in runners.values():
+        r.inputs = [TensorSpec("x", "float32", ("batch", 2))]
+    samples = [{"x": np.full((3, 2), k, dtype=np.float32)} for k in range(6)]
+    spec = BenchmarkSection(shapes=[{"batch": 2}], warmup=2, iterations=9, cv_warn=0.05)
+    bench.run_shapes(runners, spec, samples, baseline="fp32")
+    for r in runners.values():
+        seen = [float(f["x"][0, 0]) for f in r.feeds_seen]
+        # warm-up 0, 1; then iteration i uses set i mod 4: samples 4 and 5 are not used
+        assert seen == [0, 1] + [i % 4 for i in range(9)]
+        assert all(f["x"].shape == (2, 2) for f in r.feeds_seen)
+    # in one iteration every runner sees the same set
+    pairs = zip(runners["fp32"].feeds_seen[2:], runners["fp16"].feeds_seen[2:], strict=True)
+    assert [f is g for f, g in pairs] == [True] * 9
+
+
+def test_run_shapes_takes_one_sample_batch_as_it_is(fake_clock: list[int]) -> None:
+    from optimize.recipe import BenchmarkSection
+
+    runner = Recorder("fp32", [], fake_clock, 10)
+    runner.inputs = [TensorSpec("x", "float32", ("batch", 2))]
+    spec = BenchmarkSection(shapes=[{"batch": 1}], warmup=0, iterations=2, cv_warn=0.05)
+    out = bench.run_shapes({"fp32": runner}, spec, {"x": np.ones((2, 2), np.float32)}, baseline="fp32")
+    assert out["fp32"]["batch=1"]["iterations"] == 2
+
+
+def test_run_shapes_without_samples_is_a_stage_error(fake_clock: list[int]) -> None:
+    from optimize.recipe import BenchmarkSection
+
+    runner = Recorder("fp32", [], fake_clock, 10)
+    runner.inputs = [TensorSpec("x", "float32", ("batch", 2))]
+    spec = BenchmarkSection(shapes=[{"batch": 1}], warmup=0, iterations=2, cv_warn=0.05)
+    with pytest.raises(StageError, match="no sample batch"):
+        bench.run_shapes({"fp32": runner}, spec, [], baseline="fp32")

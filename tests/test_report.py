@@ -119,7 +119,7 @@ def test_numbers_on_the_page_are_the_metrics() -> None:
     assert "| fp16 | onnxruntime-cpu | emb | 0.999912 | 0.998765 | 0.0123 | 0.000456 | – |" in text
     assert "| fp16 | onnxruntime-cpu | batch=1 | 2.000 | 3.000 | 4.250 | 2.750 | 12.0% | 400.0 | 1.25× |" in text
     assert "| fp32 | onnxruntime-cpu | batch=1 | 2.500 | 3.000 | 4.250 | 2.750 | 12.0% | 400.0 | 1 (baseline) |" in text
-    assert "| fp16 | 1.00 | 0.500 | 250 | 70 | onnxruntime-cpu |" in text
+    assert "| fp16 | onnxruntime-cpu | 1.00 | 0.500 | 250 | 70 | – | – | – |" in text
     assert "- fp16 on onnxruntime-cpu at batch=1: CV 12.0% (noisy machine?)" in text
     assert "| export | 1.50 | ok |" in text
     assert f"- `fp16`: artifacts/fp16.onnx sha256 `{'b' * 64}`" in text

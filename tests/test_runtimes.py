@@ -172,9 +172,23 @@ def test_tensorrt_reports_why_it_is_unavailable(linear: Path) -> None:
     assert info.value.exit_code == 4 and "tensorrt" in str(info.value)
 
 
-def test_tensorrt_installed_still_unavailable_in_this_version(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensorrt_found_but_not_importable_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wheel without its libraries: found by find_spec, fails on import."""
+    if HAS_TENSORRT:
+        pytest.skip("tensorrt is installed here")
     monkeypatch.setattr(trt_runtime.importlib.util, "find_spec", lambda name: object())
-    assert "does not build TensorRT engines" in (unavailable_reason("tensorrt") or "")
+    assert (unavailable_reason("tensorrt") or "").startswith("TensorRT cannot be imported: No module named 'tensorrt'")
+
+
+def test_tensorrt_without_a_cuda_device_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorrt_double
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    tensorrt_double.install(monkeypatch)  # a TEST DOUBLE of the module: importable, no GPU behind it
+    monkeypatch.setattr(trt_runtime.importlib.util, "find_spec", lambda name: object())
+    assert "sees no CUDA device; TensorRT needs an NVIDIA GPU" in (unavailable_reason("tensorrt") or "")
 
 
 def test_require_raises_exit_4_with_the_reason() -> None:

@@ -530,10 +530,10 @@ def _modelopt(
     data = work_dir / "modelopt-calibration.npz"
     write_npz(data, {f"{i:05d}/{k}": v for i, b in enumerate(calibration) for k, v in b.items()})
     args = {
-        "src": str(staged),
-        "out": str(dest.with_name(f".{dest.name}.modelopt.tmp")),
-        "data": str(data),
-        "result": str(work_dir / "modelopt-result.json"),
+        "src": str(staged.resolve()),
+        "out": str(dest.resolve().with_name(f".{dest.name}.modelopt.tmp")),
+        "data": str(data.resolve()),
+        "result": str((work_dir / "modelopt-result.json").resolve()),
         "where": where,
         "dataset": variant.calibration,
         "method": variant.calibration_method,
@@ -549,11 +549,13 @@ def _modelopt(
     args_path = work_dir / "modelopt-args.json"
     write_json(args_path, args)
     Path(args["result"]).unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
     try:
+        # cwd: ModelOpt drops uuid-named external-data files (tens of MB) into the working directory
         proc = subprocess.run(
-            [sys.executable, "-m", "optimize.precision.int8", str(args_path)],
+            [sys.executable, "-m", "optimize.precision.int8", str(args_path.resolve())],
             env=env,
+            cwd=work_dir,
             stderr=subprocess.PIPE,
             text=True,
         )

@@ -1,4 +1,5 @@
-"""Runtimes: one small Runner interface over ONNX Runtime (CPU/CUDA) and, on GPU runners, TensorRT.
+"""Runtimes: one small Runner interface over ONNX Runtime (CPU/CUDA), torch (the source model, CPU/CUDA)
+and, on GPU runners, TensorRT.
 
 A runtime that is asked for and is not available raises RuntimeMissingError (exit 4); nothing falls
 back silently to another runtime.
@@ -8,10 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimize.errors import RuntimeMissingError
-from optimize.runtimes.base import Runner, TensorSpec
+from optimize.errors import RuntimeMissingError, StageError
+from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
+from optimize.runtimes.torch import TorchArtifact
 
-__all__ = ["Runner", "TensorSpec", "open_runner", "unavailable_reason", "require"]
+__all__ = [
+    "DeviceRunner",
+    "Runner",
+    "TensorSpec",
+    "TorchArtifact",
+    "open_runner",
+    "unavailable_reason",
+    "require",
+]
 
 
 def unavailable_reason(target: str) -> str | None:
@@ -24,6 +34,10 @@ def unavailable_reason(target: str) -> str | None:
         from optimize.runtimes.tensorrt import unavailable_reason as trt_reason
 
         return trt_reason()
+    if target.startswith("torch-"):
+        from optimize.runtimes.torch import unavailable_reason as torch_reason
+
+        return torch_reason(target)
     return f"unknown target {target!r}"
 
 
@@ -34,11 +48,26 @@ def require(target: str, why: str) -> None:
         raise RuntimeMissingError(f"{why}: target {target} is not available: {reason}")
 
 
-def open_runner(target: str, model_path: Path, threads: int | None = None) -> Runner:
-    """Open a runner for `model_path` on `target` (raises RuntimeMissingError when it cannot run here)."""
+def open_runner(target: str, artifact: Path | TorchArtifact, threads: int | None = None) -> Runner:
+    """Open a runner for `artifact` on `target` (raises RuntimeMissingError when it cannot run here).
+
+    ONNX Runtime and TensorRT targets load a file (`artifact` is its path); the torch targets run the
+    source module (`artifact` is a TorchArtifact). On torch-cpu, `threads` sets torch's thread count for
+    the whole process (see TorchRunner); torch-cuda ignores it.
+    """
     require(target, "runner")
+    is_torch = target.startswith("torch-")
+    if is_torch != isinstance(artifact, TorchArtifact):
+        wanted = "a TorchArtifact (the source module)" if is_torch else "a model file"
+        raise StageError(f"runner: target {target} runs {wanted}, not {type(artifact).__name__} {artifact!r:.80}")
     if target.startswith("onnxruntime-"):
         from optimize.runtimes.onnxruntime import OnnxRuntimeRunner
 
-        return OnnxRuntimeRunner(model_path, target, threads)
+        return OnnxRuntimeRunner(artifact, target, threads)  # type: ignore[arg-type]
+    if isinstance(artifact, TorchArtifact):
+        from optimize.runtimes.torch import TorchCudaRunner, TorchRunner
+
+        if target == "torch-cpu":
+            return TorchRunner(artifact.module, artifact.inputs, artifact.outputs, target, artifact.precision, threads)
+        return TorchCudaRunner(artifact.module, artifact.inputs, artifact.outputs, artifact.precision)
     raise RuntimeMissingError(f"runner: no runner for target {target!r}")

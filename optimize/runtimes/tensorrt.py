@@ -65,9 +65,7 @@ class TensorRTRunner(DeviceRunner):
             raise StageError(f"{self.plan_path.name}: TensorRT cannot load the engine: {self._last_error()}")
         self.context = self.engine.create_execution_context()
         if self.context is None:
-            raise StageError(
-                f"{self.plan_path.name}: no execution context (GPU out of memory?): {self._last_error()}"
-            )
+            raise StageError(f"{self.plan_path.name}: no execution context (GPU out of memory?): {self._last_error()}")
         self.inputs = [TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in sidecar["inputs"]]
         self.outputs = [TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in sidecar["outputs"]]
         io = {}

@@ -1,0 +1,157 @@
+"""The pipeline's TensorRT orchestration on the CPU: which variants go to which target, and the engine
+stage's precision decision across variants. The builds go through tests/tensorrt_double.py, a TEST
+DOUBLE of the `tensorrt` module (not TensorRT): what is proven here is our own logic only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import tensorrt_double
+import yaml
+from conftest import merge, tiny_recipe
+from test_engine import H100, Mlp
+
+from optimize import engine, pipeline
+from optimize.errors import StageError
+from optimize.export import export_onnx
+from optimize.models import LoadedModel
+from optimize.precision import fp16
+from optimize.recipe import ExportSection, Fp16Variant, Recipe
+from optimize.runtimes import open_runner
+
+
+def recipe_with(over: dict) -> Recipe:
+    return Recipe.model_validate(merge(tiny_recipe(), over))
+
+
+def test_target_refuses_int8_on_torch_and_onnxruntime_s_own_int8_operators_on_tensorrt() -> None:
+    recipe = recipe_with(
+        {
+            "data": {"calib": {"kind": "npz", "path": "tiny-calib.npz", "batch_size": 16}},
+            "precision": {
+                "variants": [
+                    {"name": "dyn", "kind": "int8", "backend": "onnxruntime-dynamic"},
+                    {
+                        "name": "qop",
+                        "kind": "int8",
+                        "backend": "onnxruntime",
+                        "calibration": "calib",
+                        "quant_format": "qoperator",
+                    },
+                    {"name": "qdq", "kind": "int8", "backend": "onnxruntime", "calibration": "calib"},
+                ]
+            },
+        }
+    )
+    refuses = pipeline.target_refuses
+    assert "INT8 variants are ONNX artifacts" in refuses("torch-cuda", recipe, "qdq", "int8")
+    assert refuses("torch-cpu", recipe, "fp32", "fp32") is None
+    assert "TensorRT takes Q/DQ INT8" in refuses("tensorrt", recipe, "dyn", "int8")
+    assert "TensorRT takes Q/DQ INT8" in refuses("tensorrt", recipe, "qop", "int8")
+    assert refuses("tensorrt", recipe, "qdq", "int8") is None
+    assert refuses("onnxruntime-cpu", recipe, "dyn", "int8") is None
+
+
+def test_torch_targets_are_skipped_for_an_onnx_model_source(tmp_path: Path) -> None:
+    recipe = recipe_with(
+        {
+            "model": {"source": "onnx", "path": str(tmp_path / "m.onnx"), "entry_point": None, "python_path": None},
+            "benchmark": {"optional_targets": ["torch-cpu"]},
+        }
+    )
+    targets = pipeline.resolve_targets(recipe, ())
+    assert targets["torch-cpu"] == {
+        "status": "skipped",
+        "reason": "the model is given as ONNX; torch targets run a PyTorch model source",
+    }
+
+
+@pytest.fixture()
+def built(tmp_path: Path, monkeypatch) -> dict:
+    """FP32 and FP16 ONNX of a small MLP, and the pipeline's engine builder wired to the double in-process."""
+    loaded = LoadedModel(Mlp().eval(), {"x": __import__("torch").randn(2, 32)})
+    spec = ExportSection(output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
+    export_onnx(loaded, spec, tmp_path / "fp32.onnx")
+    fp16.convert_fp16(
+        tmp_path / "fp32.onnx", tmp_path / "fp16.onnx", Fp16Variant(name="fp16", kind="fp16", backend="onnxruntime")
+    )
+    tensorrt_double.install(monkeypatch)
+    monkeypatch.setattr(engine, "build_in_child", lambda request, timeout_s: engine.build_engine(request, device=H100))
+    monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
+    paths = {"fp32": tmp_path / "fp32.onnx", "fp16": tmp_path / "fp16.onnx"}
+    specs = {}
+    for name, p in paths.items():
+        with open_runner("onnxruntime-cpu", p) as r:
+            specs[name] = (r.inputs, r.outputs)
+    recipe = recipe_with(
+        {
+            "export": {"output_names": ["y"], "dynamic_axes": {"x": {0: "batch"}, "y": {0: "batch"}}},
+            "evaluate": {"top1_outputs": []},
+            "gates": ["accuracy.cosine_min >= 0.99"],
+            "benchmark": {"shapes": [{"batch": 1}, {"batch": 8}]},
+        }
+    )
+    state = SimpleNamespace(recipe=recipe, run_dir=tmp_path / "run", options=pipeline.RunOptions(quiet=True))
+    return {"state": state, "paths": paths, "specs": specs}
+
+
+def test_engine_stage_builds_every_variant_and_records_the_precision_check(built) -> None:
+    sidecars = pipeline._build_engines(built["state"], built["paths"], {"fp32": "fp32", "fp16": "fp16"}, built["specs"])
+    assert list(sidecars) == ["fp32", "fp16"]
+    assert sidecars["fp16"]["precision_check"]["status"] == "passed"
+    assert sidecars["fp16"]["precision_check"]["size_ratio"] < 0.75
+    # the default profile spans the benchmark shapes and tunes for the largest
+    assert sidecars["fp16"]["profiles"] == {"x": {"min": [1, 32], "opt": [8, 32], "max": [8, 32]}}
+    on_disk = yaml.safe_load(Path(sidecars["fp16"]["plan_path"]).with_suffix(".json").read_text())
+    assert on_disk["precision_check"]["status"] == "passed"  # the sidecar keeps the verdict
+    assert Path(sidecars["fp16"]["timing_cache"]["path"]).parent == built["state"].run_dir.parent / "cache" / "tensorrt"
+
+
+def test_an_fp16_engine_that_came_out_fp32_fails_the_engine_stage(built, monkeypatch) -> None:
+    monkeypatch.setattr(engine, "network_flags", lambda trt: (0, False))  # weakly typed: the field failure
+    with pytest.raises(StageError, match=r"engine: fp16: fp16 asked, but 0% of the layers run in fp16") as err:
+        pipeline._build_engines(built["state"], built["paths"], {"fp32": "fp32", "fp16": "fp16"}, built["specs"])
+    assert err.value.exit_code == 3
+
+
+def test_torch_cpu_target_runs_the_source_model_and_skips_int8_there(write_recipe, tmp_path: Path) -> None:
+    """A real run with the torch-cpu target beside ONNX Runtime: FP32 eager and FP16 autocast of the source
+    module, judged against the same FP32 ONNX Runtime reference; the INT8 variant is skipped on torch, with
+    the reason, and judged on ONNX Runtime."""
+    import json
+
+    from optimize.pipeline import RunOptions, run
+
+    recipe = write_recipe(
+        {
+            "data": {"calib": {"kind": "npz", "path": "tiny-calib.npz", "batch_size": 16}},
+            "precision": {
+                "variants": [
+                    {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
+                    {"name": "int8", "kind": "int8", "backend": "onnxruntime-dynamic", "per_channel": True},
+                ]
+            },
+            "benchmark": {"targets": ["onnxruntime-cpu", "torch-cpu"]},
+            "gates": ["accuracy.cosine_min >= 0.95"],
+        }
+    )
+    result = run(recipe, RunOptions(runs_dir=tmp_path / "runs", register=False, quiet=True))
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    res = metrics["results"]
+    assert res["fp32"]["torch-cpu"]["accuracy"]["cosine_min"] > 0.99999  # eager FP32 vs the ONNX reference
+    assert 0.99 < res["fp16"]["torch-cpu"]["accuracy"]["cosine_min"] < 1.0  # autocast really is FP16
+    assert res["fp16"]["torch-cpu"]["shapes"]["batch=8"]["timing"] == "host-clock"
+    assert res["fp16"]["torch-cpu"]["memory"]["note"].startswith("not measured")
+    assert res["int8"]["torch-cpu"] == {
+        "skipped": "torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
+    }
+    verdict = json.loads((result.run_dir / "verdict.json").read_text())
+    rows = {(r["variant"], r["target"]): r["status"] for r in verdict["gates"]}
+    assert rows[("int8", "torch-cpu")] == "skipped"
+    assert rows[("int8", "onnxruntime-cpu")] == "passed"
+    assert verdict["variants"]["int8"]["status"] == "passed"
+    assert result.exit_code == 0
+    report = (result.run_dir / "report.md").read_text()
+    assert "| int8 | torch-cpu | – | not run here: torch targets run the source model" in report
