@@ -264,14 +264,16 @@ def _build(trt: Any, req: BuildRequest, device: Device, version: str, lines: lis
     cache_path = timing_cache_path(Path(req.timing_cache_dir), device, version)
     cache_meta = {"gpu": device.name, "compute_capability": device.compute_capability, "tensorrt": version}
     cache, cache_loaded = load_timing_cache(config, cache_path, cache_meta, lines)
-    if not config.set_timing_cache(cache, False):
-        lines.append(f"[optimize] timing cache {cache_path} was rejected by TensorRT; building without it")
+    if not config.set_timing_cache(cache, False):  # another device's properties under the same sm
+        lines.append(f"[optimize] timing cache {cache_path} was rejected by TensorRT; starting a new one")
+        cache_loaded = False
+        config.set_timing_cache(config.create_timing_cache(b""), False)
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise StageError(f"engine {req.variant}: TensorRT build failed: " + build_failure(lines))
     plan = bytes(serialized)
-    merge_timing_cache(config, cache_path, cache_meta)
+    merge_timing_cache(config, cache_path, cache_meta, lines)
     write_bytes(plan_path, plan)
 
     engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
@@ -334,7 +336,8 @@ def device_memory_bytes(engine: Any) -> int | None:
 
 def load_timing_cache(config: Any, path: Path, meta: dict[str, str], lines: list[str]) -> tuple[Any, bool]:
     """The timing cache for this GPU architecture and TensorRT version, or a new empty one. A file whose
-    metadata names another GPU or version is never loaded (it is moved aside as `.rejected`)."""
+    metadata names another GPU architecture or version is never loaded (it is moved aside as `.rejected`),
+    nor one TensorRT cannot read."""
     meta_path = path.with_suffix(".json")
     if path.exists():
         try:
@@ -344,18 +347,27 @@ def load_timing_cache(config: Any, path: Path, meta: dict[str, str], lines: list
         if found is not None and all(found.get(k) == v for k, v in meta.items() if k != "gpu"):
             with file_lock(path.with_suffix(".lock"), TIMING_CACHE_LOCK_S, "timing cache"):
                 data = path.read_bytes()
-            return config.create_timing_cache(data), True
-        os.replace(path, path.with_suffix(".rejected"))
-        lines.append(f"[optimize] timing cache {path} is not for {meta}; moved aside, not loaded")
+            cache = config.create_timing_cache(data)
+            if cache:
+                return cache, True
+            lines.append(f"[optimize] timing cache {path} could not be read by TensorRT; starting a new one")
+        else:
+            os.replace(path, path.with_suffix(".rejected"))
+            lines.append(f"[optimize] timing cache {path} is not for {meta}; moved aside, not loaded")
     return config.create_timing_cache(b""), False
 
 
-def merge_timing_cache(config: Any, path: Path, meta: dict[str, str]) -> None:
-    """Merge what this build learned into the shared cache file, under a lock, so parallel jobs add up."""
+def merge_timing_cache(config: Any, path: Path, meta: dict[str, str], lines: list[str] | None = None) -> None:
+    """Merge what this build learned into the shared cache file, under a lock, so parallel jobs add up.
+    A file TensorRT will not combine with ours (another device's properties) is replaced by ours."""
     with file_lock(path.with_suffix(".lock"), TIMING_CACHE_LOCK_S, "timing cache"):
         ours = config.get_timing_cache()
+        if ours is None:
+            return
         if path.exists():
-            ours.combine(config.create_timing_cache(path.read_bytes()), False)
+            theirs = config.create_timing_cache(path.read_bytes())
+            if not theirs or not ours.combine(theirs, False):
+                (lines if lines is not None else []).append(f"[optimize] timing cache {path} replaced: not combinable")
         write_bytes(path, bytes(ours.serialize()))
         write_json(path.with_suffix(".json"), {**meta, "updated": dt.datetime.now(dt.timezone.utc).isoformat()})
 
@@ -386,14 +398,18 @@ def layer_precision(layer: dict[str, Any]) -> str:
     kind = str(layer.get("LayerType", "")).lower()
     if any(k in kind for k in _OPAQUE):
         return "opaque"
-    dtypes = [dtype_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Inputs", [])]
+    dtypes = [dtype_of(_format(t)) for t in layer.get("Inputs", [])]
     floats = [d for d in dtypes if d in _FLOATISH]
     if not floats:
-        outs = [dtype_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Outputs", [])]
-        floats = [d for d in outs if d in _FLOATISH]
+        floats = [d for d in (dtype_of(_format(t)) for t in layer.get("Outputs", [])) if d in _FLOATISH]
     if not floats:
         return "other"
     return min(floats, key=("int4", "int8", "fp8", "fp16", "bf16", "fp32").index)
+
+
+def _format(tensor: dict[str, Any]) -> str:
+    # TensorRT 10 writes "Format/Datatype"; the 11.x migration notes speak of that field being split.
+    return str(tensor.get("Format/Datatype") or tensor.get("DataType") or tensor.get("Format") or "")
 
 
 def precision_histogram(layers: list[dict[str, Any]]) -> dict[str, Any]:

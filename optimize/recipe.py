@@ -570,6 +570,11 @@ METRICS: dict[str, str] = {
     "size.ratio": "max",
     "memory.rss_peak_mb": "max",
     "memory.rss_session_mb": "max",
+    # GPU targets (NVML per-process memory; a TensorRT engine's activation memory)
+    "memory.gpu_peak_mb": "max",
+    "memory.gpu_session_mb": "max",
+    "memory.engine_device_memory_mb": "max",
+    "latency.gpu_compute_p50_speedup": "min",
 }
 _GATE_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 

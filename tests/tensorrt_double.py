@@ -14,6 +14,7 @@ bindings export. Class names are TensorRT's own.
 from __future__ import annotations
 
 import json
+import sys
 import types
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,13 @@ from onnx import TensorProto
 
 
 class _Recorded:
-    """Records `Class.member` for every public attribute read."""
+    """Records `Class.member` for every public attribute our code reads (the double's own reads of its
+    bookkeeping are not recorded)."""
 
     _used: set[str]
 
     def __getattribute__(self, name: str) -> Any:
-        if not name.startswith("_"):
+        if not name.startswith("_") and sys._getframe(1).f_globals.get("__name__") != __name__:
             object.__getattribute__(self, "_used").add(f"{type(self).__name__}.{name}")
         return object.__getattribute__(self, name)
 
@@ -54,14 +56,16 @@ class _Enum:
     """An enum whose member reads are recorded; a member the version lacks raises AttributeError, as the
     real bindings do."""
 
-    def __init__(self, name: str, members: list[str], used: set[str]) -> None:
+    def __init__(self, name: str, members: list[str] | dict[str, int], used: set[str]) -> None:
         self._name, self._used = name, used
-        self._members = {m: _Member(name, m, i) for i, m in enumerate(members)}
+        values = members if isinstance(members, dict) else {m: i for i, m in enumerate(members)}
+        self._members = {m: _Member(name, m, v) for m, v in values.items()}
 
     def __getattr__(self, member: str) -> _Member:
         if member.startswith("_"):
             raise AttributeError(member)
-        self._used.add(f"{self._name}.{member}")
+        if sys._getframe(1).f_globals.get("__name__") != __name__:
+            self._used.add(f"{self._name}.{member}")
         try:
             return self._members[member]
         except KeyError:
@@ -95,7 +99,7 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
 
     class Module(types.ModuleType):
         def __getattribute__(self, name: str) -> Any:
-            if not name.startswith(("_", "double_")):
+            if not name.startswith(("_", "double_")) and sys._getframe(1).f_globals.get("__name__") != __name__:
                 used.add(name)
             return super().__getattribute__(name)
 
@@ -109,10 +113,13 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
         cls._used = used
         return cls
 
-    creation_flags = ["EXPLICIT_BATCH", "STRONGLY_TYPED", "PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"]
+    # TensorRT 11 keeps STRONGLY_TYPED (deprecated, ignored: always strongly typed) and drops EXPLICIT_BATCH,
+    # and drops every precision builder flag (FP16, BF16, INT8, FP8, ...).
+    creation_flags = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2}
+    builder_flags = ["FP16", "BF16", "INT8", "FP8", "TF32", "REFIT", "STRIP_PLAN"]
     if major >= 11:
-        creation_flags = ["PREFER_AOT_PYTHON_PLUGINS", "PREFER_JIT_PYTHON_PLUGINS"]
-    builder_flags = ["FP16", "BF16", "INT8", "FP8", "TF32", "REFIT", "STRIP_PLAN"] if major < 11 else ["REFIT"]
+        creation_flags = {"STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2}
+        builder_flags = ["TF32", "REFIT", "STRIP_PLAN"]
     trt.NetworkDefinitionCreationFlag = _Enum("NetworkDefinitionCreationFlag", creation_flags, used)
     trt.BuilderFlag = _Enum("BuilderFlag", builder_flags, used)
     trt.MemoryPoolType = _Enum("MemoryPoolType", ["WORKSPACE", "DLA_MANAGED_SRAM", "TACTIC_DRAM"], used)
@@ -269,7 +276,7 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
                     ILogger.Severity.ERROR, "Network has dynamic or shape inputs, but no optimization profile"
                 )
                 return None
-            strongly_typed = major >= 11 or bool(network.flags & (1 << 1))  # STRONGLY_TYPED is member 1
+            strongly_typed = major >= 11 or bool(network.flags & (1 << 1))  # STRONGLY_TYPED is 1
             layers = _layers(network.model, strongly_typed, config.profiling_verbosity.name == "DETAILED")
             if config.cache is not None:
                 config.cache.entries |= {f"{layer['LayerType']}:{layer['Name']}" for layer in layers}
@@ -279,7 +286,7 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
             return IHostMemory(json.dumps(plan).encode())
 
     @rec
-    class IEngineInspector(_Recorded):
+    class EngineInspector(_Recorded):
         def __init__(self, plan: dict[str, Any]) -> None:
             self._plan = plan
 
@@ -311,8 +318,8 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
         def device_memory_size_v2(self) -> int:
             return 1 << 20
 
-        def create_engine_inspector(self) -> IEngineInspector:
-            return IEngineInspector(self._plan)
+        def create_engine_inspector(self) -> EngineInspector:
+            return EngineInspector(self._plan)
 
     @rec
     class Runtime(_Recorded):
@@ -394,8 +401,6 @@ def _bytes_of(tensor: onnx.TensorProto, strongly_typed: bool) -> int:
 
 def install(monkeypatch: Any, version: str = "10.16.0.72") -> types.ModuleType:
     """Put a fresh double in sys.modules['tensorrt'] for one test; returns it."""
-    import sys
-
     trt = make(version)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt

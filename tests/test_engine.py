@@ -163,15 +163,25 @@ def test_weakly_typed_build_comes_out_fp32_and_the_check_fails_it(tmp_path: Path
     assert "weights stayed FP32" in verdict["reason"]
 
 
-def test_tensorrt_11_path_needs_no_creation_flag_and_touches_no_removed_name(
+def test_tensorrt_11_path_builds_strongly_typed_and_touches_no_removed_name(
     tmp_path: Path, onnx_models, monkeypatch
 ) -> None:
     trt = tensorrt_double.install(monkeypatch, "11.4.0.10")
     side = engine.build_engine(request(tmp_path, onnx_models["fp16"], "fp16"), device=H100)
-    assert side["strongly_typed_flag"] is False
     assert side["precisions"]["compute"] == {"fp16": 2}
     assert "-trt11.4.0.10-" in Path(side["plan_path"]).name
     assert not any(n.startswith("BuilderFlag.") for n in trt.double_used)
+
+
+def test_network_flags_are_found_by_trying() -> None:
+    """STRONGLY_TYPED where the enum has it (10.x; 11.x keeps it, ignored); no bit where it is gone."""
+    assert engine.network_flags(tensorrt_double.make("10.16.0.72")) == (1 << 1, True)
+    assert engine.network_flags(tensorrt_double.make("11.4.0.10")) == (1 << 1, True)
+
+    class NoFlag:
+        NetworkDefinitionCreationFlag = object()
+
+    assert engine.network_flags(NoFlag) == (0, False)
 
 
 def test_parser_errors_are_listed_one_per_line(tmp_path: Path, onnx_models, monkeypatch) -> None:
