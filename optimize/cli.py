@@ -16,7 +16,8 @@ from optimize.errors import OptimizeError
 
 app = typer.Typer(
     name="optimize",
-    help="Recipe-driven model optimisation: export → FP16/INT8 → evaluate → benchmark → gate → register.\n\n"
+    help="Recipe-driven model optimisation: export → FP16/INT8 → TensorRT engines → evaluate → benchmark → gate "
+    "→ register.\n\n"
     "Exit codes: 0 every gate that ran passed; 1 a gate failed (or nothing passed); 2 bad recipe or usage; "
     "3 a stage failed; 4 a required runtime or device is missing; 5 the registry is unreachable.",
     no_args_is_help=True,
@@ -64,7 +65,7 @@ def run(
             "--require-target",
             metavar="TARGET",
             help="Fail with exit 4 instead of skipping when this target is missing (repeatable): "
-            "onnxruntime-cpu, onnxruntime-cuda, tensorrt.",
+            "onnxruntime-cpu, onnxruntime-cuda, tensorrt, torch-cpu, torch-cuda.",
         ),
     ] = None,
     register: Annotated[

@@ -164,3 +164,46 @@ def test_int8_build_and_fallback_trials_are_reported() -> None:
     )
     assert "`q` tuned on `calib`: kept trial 1 (passed; 2 node(s) in high precision)" in md
     assert "| 0 | 0  | 0.93 |" in md and "| 1 ✓ | 2 `a`, `b` |" in md and "failed: cos" in md
+
+
+def test_gpu_timing_engines_and_skipped_pairs_are_on_the_page() -> None:
+    metrics, verdict, manifest = _docs()
+    gpu_shape = {
+        "p50_ms": 1.5,
+        "p90_ms": 1.6,
+        "p99_ms": 1.9,
+        "mean_ms": 1.55,
+        "cv": 0.02,
+        "items_per_s": 640.0,
+        "cv_warning": False,
+        "timing": "cuda-events",
+        "gpu_compute": {"mean_ms": 1.1, "p50_ms": 1.0, "p90_ms": 1.2, "p95_ms": 1.3, "p99_ms": 1.4, "cv": 0.03},
+        "h2d_ms": 0.2,
+        "d2h_ms": 0.3,
+        "enqueue_ms": 0.05,
+        "warnings": ["GPU compute time is unstable, with coefficient of variation = 3.00% (> 2.5%)"],
+        "p50_speedup": 2.0,
+    }
+    metrics["results"]["fp16"]["tensorrt"] = {
+        "size": {"bytes": 600_000, "ratio": 0.45},
+        "accuracy": {"outputs": {}},
+        "shapes": {"batch=1": gpu_shape},
+        "memory": {"gpu_peak_mb": 812.0, "gpu_session_mb": 96.5, "engine_device_memory_mb": 12.0},
+    }
+    metrics["results"]["fp16"]["torch-cpu"] = {"skipped": "INT8 variants are ONNX artifacts"}
+    metrics["variants"]["fp16"]["engine"] = {
+        "path": "artifacts/engines/demo-fp16-sm90-trt10.16.1.11-0123456789ab.plan",
+        "precisions": {"all": {"fp16": 7, "other": 2}, "compute": {"fp16": 4}},
+        "precision_check": {"status": "passed", "reason": "fp16 carried by 100% of layers"},
+        "build_s": 41.25,
+    }
+    text = markdown(metrics, verdict, manifest)
+    assert "| fp16 | tensorrt | batch=1 | 1.000 | 1.200 | 1.300 | 1.400 | 0.2 | 0.3 | 0.05 |" in text
+    assert "- fp16 on tensorrt at batch=1: GPU compute time is unstable" in text
+    assert "| fp16 | tensorrt | 0.60 | 0.450 | – | – | 812 | 96.5 | 12 |" in text
+    assert "| fp16 | torch-cpu | – | not run here: INT8 variants are ONNX artifacts |" in text
+    assert "## TensorRT engines" in text
+    assert (
+        "| fp16 | fp16 4 | fp16 7, other 2 | passed: fp16 carried by 100% of layers | 41.2 | "
+        "`artifacts/engines/demo-fp16-sm90-trt10.16.1.11-0123456789ab.plan` |"
+    ) in text
