@@ -30,8 +30,10 @@ from optimize.runtimes.base import TensorSpec
 
 # Variant precision → the layer precisions that count as carrying it.
 ASKED = {"fp32": {"fp32"}, "fp16": {"fp16", "bf16"}, "int8": {"int8", "fp8", "int4"}}
-# An FP16 or INT8 engine whose plan is above this share of the FP32 engine's size kept FP32 weights.
-MAX_SIZE_RATIO = 0.75
+# Size evidence of an engine's precision: where the lower-precision ONNX saves at least MIN_SAVING_BYTES of
+# weights over FP32, its engine must keep at least MIN_SAVING_KEPT of that saving (FP32 weights keep ~0).
+MIN_SAVING_BYTES = 1 << 20
+MIN_SAVING_KEPT = 0.5
 TIMING_CACHE_LOCK_S = 600.0
 
 _DTYPES = (  # substrings of the inspector's "Format/Datatype" (lower case) → precision, most specific first
@@ -424,41 +426,62 @@ def precision_histogram(layers: list[dict[str, Any]]) -> dict[str, Any]:
     return {"all": dict(sorted(all_counts.items())), "compute": dict(sorted(compute.items()))}
 
 
+def weight_saving(plan_bytes: int, fp32_plan_bytes: int, onnx_bytes: int, fp32_onnx_bytes: int) -> float | None:
+    """The share of the ONNX's weight saving that the engine kept: (FP32 plan − plan) / (FP32 ONNX − ONNX).
+
+    Near 1 when the engine stores the weights in the ONNX's lower precision; near 0 (or below) when they
+    went back to FP32. None when the ONNX saves less than MIN_SAVING_BYTES: a plan's kernels and metadata
+    then outweigh the weights, and sizes say nothing.
+    """
+    onnx_saving = fp32_onnx_bytes - onnx_bytes
+    if onnx_saving < MIN_SAVING_BYTES:
+        return None
+    return (fp32_plan_bytes - plan_bytes) / onnx_saving
+
+
 def check_precision(
-    asked: str, histogram: dict[str, Any], size_ratio: float | None, min_share: float
+    asked: str, histogram: dict[str, Any], saving_kept: float | None, min_share: float
 ) -> dict[str, Any]:
     """Does the engine carry the asked precision? Two pieces of evidence:
 
     - the share of layers in that precision, over compute layers (or all layers with a float precision when
       the engine shows no compute layer), where the inspector shows them (fused Myelin nodes do not);
-    - for FP16/INT8, the plan's size against the FP32 engine of the same run: weights that stayed FP32
-      keep the plan near the FP32 size.
+    - for FP16/INT8, `saving_kept` (see `weight_saving`): an engine whose weights went back to FP32 keeps
+      little of the ONNX's saving.
 
-    Returns {"status": passed|failed|undetermined, "reason", "share", "size_ratio"}.
+    Returns {"status": passed|failed|undetermined, "reason", "share", "saving_kept", ...}.
     """
     wanted = ASKED[asked]
     counts = histogram.get("compute") or {p: n for p, n in histogram.get("all", {}).items() if p in _FLOATISH}
     known = {p: n for p, n in counts.items() if p in _FLOATISH}
     total = sum(known.values())
     share = sum(n for p, n in known.items() if p in wanted) / total if total else None
-    out: dict[str, Any] = {"asked": asked, "share": share, "size_ratio": size_ratio, "min_share": min_share}
+    out: dict[str, Any] = {"asked": asked, "share": share, "saving_kept": saving_kept, "min_share": min_share}
     problems = []
     if share is not None and share < min_share:
         shown = ", ".join(f"{n} {p}" for p, n in sorted(known.items(), key=lambda kv: -kv[1]))
         problems.append(f"{share:.0%} of the layers run in {asked} (< {min_share:.0%}; layers: {shown})")
-    if asked != "fp32" and size_ratio is not None and size_ratio > MAX_SIZE_RATIO:
+    sized = asked != "fp32" and saving_kept is not None
+    if sized and saving_kept < MIN_SAVING_KEPT:
         problems.append(
-            f"the plan is {size_ratio:.0%} of the FP32 engine's size (> {MAX_SIZE_RATIO:.0%}): its weights stayed FP32"
+            f"the engine kept {saving_kept:.0%} of the ONNX's weight saving over FP32 (< {MIN_SAVING_KEPT:.0%}): "
+            "its weights went back to FP32"
         )
     if problems:
         out.update(status="failed", reason=f"{asked} asked, but " + "; ".join(problems))
-    elif share is None and (size_ratio is None or asked == "fp32"):
+    elif share is None and not sized and asked != "fp32":
         out.update(
             status="undetermined",
-            reason="the inspector shows no layer precisions (fused foreign nodes) and there is no size to compare",
+            reason="the inspector shows no layer precisions (fused foreign nodes) and the weights are too small "
+            "to tell by size",
         )
     else:
-        out.update(status="passed", reason=f"{asked} carried" + (f" by {share:.0%} of layers" if share else ""))
+        evidence = [
+            f"{share:.0%} of layers" if share is not None else "",
+            f"{saving_kept:.0%} of the weight saving" if sized else "",
+        ]
+        shown = " and ".join(e for e in evidence if e)
+        out.update(status="passed", reason=f"{asked} carried" + (f" ({shown})" if shown else ""))
     return out
 
 

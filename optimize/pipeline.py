@@ -532,12 +532,11 @@ def _build_engines(
         if not state.options.quiet:
             console().print(f"  engine {name}: building (log: logs/engine-{name}.log)", highlight=False)
         sidecars[name] = engine.build_in_child(request, recipe.engine.build_timeout_s)
-    fp32_bytes = sidecars["fp32"]["plan_bytes"]
+    fp32_plan, fp32_onnx = sidecars["fp32"]["plan_bytes"], onnx_paths["fp32"].stat().st_size
     failed = []
     for name, side in sidecars.items():
-        check = engine.check_precision(
-            precisions[name], side["precisions"], side["plan_bytes"] / fp32_bytes, recipe.engine.min_precision_share
-        )
+        kept = engine.weight_saving(side["plan_bytes"], fp32_plan, onnx_paths[name].stat().st_size, fp32_onnx)
+        check = engine.check_precision(precisions[name], side["precisions"], kept, recipe.engine.min_precision_share)
         side["precision_check"] = check
         write_json(Path(side["plan_path"]).with_suffix(".json"), side)
         if check["status"] == "failed":

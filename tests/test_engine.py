@@ -142,6 +142,7 @@ def test_fp16_build_writes_plan_sidecar_and_log_and_carries_fp16(tmp_path: Path,
     assert side["strongly_typed_flag"] is True
     assert side["precisions"]["compute"] == {"fp16": 2}
     assert check_precision("fp16", side["precisions"], None, 0.5)["status"] == "passed"
+    assert side["plan_bytes"] > 0 and side["plan_sha256"] == engine.sha256_file(plan)
     assert (tmp_path / "logs" / "engine-fp16.log").exists()
     # what went to the builder: workspace limit, level, detailed verbosity, the profile
     assert "IBuilderConfig.set_memory_pool_limit" in trt.double_used
@@ -154,13 +155,11 @@ def test_weakly_typed_build_comes_out_fp32_and_the_check_fails_it(tmp_path: Path
     """The field failure: an FP16 ONNX built without strong typing (and no FP16 flag) is an FP32 engine."""
     tensorrt_double.install(monkeypatch)
     monkeypatch.setattr(engine, "network_flags", lambda trt: (0, False))
-    fp32 = engine.build_engine(request(tmp_path, onnx_models["fp32"], "fp32"), device=H100)
     side = engine.build_engine(request(tmp_path, onnx_models["fp16"], "fp16"), device=H100)
-    ratio = side["plan_bytes"] / fp32["plan_bytes"]
-    verdict = check_precision("fp16", side["precisions"], ratio, 0.5)
+    assert side["precisions"]["compute"] == {"fp32": 2}
+    verdict = check_precision("fp16", side["precisions"], None, 0.5)
     assert verdict["status"] == "failed"
-    assert "0% of the layers run in fp16" in verdict["reason"]
-    assert "weights stayed FP32" in verdict["reason"]
+    assert "0% of the layers run in fp16 (< 50%; layers: 2 fp32)" in verdict["reason"]
 
 
 def test_tensorrt_11_path_builds_strongly_typed_and_touches_no_removed_name(
@@ -266,20 +265,29 @@ def test_parallel_jobs_merge_into_one_timing_cache_without_losing_entries(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("asked", "histogram", "ratio", "status"),
+    ("asked", "histogram", "kept", "status"),
     [
-        ("fp16", {"compute": {"fp16": 9, "fp32": 1}}, 0.52, "passed"),
-        ("fp16", {"compute": {"fp16": 2, "fp32": 8}}, 0.52, "failed"),  # most layers FP32
-        ("fp16", {"compute": {"fp16": 9}}, 0.98, "failed"),  # weights stayed FP32
-        ("fp16", {"all": {"opaque": 1}, "compute": {}}, 0.51, "passed"),  # one Myelin node: the size decides
-        ("fp16", {"all": {"opaque": 1}, "compute": {}}, None, "undetermined"),
-        ("int8", {"compute": {"int8": 6, "fp16": 2}}, 0.3, "passed"),
-        ("int8", {"compute": {"fp16": 8}}, 0.5, "failed"),
+        ("fp16", {"compute": {"fp16": 9, "fp32": 1}}, 0.97, "passed"),
+        ("fp16", {"compute": {"fp16": 2, "fp32": 8}}, 0.97, "failed"),  # most layers FP32
+        ("fp16", {"compute": {"fp16": 9}}, 0.03, "failed"),  # weights went back to FP32
+        ("fp16", {"all": {"opaque": 1}, "compute": {}}, 0.98, "passed"),  # one Myelin node: the size decides
+        ("fp16", {"all": {"opaque": 1}, "compute": {}}, 0.1, "failed"),
+        ("fp16", {"all": {"opaque": 1}, "compute": {}}, None, "undetermined"),  # tiny weights, opaque layers
+        ("int8", {"compute": {"int8": 6, "fp16": 2}}, 0.9, "passed"),
+        ("int8", {"compute": {"fp16": 8}}, 0.9, "failed"),
         ("fp32", {"compute": {"fp32": 4}}, None, "passed"),
+        ("fp32", {"all": {"opaque": 1}, "compute": {}}, None, "passed"),  # nothing to prove for FP32
     ],
 )
-def test_precision_check_decides_on_layer_share_and_size(asked, histogram, ratio, status) -> None:
-    assert check_precision(asked, histogram, ratio, 0.5)["status"] == status
+def test_precision_check_decides_on_layer_share_and_weight_saving(asked, histogram, kept, status) -> None:
+    assert check_precision(asked, histogram, kept, 0.5)["status"] == status
+
+
+def test_weight_saving_is_the_share_of_the_onnx_saving_the_plan_kept() -> None:
+    mb = 1 << 20
+    assert engine.weight_saving(60 * mb, 100 * mb, 45 * mb, 90 * mb) == pytest.approx(40 / 45)
+    assert engine.weight_saving(99 * mb, 100 * mb, 45 * mb, 90 * mb) == pytest.approx(1 / 45)
+    assert engine.weight_saving(900_000, 910_000, 5_000, 10_000) is None  # kernels outweigh 5 KB of weights
 
 
 def test_layer_precision_reads_inspector_formats() -> None:
