@@ -37,6 +37,8 @@ LIBRARIES = (
     "numpy",
     "transformers",
     "nvidia-modelopt",
+    "tensorrt",
+    "nvidia-ml-py",
 )
 
 
@@ -133,9 +135,17 @@ def environment() -> dict[str, Any]:
             gpu = out.stdout.strip() or None
         except (OSError, subprocess.SubprocessError):
             gpu = None
+    from optimize.gpu import gpus
+
     return {
         "versions": versions,
-        "hardware": {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb, "gpu": gpu},
+        "hardware": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "memory_gb": mem_gb,
+            "gpu": gpu,
+            "gpus": [g.record() for g in gpus()],  # NVML: name, compute capability, driver, CUDA, memory
+        },
         "os": f"{platform.system()} {platform.release()} ({platform.platform()})",
     }
 

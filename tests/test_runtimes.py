@@ -259,3 +259,22 @@ def test_runner_base_exit_calls_close() -> None:
     assert closed == [True]
     with pytest.raises(TypeError):
         Runner()  # type: ignore[abstract]
+
+
+def test_open_runner_sends_each_target_to_its_runner(linear: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch itself (the runners are stand-ins that record what they were given; the real TensorRT and
+    ONNX Runtime CUDA runners need a GPU and are exercised by the `gpu` tests)."""
+    import optimize.runtimes as runtimes
+    from optimize.runtimes import onnxruntime as ort_mod
+    from optimize.runtimes import tensorrt as trt_mod
+
+    monkeypatch.setattr(runtimes, "require", lambda target, why: None)
+    opened: list[tuple[str, object]] = []
+    monkeypatch.setattr(trt_mod, "TensorRTRunner", lambda path, target: opened.append(("trt", path)) or "trt")
+    monkeypatch.setattr(
+        ort_mod, "OnnxRuntimeCudaRunner", lambda path, threads: opened.append(("ort-cuda", path)) or "x"
+    )
+    assert open_runner("tensorrt", linear) == "trt"
+    monkeypatch.setattr(runtimes, "_torch_sees_cuda", lambda: True)
+    assert open_runner("onnxruntime-cuda", linear) == "x"
+    assert opened == [("trt", linear), ("ort-cuda", linear)]

@@ -41,6 +41,14 @@ def unavailable_reason(target: str) -> str | None:
     return f"unknown target {target!r}"
 
 
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 def require(target: str, why: str) -> None:
     """Raise RuntimeMissingError (exit 4) when `target` cannot run here."""
     reason = unavailable_reason(target)
@@ -60,10 +68,19 @@ def open_runner(target: str, artifact: Path | TorchArtifact, threads: int | None
     if is_torch != isinstance(artifact, TorchArtifact):
         wanted = "a TorchArtifact (the source module)" if is_torch else "a model file"
         raise StageError(f"runner: target {target} runs {wanted}, not {type(artifact).__name__} {artifact!r:.80}")
-    if target.startswith("onnxruntime-"):
+    if target == "onnxruntime-cuda" and _torch_sees_cuda():
+        # Device buffers and our own stream, so it is timed with CUDA events like every GPU runner.
+        from optimize.runtimes.onnxruntime import OnnxRuntimeCudaRunner
+
+        return OnnxRuntimeCudaRunner(artifact, threads)  # type: ignore[arg-type]
+    if target.startswith("onnxruntime-"):  # CPU, or CUDA without a CUDA torch: timed on the host clock
         from optimize.runtimes.onnxruntime import OnnxRuntimeRunner
 
         return OnnxRuntimeRunner(artifact, target, threads)  # type: ignore[arg-type]
+    if target == "tensorrt":
+        from optimize.runtimes.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(artifact, target)  # type: ignore[arg-type]
     if isinstance(artifact, TorchArtifact):
         from optimize.runtimes.torch import TorchCudaRunner, TorchRunner
 
