@@ -4,6 +4,7 @@ DOUBLE of the `tensorrt` module (not TensorRT): what is proven here is our own l
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,3 +173,76 @@ def test_torch_cpu_target_runs_the_source_model_and_skips_int8_there(write_recip
     assert result.exit_code == 0
     report = (result.run_dir / "report.md").read_text()
     assert "| int8 | torch-cpu | – | not run here: torch targets run the source model" in report
+
+
+class PlanOnOnnxRuntime:
+    """A STAND-IN for the TensorRT runner (no GPU here): opens a plan's sidecar and runs the ONNX it was built
+    from on ONNX Runtime's CPU provider. It lets the pipeline's wiring of the tensorrt target be tested;
+    it says nothing about TensorRT's outputs or speed."""
+
+    def __new__(cls, plan: Path):
+        from optimize.engine import read_sidecar
+        from optimize.runtimes.onnxruntime import OnnxRuntimeRunner
+
+        side = read_sidecar(plan)
+        runner = OnnxRuntimeRunner(Path(plan).parent.parent / side["onnx"], "onnxruntime-cpu")
+        runner.target = "tensorrt"
+        return runner
+
+
+def test_tensorrt_target_wiring_through_the_pipeline(write_recipe, tmp_path: Path, monkeypatch) -> None:
+    """The engine stage's place in a run: engines built (through the TEST DOUBLE) for every variant, the
+    tensorrt target measured on them, sizes from the plans, gates judged on it, engines in the report."""
+    import json
+
+    import optimize.runtimes as runtimes
+    from optimize import bench
+    from optimize.pipeline import RunOptions, run
+
+    double = tensorrt_double.make()
+
+    def build(request, timeout_s):  # the double is importable only while engines build (torch's export probes)
+        with monkeypatch.context() as m:
+            m.setitem(sys.modules, "tensorrt", double)
+            return engine.build_engine(request, device=H100)
+
+    monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(engine, "build_in_child", build)
+    monkeypatch.setattr(pipeline, "unavailable_reason", lambda target: None)
+    real_open = runtimes.open_runner
+
+    def open_runner(target, artifact, threads=None):
+        return PlanOnOnnxRuntime(artifact) if target == "tensorrt" else real_open(target, artifact, threads)
+
+    monkeypatch.setattr(runtimes, "open_runner", open_runner)
+    real_memory = bench.measure_memory
+    monkeypatch.setattr(
+        bench,
+        "measure_memory",
+        lambda target, artifact, feeds, threads: (
+            {"note": "stand-in"} if target == "tensorrt" else real_memory(target, artifact, feeds, threads)
+        ),
+    )
+    recipe = write_recipe(
+        {
+            "benchmark": {"targets": ["onnxruntime-cpu"], "optional_targets": ["tensorrt"]},
+            "gates": ["accuracy.cosine_min >= 0.99", {"check": "size.ratio <= 2.0", "target": "tensorrt"}],
+        }
+    )
+    result = run(recipe, RunOptions(runs_dir=tmp_path / "runs", register=False, quiet=True))
+    assert result.exit_code == 0, (result.run_dir / "report.md").read_text()
+    metrics = json.loads((result.run_dir / "metrics.json").read_text())
+    eng = metrics["variants"]["fp16"]["engine"]
+    assert eng["path"].startswith("artifacts/engines/tiny-fp16-sm90-trt10.16.0.72-") and eng["path"].endswith(".plan")
+    assert eng["precision_check"]["status"] == "passed" and eng["precisions"]["compute"] == {"fp16": 2}
+    plan = result.run_dir / eng["path"]
+    assert metrics["results"]["fp16"]["tensorrt"]["size"]["bytes"] == plan.stat().st_size
+    assert metrics["results"]["fp16"]["tensorrt"]["accuracy"]["cosine_min"] > 0.99
+    assert (result.run_dir / "golden" / "tensorrt" / "fp16.npz").exists()
+    verdict = json.loads((result.run_dir / "verdict.json").read_text())
+    assert {r["target"] for r in verdict["gates"] if r["status"] == "passed"} == {"onnxruntime-cpu", "tensorrt"}
+    report = (result.run_dir / "report.md").read_text()
+    assert "## TensorRT engines" in report and "passed: fp16 carried" in report
+    assert (result.run_dir / "logs" / "engine-fp16.log").exists()
+    manifest = json.loads((result.run_dir / "manifest.json").read_text())
+    assert [s["stage"] for s in manifest["stages"]][:5] == ["load", "export", "precision", "engine", "evaluate"]
