@@ -162,9 +162,11 @@ class FakeDeviceRunner(DeviceRunner):
         self.outputs: list[TensorSpec] = []
         self.feeds_seen: list[dict[str, np.ndarray]] = []
 
-    def stage(self, feeds: dict[str, np.ndarray]) -> None:
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
         self.log.append(self.name)
         self.feeds_seen.append(feeds)
+
+    def stage(self) -> None:
         self.stream.t_ms += self.h2d
 
     def compute(self) -> None:
@@ -376,7 +378,8 @@ def test_cuda_phases_are_the_same_as_run() -> None:
     feeds = gaussian(4, 64, 0)
     with TorchCudaRunner(module, inputs, outputs) as gpu:
         whole = gpu.run(feeds)
-        gpu.stage(feeds)
+        gpu.prepare(feeds)
+        gpu.stage()
         gpu.compute()
         gpu.fetch()
         gpu.stream.synchronize()

@@ -43,12 +43,14 @@ class Runner(abc.ABC):
 
 
 class DeviceRunner(Runner):
-    """A runner whose model runs on a CUDA GPU. Besides `run`, it exposes the three phases that GPU timing
-    brackets with CUDA events, all enqueued on `stream` (a `torch.cuda.Stream`):
+    """A runner whose model runs on a CUDA GPU. Besides `run`, it exposes the phases that GPU timing
+    brackets with CUDA events; all but `prepare` are enqueued on `stream` (a `torch.cuda.Stream`):
 
-        stage(feeds)   host → device copy of the inputs into the runner's device buffers
-        compute()      the model on the staged inputs (enqueue only; returns before the GPU is done)
-        fetch()        device → host copy of the outputs into pinned host buffers
+        prepare(feeds)  host copy of the feeds into the runner's pinned host buffers (not timed: as in
+                        trtexec, H2D is the copy from pinned memory to the device)
+        stage()         pinned host → device copy of the inputs (sets the input shapes)
+        compute()       the model on the staged inputs (enqueue only; returns before the GPU is done)
+        fetch()         device → pinned host copy of the outputs
 
     After `stream.synchronize()`, `outputs_host()` returns the fetched outputs. `run` does all of it.
     """
@@ -56,8 +58,12 @@ class DeviceRunner(Runner):
     stream: Any
 
     @abc.abstractmethod
-    def stage(self, feeds: dict[str, np.ndarray]) -> None:
-        """Enqueue the host → device copy of `feeds` (sets the input shapes)."""
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        """Copy `feeds` into the pinned host input buffers (waits until the last `stage` has read them)."""
+
+    @abc.abstractmethod
+    def stage(self) -> None:
+        """Enqueue the pinned host → device copy of the prepared inputs."""
 
     @abc.abstractmethod
     def compute(self) -> None:
@@ -76,8 +82,9 @@ class DeviceRunner(Runner):
         return {}
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Stage, compute and fetch one batch, wait for the stream, return the outputs."""
-        self.stage(feeds)
+        """Prepare, stage, compute and fetch one batch, wait for the stream, return the outputs."""
+        self.prepare(feeds)
+        self.stage()
         self.compute()
         self.fetch()
         self.stream.synchronize()

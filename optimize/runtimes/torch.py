@@ -177,9 +177,9 @@ class TorchRunner(Runner):
 class TorchCudaRunner(DeviceRunner):
     """A copy of the module on a CUDA GPU, run eager on its own `torch.cuda.Stream`, FP32 or FP16 autocast.
 
-    The caller's module is not touched (`copy.deepcopy`, then `.to(device)`). Inputs are staged through
-    pinned host buffers into preallocated device tensors (both reallocated when a shape or type changes);
-    outputs come back through pinned host buffers. Float outputs are cast to float32 on the device as the
+    The caller's module is not touched (`copy.deepcopy`, then `.to(device)`). Inputs go through pinned host
+    buffers into device tensors (both reallocated when a shape or type changes); outputs come back through
+    pinned host buffers. Float outputs are cast to float32 on the device as the
     last step of `compute`, as an FP16 ONNX model with FP32 I/O casts inside its graph.
 
     Under FP16, autocast casts the weights again on every `compute` (its weight cache lives only inside one
@@ -213,34 +213,39 @@ class TorchCudaRunner(DeviceRunner):
             self.stream.synchronize()
         except Exception as e:  # a module that cannot be copied, or no room on the GPU
             raise StageError(f"{self.target}: cannot copy the module to {self.device}: {first_line(e)}") from None
-        # input name -> (pinned host tensor, its numpy view, device tensor)
-        self._in: dict[str, tuple[Any, np.ndarray, Any]] = {}
+        self._in: dict[str, Any] = {}  # input name -> device tensor
+        self._host_in: dict[str, tuple[Any, np.ndarray]] = {}  # input name -> (pinned tensor, its numpy view)
+        self._staged = torch.cuda.Event()  # recorded after the last host → device copies
         self._out_dev: list[Any] = []
         self._out_host: dict[str, tuple[Any, np.ndarray]] = {}
-        # The pinned input buffers are rewritten by the host in `stage`: it waits for this event, recorded
-        # after the last host-to-device copy, so a copy still in flight never reads half-new data.
-        self._staged = torch.cuda.Event()
 
-    def stage(self, feeds: dict[str, np.ndarray]) -> None:
-        """Copy `feeds` into pinned buffers (host), then enqueue their copy into the device tensors.
-
-        The host copy into pinned memory is part of the H2D time bracketed around this call: numpy feeds
-        live in pageable memory, and a real service pays that copy too.
-        """
+    def prepare(self, feeds: dict[str, np.ndarray]) -> None:
+        """Copy the feeds into pinned host buffers (host work, not timed: as in trtexec, H2D is the copy from
+        pinned memory). Waits until the last `stage` has read the buffers."""
         import torch
 
         self._staged.synchronize()
+        for spec in self.inputs:
+            value = _float_feed(feeds, spec, self.target)
+            buffers = self._host_in.get(spec.name)
+            if buffers is None or buffers[1].shape != value.shape or buffers[1].dtype != value.dtype:
+                host = torch.from_numpy(value).pin_memory()  # a new pinned tensor of the feed's type
+                self._host_in[spec.name] = (host, host.numpy())
+            else:
+                np.copyto(buffers[1], value)
+
+    def stage(self) -> None:
+        """Enqueue the copy of the prepared inputs into the device tensors."""
+        import torch
+
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for spec in self.inputs:
-                value = _float_feed(feeds, spec, self.target)
-                buffers = self._in.get(spec.name)
-                if buffers is None or buffers[1].shape != value.shape or buffers[1].dtype != value.dtype:
-                    host = torch.from_numpy(value).pin_memory()  # a new pinned tensor of the feed's type
-                    buffers = (host, host.numpy(), torch.empty_like(host, device=self.device))
-                    self._in[spec.name] = buffers
-                else:
-                    np.copyto(buffers[1], value)
-                buffers[2].copy_(buffers[0], non_blocking=True)
+                host = self._host_in[spec.name][0]
+                dev = self._in.get(spec.name)
+                if dev is None or dev.shape != host.shape or dev.dtype != host.dtype:
+                    dev = torch.empty_like(host, device=self.device)
+                    self._in[spec.name] = dev
+                dev.copy_(host, non_blocking=True)
             self._staged.record(self.stream)
 
     def compute(self) -> None:
@@ -249,7 +254,7 @@ class TorchCudaRunner(DeviceRunner):
 
         if len(self._in) != len(self.inputs):
             raise StageError(f"{self.target}: compute() before stage(): no inputs on the device")
-        args = [self._in[spec.name][2] for spec in self.inputs]
+        args = [self._in[spec.name] for spec in self.inputs]
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream), torch.inference_mode():
             with _autocast("cuda", self.precision):
                 result = self.module(*args)
@@ -288,4 +293,4 @@ class TorchCudaRunner(DeviceRunner):
             return
         self.stream.synchronize()
         self.module = None
-        self._in, self._out_dev, self._out_host = {}, [], {}
+        self._in, self._out_dev, self._out_host, self._host_in = {}, [], {}, {}
