@@ -8,7 +8,13 @@ import re
 def first_line(e: BaseException, limit: int = 300) -> str:
     """The first line of an exception's text (or its type name), for one-line messages."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # some libraries (torch) colour their messages
-    return text.splitlines()[0][:limit] if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    line = text.splitlines()[0]
+    if len(line) <= limit:
+        return line
+    # Keep both ends: C++ runtimes put their source location first and the reason last.
+    return f"{line[: limit // 2]} … {line[-(limit // 2) :]}"
 
 
 class OptimizeError(Exception):

@@ -31,7 +31,8 @@ def tiny_onnx(path: Path, width: int = 256) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", width])],
         [numpy_helper.from_array(w, "W")],
     )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    # IR 9: loadable by every ONNX Runtime we meet (a GPU image's 1.30 refused the newer default of onnx 1.23)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
     return path
 
 
