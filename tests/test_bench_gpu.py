@@ -441,9 +441,9 @@ def test_torch_cuda_memory_peak_is_about_the_weights() -> None:
     assert mem["torch_weights_mb"] == weights_mb
     assert weights_mb <= mem["torch_allocated_before_mb"] <= mem["torch_peak_allocated_mb"]
     # Activations of 8 rows are tiny; the first GEMM also takes cuBLAS's workspace from torch's allocator
-    # (32 MiB on Hopper: measured +33.5 MB on an H200). Beyond that, the peak is the weights.
+    # (32 MiB on Hopper: measured +33.5 MB on an H200). What the process held before (earlier tests' tensors
+    # in a shared pytest process) is in `torch_allocated_before_mb`, not in this difference.
     assert mem["torch_peak_allocated_mb"] - mem["torch_allocated_before_mb"] < 48
-    assert mem["torch_peak_allocated_mb"] < weights_mb + 48
     assert mem["torch_peak_reserved_mb"] >= mem["torch_peak_allocated_mb"]
     if mem["gpu_process_peak_mb"] is None:
         assert "torch-cuda is measured in the pipeline's own process; " in mem["gpu_memory_note"]
