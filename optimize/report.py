@@ -166,8 +166,11 @@ def _engine_section(metrics: dict[str, Any]) -> list[str]:
     if not engines:
         return []
     out = ["", "## TensorRT engines", ""]
-    out.append("| variant | layer precisions (compute layers) | all layers | precision check | build s | plan |")
-    out.append("|---|---|---|---|---|---|")
+    out.append(
+        "| variant | layer precisions (compute layers) | all layers | precision check | build s | plan MB "
+        "| plan vs FP32 | plan |"
+    )
+    out.append("|---|---|---|---|---|---|---|---|")
     for name, e in engines.items():
         hist = e["precisions"]
         compute = ", ".join(f"{p} {n}" for p, n in hist.get("compute", {}).items()) or "–"
@@ -175,7 +178,7 @@ def _engine_section(metrics: dict[str, Any]) -> list[str]:
         check = e["precision_check"]
         out.append(
             f"| {name} | {compute} | {every} | {check['status']}: {check['reason']} | {e['build_s']:.1f} | "
-            f"`{e['path']}` |"
+            f"{_f(e.get('plan_bytes', 0) / 1e6, 4)} | {_f(e.get('plan_ratio'), 3)} | `{e['path']}` |"
         )
     return out
 

@@ -196,6 +196,8 @@ def test_gpu_timing_engines_and_skipped_pairs_are_on_the_page() -> None:
         "precisions": {"all": {"fp16": 7, "other": 2}, "compute": {"fp16": 4}},
         "precision_check": {"status": "passed", "reason": "fp16 carried by 100% of layers"},
         "build_s": 41.25,
+        "plan_bytes": 1_250_000,
+        "plan_ratio": 0.5625,
     }
     text = markdown(metrics, verdict, manifest)
     assert "| fp16 | tensorrt | batch=1 | 1.000 | 1.200 | 1.300 | 1.400 | 0.2 | 0.3 | 0.05 |" in text
@@ -204,6 +206,6 @@ def test_gpu_timing_engines_and_skipped_pairs_are_on_the_page() -> None:
     assert "| fp16 | torch-cpu | – | not run here: INT8 variants are ONNX artifacts |" in text
     assert "## TensorRT engines" in text
     assert (
-        "| fp16 | fp16 4 | fp16 7, other 2 | passed: fp16 carried by 100% of layers | 41.2 | "
+        "| fp16 | fp16 4 | fp16 7, other 2 | passed: fp16 carried by 100% of layers | 41.2 | 1.25 | 0.562 | "
         "`artifacts/engines/demo-fp16-sm90-trt10.16.1.11-0123456789ab.plan` |"
     ) in text
