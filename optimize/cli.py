@@ -74,15 +74,11 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
 ) -> None:
     """Build, measure and gate every variant of RECIPE; register those that pass."""
-    from optimize.recipe import TARGETS
-
-    for t in require_target or []:
-        if t not in TARGETS:
-            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    required = _required_targets(require_target)
     from optimize.pipeline import RunOptions
     from optimize.pipeline import run as run_pipeline
 
-    options = RunOptions(runs_dir, tracking_uri, tuple(require_target or ()), register, quiet)
+    options = RunOptions(runs_dir, tracking_uri, required, register, quiet)
     result = run_pipeline(recipe, options)
     from rich.markup import escape
 
@@ -153,20 +149,26 @@ def doctor(
 ) -> None:
     """Report what this machine can run: GPUs and driver, torch, TensorRT, ONNX Runtime, ModelOpt, MLflow,
     and whether each recipe target is available (and why not)."""
-    from optimize.recipe import TARGETS
-
-    for t in require_target or []:
-        if t not in TARGETS:
-            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    required = _required_targets(require_target)
     from optimize.doctor import diagnose, render
 
     report = diagnose()
     typer.echo(json.dumps(report, indent=2) if as_json else render(report), nl=as_json)
-    missing = [(t, report["targets"][t]["reason"]) for t in require_target or [] if report["targets"][t]["reason"]]
+    missing = [(t, report["targets"][t]["reason"]) for t in required if report["targets"][t]["reason"]]
     if missing:
         from optimize.errors import RuntimeMissingError
 
         raise RuntimeMissingError("; ".join(f"required target {t} is not available: {reason}" for t, reason in missing))
+
+
+def _required_targets(values: list[str] | None) -> tuple[str, ...]:
+    """`--require-target` values, each a known target (exit 2 otherwise)."""
+    from optimize.recipe import TARGETS
+
+    for t in values or []:
+        if t not in TARGETS:
+            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    return tuple(values or ())
 
 
 def _usage(msg: str) -> OptimizeError:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from test_cli import cli, one_error_line
 from typer.testing import CliRunner
 
 from optimize import doctor
@@ -20,27 +20,6 @@ from optimize.doctor import SECTIONS, render
 from optimize.recipe import TARGETS
 
 HEAVY = ("torch", "onnxruntime", "mlflow", "transformers", "pynvml")
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m optimize ARGS` in `cwd`."""
-    return subprocess.run(
-        [sys.executable, "-m", "optimize", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    )
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:
-    """The single `error: ...` line a failing command prints on stderr (and no traceback)."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 # Each doctor run imports torch, onnxruntime and mlflow (seconds): run each form once per module.
