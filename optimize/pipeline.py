@@ -495,8 +495,10 @@ LOCK_HEADER = (
 def target_refuses(target: str, recipe: Recipe, name: str, precision: str) -> str | None:
     """Why `target` does not run variant `name` (None when it does): torch runs the source module in FP32
     or FP16 autocast, not INT8; TensorRT compiles Q/DQ INT8, not ONNX Runtime's own INT8 operators."""
-    if target.startswith("torch-") and precision == "int8":
-        return "torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
+    if target.startswith("torch-"):
+        from optimize.runtimes.torch import supports
+
+        return supports(precision)
     if target == "tensorrt" and precision == "int8":
         variant = next(v for v in recipe.precision.variants if v.name == name)
         assert isinstance(variant, Int8Variant)

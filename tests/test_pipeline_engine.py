@@ -163,7 +163,7 @@ def test_torch_cpu_target_runs_the_source_model_and_skips_int8_there(write_recip
     assert res["fp16"]["torch-cpu"]["shapes"]["batch=8"]["timing"] == "host-clock"
     assert res["fp16"]["torch-cpu"]["memory"]["note"].startswith("not measured")
     assert res["int8"]["torch-cpu"] == {
-        "skipped": "torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
+        "skipped": "the torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
     }
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
     rows = {(r["variant"], r["target"]): r["status"] for r in verdict["gates"]}
@@ -172,7 +172,7 @@ def test_torch_cpu_target_runs_the_source_model_and_skips_int8_there(write_recip
     assert verdict["variants"]["int8"]["status"] == "passed"
     assert result.exit_code == 0
     report = (result.run_dir / "report.md").read_text()
-    assert "| int8 | torch-cpu | – | not run here: torch targets run the source model" in report
+    assert "| int8 | torch-cpu | – | not run here: the torch targets run the source model" in report
 
 
 class PlanOnOnnxRuntime:
