@@ -19,7 +19,8 @@ app = typer.Typer(
     help="Recipe-driven model optimisation: export → FP16/INT8 → TensorRT engines → evaluate → benchmark → gate "
     "→ register.\n\n"
     "Exit codes: 0 every gate that ran passed; 1 a gate failed (or nothing passed); 2 bad recipe or usage; "
-    "3 a stage failed; 4 a required runtime or device is missing; 5 the registry is unreachable.",
+    "3 a stage failed; 4 a required runtime or device is missing; 5 the registry is unreachable; "
+    "6 an artifact is not what was gated (sha256 or golden outputs); 7 the registry refused the credentials.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -159,6 +160,114 @@ def doctor(
         from optimize.errors import RuntimeMissingError
 
         raise RuntimeMissingError("; ".join(f"required target {t} is not available: {reason}" for t, reason in missing))
+
+
+_TRACKING = typer.Option(
+    "--tracking-uri",
+    metavar="URI",
+    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///./mlflow.db).",
+)
+
+
+def _tracking(uri: str | None) -> str:
+    from optimize.registry import resolve_tracking_uri
+
+    return resolve_tracking_uri(uri, None)
+
+
+@app.command()
+def register(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished run directory (runs/<recipe>/<id>).")],
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri",
+            metavar="URI",
+            help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, the run's recipe, else sqlite:///./mlflow.db).",
+        ),
+    ] = None,
+) -> None:
+    """Register a finished run whose registration failed (registry down): never a second version for the
+    same run, never an empty registered model."""
+    from optimize.registry import register_run
+
+    reg = register_run(run_dir, tracking_uri)
+    for variant, version in reg["versions"].items():
+        typer.echo(
+            f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}"
+        )
+    if reg.get("already"):
+        typer.echo(f"already registered: {', '.join(f'{v} v{n}' for v, n in reg['already'].items())}")
+    if not reg["versions"] and not reg.get("already"):
+        typer.echo("run logged; nothing passed, nothing registered")
+
+
+@app.command()
+def promote(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Registered model name.")],
+    to: Annotated[str, typer.Option("--to", metavar="ALIAS", help="The alias to move, e.g. canary, production.")],
+    version: Annotated[int | None, typer.Option("--version", metavar="N", help="The version to promote.")] = None,
+    from_alias: Annotated[
+        str | None, typer.Option("--from", metavar="ALIAS", help="Promote the version this alias points to.")
+    ] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """Move ALIAS to a version that passed its gates, after verifying its artifact's sha256; the version
+    the alias left is recorded for `optimize rollback`."""
+    if (version is None) == (from_alias is None):
+        raise _usage("promote: give exactly one of --version N and --from ALIAS")
+    from optimize.promotion import promote as do_promote
+
+    done = do_promote(model, to, version=version, from_alias=from_alias, tracking_uri=_tracking(tracking_uri))
+    before = f" (was version {done['previous']})" if done.get("previous") else ""
+    typer.echo(f"{model}@{to} → version {done['version']}{before}; sha256 verified")
+
+
+@app.command()
+def rollback(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Registered model name.")],
+    alias: Annotated[str, typer.Option("--alias", metavar="ALIAS", help="The alias to move back.")],
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """Move ALIAS back to the version it pointed to before its last promotion (verified the same way)."""
+    from optimize.promotion import rollback as do_rollback
+
+    done = do_rollback(model, alias, tracking_uri=_tracking(tracking_uri))
+    typer.echo(f"{model}@{alias} → version {done['version']} (was version {done['previous']}); sha256 verified")
+
+
+@app.command()
+def smoke(
+    uri: Annotated[str, typer.Argument(metavar="URI", help="models:/NAME@ALIAS or models:/NAME/VERSION.")],
+    target: Annotated[
+        str | None,
+        typer.Option("--target", metavar="TARGET", help="Runtime to load it on (default: the first it was gated on)."),
+    ] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """Load a registered model on this machine, run its stored sample inputs, compare with its golden outputs
+    within the recorded tolerance and its latency with the recipe's budget; non-zero exit with the reason."""
+    from optimize.smoke import smoke as do_smoke
+
+    result = do_smoke(uri, tracking_uri=_tracking(tracking_uri), target=target)
+    typer.echo(
+        f"{uri}: ok on {result['target']} — max |diff| {result['max_abs_error']:.3g} within tolerance, "
+        f"p50 {result['p50_ms']:.3f} ms"
+        + (f" (budget {result['budget_ms']:.3f} ms)" if result.get("budget_ms") else "")
+    )
+
+
+@app.command("canary-manifest")
+def canary_manifest(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="Registered model name.")],
+    alias: Annotated[str, typer.Option("--alias", metavar="ALIAS", help="The alias to describe.")] = "canary",
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """Print, as JSON, what a deployment step needs: model URI, version, sha256, runtime, target, GPU
+    architecture, recipe and gates of the version ALIAS points to."""
+    from optimize.promotion import canary_manifest as manifest
+
+    typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
 
 
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:

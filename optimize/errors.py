@@ -45,3 +45,24 @@ class RegistryUnreachableError(OptimizeError):
     """The MLflow registry could not be reached; the run directory is kept (exit 5)."""
 
     exit_code = 5
+
+
+class GateFailedError(OptimizeError):
+    """What is asked for did not pass its gates: promoting a version whose gates failed, a smoke check
+    over its latency budget (exit 1, as a failed gate in `optimize run`)."""
+
+    exit_code = 1
+
+
+class IntegrityError(OptimizeError):
+    """An artifact is not what was gated: its sha256 differs from the recorded one, or its outputs differ
+    from the recorded golden outputs beyond the tolerance (exit 6). No alias is moved."""
+
+    exit_code = 6
+
+
+class NotAuthorisedError(OptimizeError):
+    """The registry refused the credentials (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN)
+    or the permission for this change (exit 7)."""
+
+    exit_code = 7

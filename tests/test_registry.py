@@ -14,42 +14,6 @@ from mlflow import MlflowClient
 
 from optimize import registry
 from optimize.errors import RecipeError, RegistryUnreachableError
-from optimize.pipeline import RunOptions, run
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real, unregistered run of the tiny model with two variants that both pass."""
-    import os
-
-    import numpy as np
-    import yaml
-    from conftest import TINY_MODULE, merge, tiny_recipe
-
-    folder = tmp_path_factory.mktemp("run")
-    (folder / "tinynet.py").write_text(TINY_MODULE)
-    rng = np.random.default_rng(0)
-    np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    recipe = merge(
-        tiny_recipe(),
-        {
-            "precision": {
-                "variants": [
-                    {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-                    {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
-                ]
-            }
-        },
-    )
-    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = run(folder / "r.yaml", RunOptions(runs_dir=folder / "runs", quiet=True, register=False))
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0
-    return result.run_dir
 
 
 def _client(uri: str) -> MlflowClient:
