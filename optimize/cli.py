@@ -233,7 +233,13 @@ def rollback(
     from optimize.promotion import rollback as do_rollback
 
     done = do_rollback(model, alias, tracking_uri=_tracking(tracking_uri))
-    typer.echo(f"{model}@{alias} → version {done['version']} (was version {done['previous']}); sha256 verified")
+    if done.get("already_rolled_back"):
+        typer.echo(
+            f"{model}@{alias} already rolled back from version {done['rolled_back_from']}; "
+            f"still version {done['version']}"
+        )
+    else:
+        typer.echo(f"{model}@{alias} → version {done['version']} (was version {done['previous']}); sha256 verified")
 
 
 @app.command()

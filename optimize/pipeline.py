@@ -195,7 +195,8 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
         state.manifest["status"] = "failed"
         state.manifest["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
         state.save_manifest()
-        if isinstance(e, OptimizeError):
+        # A failed registration already names the run directory and ends with the command that retries it.
+        if isinstance(e, OptimizeError) and display_path(state.run_dir) not in str(e):
             e.args = (f"{e.args[0] if e.args else ''} (run directory: {display_path(state.run_dir)})",)
         raise
     return result
@@ -470,9 +471,14 @@ def _execute(state: _Run) -> RunResult:
     registered: dict[str, Any] = {}
     if state.options.register and recipe.registry.enabled:
         with stage("register", f"MLflow at {state.tracking_uri}") as rec, state.log("register"):
-            registered = registry.publish(run_dir, state.tracking_uri)
-            state.manifest["registry"] = registered
-            versions = registered["versions"]
+            # The same idempotent publish as `optimize register RUN_DIR`, which retries a failure from here.
+            try:
+                registered = registry.publish(run_dir, state.tracking_uri)
+            except OptimizeError as e:
+                state.manifest["registry"] = registry.failure_record(state.tracking_uri, e)
+                raise
+            state.manifest["registry"] = registry.success_record(registered)
+            versions = {**registered["already"], **registered["versions"]}
             rec["detail"] = (
                 ", ".join(f"{registered['model_name']} v{v} ({n})" for n, v in versions.items())
                 + f", alias {registered['alias']}"
@@ -715,10 +721,24 @@ def _write_registry_folders(
     eval_ds: Any,
     recipe: Recipe,
 ) -> None:
-    """What a registered version carries: the model, sample inputs, golden outputs and their metadata."""
+    """What a registered version carries: the model, sample inputs, golden outputs and their metadata.
+
+    `golden` holds each variant's outputs on the sample batch from the first ONNX Runtime target that ran it
+    (the caller's order); other ONNX Runtime targets' outputs (`golden/<target>/<variant>.npz`) ship too, as
+    `golden_outputs.<target>.npz`, so a smoke check on that target compares like with like. `smoke` records
+    the latency budget a smoke check holds the version to (`optimize.smoke.latency_budgets`).
+    """
+    import json
+
+    from optimize.smoke import ONNX_TARGETS, smoke_record
+
+    results = json.loads((run_dir / "metrics.json").read_text())["results"]  # written just before
     for name, status in verdict["variants"].items():
         if status["status"] != "passed":
             continue
+        ran = [t for t, r in results[name].items() if "skipped" not in r]
+        # The caller's order for `golden`: ONNX Runtime first, its CPU provider first of all.
+        ran.sort(key=lambda t: (not t.startswith("onnxruntime-"), t != "onnxruntime-cpu"))
         folder = run_dir / "registry" / name
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / "model.onnx"
@@ -730,6 +750,12 @@ def _write_registry_folders(
         sample = eval_ds.batches[0]
         write_npz(folder / "sample_inputs.npz", sample)
         write_npz(folder / "golden_outputs.npz", golden[name])
+        per_target = {ran[0]: "golden_outputs.npz"} if ran else {}
+        for t in ran[1:]:
+            src = run_dir / "golden" / t / f"{name}.npz"
+            if t in ONNX_TARGETS and src.is_file():
+                per_target[t] = f"golden_outputs.{t}.npz"
+                write_with(folder / per_target[t], lambda tmp, src=src: shutil.copyfile(src, tmp))
         write_json(
             folder / "optimize.json",
             {
@@ -739,5 +765,8 @@ def _write_registry_folders(
                 "inputs": list(sample),
                 "tolerance": recipe.export.tolerance.model_dump(),
                 "recipe": recipe.name,
+                "golden_target": ran[0] if ran else None,
+                "golden": per_target,
+                "smoke": smoke_record(name, paths[name], sample, results[name], recipe.gates, recipe.benchmark.threads),
             },
         )

@@ -646,6 +646,13 @@ class RegistrySection(_Strict):
     )
     experiment: str | None = Field(default=None, description="MLflow experiment; default: `optimize/<name>`.")
     alias: str = Field(default="candidate", pattern=r"^[A-Za-z][\w-]*$", description="Alias given to new versions.")
+    timeout_s: float = Field(
+        default=30,
+        gt=0,
+        description="How long registration waits for a registry that does not answer (each MLflow request, no "
+        "retries) before it fails with exit 5, keeping the run directory for `optimize register RUN_DIR`. "
+        "OPTIMIZE_REGISTRY_TIMEOUT_S overrides it.",
+    )
 
 
 class Recipe(_Strict):

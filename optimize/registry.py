@@ -1,25 +1,45 @@
 """MLflow at the registry boundary: one MLflow run per `optimize run` (params, metrics, report and
-manifest), and every variant that passed its gates registered as a new model version (from a
-LoggedModel, so engines can follow later) with its evidence in tags and description, and an alias."""
+manifest), and every variant that passed its gates registered once as a model version (from a
+LoggedModel, so engines can follow later) with its evidence in tags and description, and an alias.
+Publishing is idempotent on the optimize run id and bounded in time, so a registration that failed
+(registry down, exit 5) is retried from the run directory by `optimize register RUN_DIR`."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import shlex
+import shutil
+import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import RecipeError, RegistryUnreachableError, first_line
+from optimize.errors import (
+    NotAuthorisedError,
+    OptimizeError,
+    RecipeError,
+    RegistryUnreachableError,
+    StageError,
+    first_line,
+)
 
 # Bound every MLflow HTTP call: with the defaults one call hangs for minutes against a stopped server.
+DEFAULT_TIMEOUT_S = 30.0
+TIMEOUT_ENV = "OPTIMIZE_REGISTRY_TIMEOUT_S"
 HTTP_TIMEOUT_S = 10
 HTTP_MAX_RETRIES = 1
 REACH_TIMEOUT_S = 5
+
+# What a finished run directory holds before anything can be registered from it.
+RUN_FILES = ("manifest.json", "recipe.json", "metrics.json", "verdict.json")
 
 
 def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None, cwd: Path | None = None) -> str:
@@ -30,6 +50,21 @@ def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None, cwd: Path 
     return f"sqlite:///{((cwd or Path.cwd()) / 'mlflow.db').resolve()}"
 
 
+def registry_timeout_s(recipe_value: float | None = None) -> float:
+    """How long registration waits for a registry that does not answer: OPTIMIZE_REGISTRY_TIMEOUT_S, else the
+    recipe's `registry.timeout_s`, else 30 s (exit 2 when the variable is not a number of seconds > 0)."""
+    raw = os.environ.get(TIMEOUT_ENV, "").strip()
+    if raw:
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise RecipeError(f"{TIMEOUT_ENV}: {raw!r} is not a number of seconds > 0")
+        return value
+    return float(recipe_value) if recipe_value else DEFAULT_TIMEOUT_S
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """For a local sqlite store, pin artifacts to `mlartifacts/` beside the database file (not the cwd)."""
     if tracking_uri.startswith("sqlite:///"):
@@ -38,12 +73,12 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
-def check_reachable(tracking_uri: str) -> None:
-    """Fail fast (exit 5) when the tracking store cannot be reached; bounded to a few seconds."""
+def check_reachable(tracking_uri: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """Fail fast (exit 5) when the tracking store cannot be reached or does not answer within `timeout_s`."""
     if tracking_uri.startswith(("http://", "https://")):
         url = tracking_uri.rstrip("/") + "/health"
         try:
-            with urllib.request.urlopen(url, timeout=REACH_TIMEOUT_S) as resp:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
                 if resp.status >= 500:
                     raise RegistryUnreachableError(f"registry: {url} answered HTTP {resp.status}")
         except urllib.error.HTTPError as e:
@@ -51,6 +86,11 @@ def check_reachable(tracking_uri: str) -> None:
                 raise RegistryUnreachableError(f"registry: {url} answered HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
+            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+                raise RegistryUnreachableError(
+                    f"registry: {tracking_uri} did not answer within {timeout_s:g} s"
+                    f" (registry.timeout_s or {TIMEOUT_ENV})"
+                ) from None
             raise RegistryUnreachableError(f"registry: cannot reach {tracking_uri} ({reason})") from None
     elif tracking_uri.startswith("sqlite:///"):
         folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
@@ -62,9 +102,141 @@ def check_reachable(tracking_uri: str) -> None:
         )
 
 
-def _bound_http() -> None:
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(HTTP_TIMEOUT_S))
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(HTTP_MAX_RETRIES))
+@contextmanager
+def bounded_http(timeout_s: float) -> Iterator[None]:
+    """Within the block, an MLflow HTTP request that gets no answer within `timeout_s` fails, and none is
+    retried: a retried POST whose first answer was only late would register a second version. The two
+    MLFLOW_HTTP_REQUEST_* variables are put back as they were afterwards."""
+    with _environ(
+        MLFLOW_HTTP_REQUEST_TIMEOUT=str(max(1, math.ceil(timeout_s))),  # MLflow reads it as an int
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+    ):
+        yield
+
+
+@contextmanager
+def session(tracking_uri: str, timeout_s: float | None = None) -> Iterator[Any]:
+    """An MlflowClient on `tracking_uri` for the block, as every registry command uses it: the store reachable
+    (a sqlite file must exist: MLflow would create an empty one), each request bounded by the registry
+    timeout with no retries, no progress bars (stderr carries one line, the error), and MLflow's failures
+    mapped to our exit codes: refused credentials 7, a lost or silent registry 5. The environment is put
+    back afterwards."""
+    budget = timeout_s if timeout_s is not None else registry_timeout_s()
+    check_reachable(tracking_uri, budget)
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+        if not db.is_file():
+            raise RecipeError(
+                f"registry: {db} does not exist, so it holds no registered model; "
+                "pass --tracking-uri or set MLFLOW_TRACKING_URI to the store the model was registered in"
+            )
+    with bounded_http(budget), _environ(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR="false"):
+        from mlflow import MlflowClient
+
+        try:
+            yield MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        except Exception as e:
+            error = _as_registry_error(e, tracking_uri, budget)
+            if error is None or error is e:
+                raise
+            raise error from None
+
+
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_finished_run(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """The run's recipe, manifest, metrics and verdict, once `run_dir` is shown to be a finished run: its
+    gates ran and every passing variant has its `registry/<variant>/` folder (exit 2 naming what is missing)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(f"{run_dir}: no such run directory; pass a run directory (runs/<recipe>/<run-id>)")
+    loaded: dict[str, dict[str, Any]] = {}
+    for name in RUN_FILES:
+        path = run_dir / name
+        if not path.is_file():
+            raise RecipeError(
+                f"{path}: missing, so {run_dir} is not a finished run (its gates never ran); "
+                "finish it with `optimize run` before registering it"
+            )
+        try:
+            loaded[name.removesuffix(".json")] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{path}: cannot be read ({first_line(e)})") from None
+    if not loaded["manifest"].get("run_id"):
+        raise RecipeError(f"{run_dir / 'manifest.json'}: run_id: missing; this is not a run directory of optimize")
+    for variant, status in loaded["verdict"].get("variants", {}).items():
+        if status.get("status") != "passed":
+            continue
+        model = run_dir / "registry" / variant / "model.onnx"
+        if not model.is_file():
+            raise RecipeError(f"{model}: missing; variant {variant} passed but its registry folder is incomplete")
+    return loaded
+
+
+def retry_command(run_dir: Path, tracking_uri: str, recipe_uri: str | None) -> str:
+    """The command that retries this registration from the run directory (with --tracking-uri only when the
+    store does not follow from the environment and the recipe)."""
+    from optimize.files import display_path
+
+    same = tracking_uri == resolve_tracking_uri(None, recipe_uri)
+    flag = "" if same else f"--tracking-uri {shlex.quote(tracking_uri)} "
+    return f"optimize register {flag}{shlex.quote(display_path(run_dir))}"
+
+
+def register_run(run_dir: Path, tracking_uri: str | None) -> dict[str, Any]:
+    """`optimize register RUN_DIR`: publish a finished run (idempotently, see `publish`) and record the
+    outcome as the manifest's `registry` entry and status.
+
+    The store is `tracking_uri`, else MLFLOW_TRACKING_URI, else the run's recipe, else ./mlflow.db.
+    """
+    run_dir = Path(run_dir)
+    recipe = check_finished_run(run_dir)["recipe"]
+    uri = resolve_tracking_uri(tracking_uri, recipe.get("registry", {}).get("tracking_uri"))
+    try:
+        reg = publish(run_dir, uri)
+    except OptimizeError as e:
+        if not isinstance(e, RecipeError):
+            _update_manifest(run_dir, failure_record(uri, e), status="failed", error=first_line(e, 2000))
+        raise
+    _update_manifest(run_dir, success_record(reg), status="done", error=None)
+    return reg
+
+
+def success_record(reg: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `registry` entry after a registration: what `publish` returned, `status: registered`."""
+    return {"status": "registered", **reg}
+
+
+def failure_record(tracking_uri: str, error: BaseException) -> dict[str, Any]:
+    """The manifest's `registry` entry after a failed registration: where, why, and the command that retries."""
+    retry = getattr(error, "retry", None)  # set by `publish` on the errors it reports
+    return {"status": "failed", "tracking_uri": tracking_uri, "error": first_line(error, 2000), "retry": retry}
+
+
+def _update_manifest(run_dir: Path, entry: dict[str, Any], status: str, error: str | None) -> None:
+    from optimize.files import write_json
+
+    path = run_dir / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["registry"] = entry
+    manifest["status"] = status
+    if error is None:
+        manifest.pop("error", None)
+    else:
+        manifest["error"] = error
+    write_json(path, manifest)
 
 
 def _flatten(prefix: str, obj: Any, out: dict[str, Any]) -> dict[str, Any]:
@@ -83,97 +255,155 @@ def _metric_key(key: str) -> str:
     return key.replace("=", "").replace(",", "_")
 
 
-def publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
-    """Log the finished run in `run_dir` to MLflow and register the variants that passed.
+def _quoted(value: str, what: str) -> str:
+    """`value` as a quoted MLflow filter literal (its search grammar has no escape we can rely on)."""
+    if "'" in value:
+        raise RecipeError(f"{what}: {value!r} contains a single quote, which MLflow's search filters cannot hold")
+    return f"'{value}'"
 
-    Reads only files of the run directory, so a failed registration can be retried from it.
-    Returns {"tracking_uri", "experiment_id", "run_id", "versions": {variant: version}}.
+
+def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None) -> dict[str, Any]:
+    """Log the finished run in `run_dir` to MLflow and register the variants that passed, once.
+
+    Reads only files of the run directory, so a failed registration can be retried from it. Idempotent on
+    the optimize run id (manifest `run_id`): the MLflow run, LoggedModels and versions of an earlier attempt
+    for the same run are found by tag and reused, never made twice. A registered model this call created is
+    deleted again if no version could be created in it. Each request waits at most `timeout_s` (default:
+    `registry_timeout_s` of the run's recipe) with no retries; a registry that cannot be reached or does not
+    answer is exit 5, and every registry error ends with the command that retries.
+
+    Returns {"tracking_uri", "experiment_id", "run_id", "model_name", "alias", "versions": {variant: version}
+    made by this call, "already": {variant: version} found from an earlier attempt}.
     """
-    check_reachable(tracking_uri)
-    _bound_http()
+    run_dir = Path(run_dir)
+    files = check_finished_run(run_dir)
+    reg = files["recipe"].get("registry", {})
+    budget = timeout_s if timeout_s is not None else registry_timeout_s(reg.get("timeout_s"))
     try:
-        return _publish(run_dir, tracking_uri)
-    except RegistryUnreachableError:
-        raise
+        check_reachable(tracking_uri, budget)
+        with bounded_http(budget):
+            return _publish(run_dir, tracking_uri, files)
     except Exception as e:
-        if _is_connection_error(e):
-            raise RegistryUnreachableError(f"registry: lost {tracking_uri} ({first_line(e)})") from None
-        raise
+        error = _as_registry_error(e, tracking_uri, budget)
+        if error is None or isinstance(error, RecipeError):
+            raise
+        from optimize.files import display_path
+
+        retry = retry_command(run_dir, tracking_uri, reg.get("tracking_uri"))
+        reported = type(error)(f"{first_line(error)}; the run is kept in {display_path(run_dir)}; retry: {retry}")
+        reported.retry = retry  # type: ignore[attr-defined]  # for the manifest, see `failure_record`
+        raise reported from (None if error is e else e)
 
 
-def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+def _as_registry_error(e: Exception, tracking_uri: str, timeout_s: float) -> OptimizeError | None:
+    """The OptimizeError a failure at the registry is reported as (None: not a registry failure, re-raise)."""
+    if isinstance(e, OptimizeError):
+        return e
+    if is_connection_error(e):
+        text = str(e)
+        if "timed out" in text.lower() or "timeout" in text.lower():
+            request = re.search(r"API request to (?:endpoint )?(\S+)", text)
+            path = f" to {urllib.parse.urlsplit(request.group(1)).path}" if request else ""
+            return RegistryUnreachableError(
+                f"registry: {tracking_uri} did not answer a request{path} within {timeout_s:g} s"
+                f" (registry.timeout_s or {TIMEOUT_ENV})"
+            )
+        return RegistryUnreachableError(f"registry: lost {tracking_uri} ({first_line(e)})")
     from mlflow.exceptions import MlflowException
 
-    recipe = json.loads((run_dir / "recipe.json").read_text())
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    verdict = json.loads((run_dir / "verdict.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    status = http_status(e)
+    if status in (401, 403):
+        fix = (
+            "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+            if status == 401
+            else "the user in MLFLOW_TRACKING_USERNAME lacks the permission for this change"
+        )
+        said = first_line(e, 200)
+        return NotAuthorisedError(f"registry: {tracking_uri} refused the request (HTTP {status}: {said}); {fix}")
+    if isinstance(e, MlflowException):
+        return StageError(f"registry: {tracking_uri}: {first_line(e)}")
+    return None
+
+
+def http_status(e: BaseException) -> int | None:
+    """401/403 from MLflow's REST errors or from an artifact download's HTTP error; else None."""
+    response = getattr(e, "response", None)  # requests.HTTPError from an artifact download
+    code = getattr(response, "status_code", None)
+    if code in (401, 403):
+        return int(code)
+    error_code = getattr(e, "error_code", None)
+    if error_code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
+        return 401
+    if error_code == "PERMISSION_DENIED":
+        return 403
+    match = re.search(r"\b(?:error code|status code|HTTP) (401|403)\b", str(e))
+    return int(match.group(1)) if match else None
+
+
+def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+
+    recipe, metrics, verdict, manifest = files["recipe"], files["metrics"], files["verdict"], files["manifest"]
     reg = recipe["registry"]
     model_name = reg.get("model_name") or recipe["name"]
+    optimize_run_id = manifest["run_id"]
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment_name = reg.get("experiment") or f"optimize/{recipe['name']}"
-    exp = client.get_experiment_by_name(experiment_name)
-    if exp is None:
-        experiment_id = client.create_experiment(
-            experiment_name, artifact_location=default_artifact_location(tracking_uri)
-        )
-    else:
-        experiment_id = exp.experiment_id
-    run = client.create_run(
-        experiment_id,
-        run_name=manifest["run_id"],
-        tags={
-            "optimize.recipe": recipe["name"],
-            "optimize.recipe_sha256": manifest["recipe_sha256"],
-            "optimize.verdict": verdict["status"],
-            "optimize.run_dir": str(run_dir.resolve()),
-            "optimize.version": manifest["versions"].get("optimize", ""),
-        },
+    experiment_id = _experiment_id(client, reg.get("experiment") or f"optimize/{recipe['name']}", tracking_uri)
+    run_tags = {
+        "optimize.run_id": optimize_run_id,
+        "optimize.recipe": recipe["name"],
+        "optimize.recipe_sha256": manifest["recipe_sha256"],
+        "optimize.verdict": verdict["status"],
+        "optimize.run_dir": str(run_dir.resolve()),
+        "optimize.version": manifest["versions"].get("optimize", ""),
+    }
+    previous = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`optimize.run_id` = {_quoted(optimize_run_id, 'manifest.json: run_id')}",
+        order_by=["attributes.start_time ASC"],
+        max_results=1,
     )
-    run_id = run.info.run_id
-    items = [(k, str(v)[:6000]) for k, v in _flatten("", recipe, {}).items()]
+    if previous:  # an earlier, partial attempt for this run: finish it rather than start a second MLflow run
+        run_id = previous[0].info.run_id
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
+        have_params, have_metrics = set(previous[0].data.params), set(previous[0].data.metrics)
+    else:
+        run_id = client.create_run(experiment_id, run_name=optimize_run_id, tags=run_tags).info.run_id
+        have_params, have_metrics = set(), set()
+    items = [(k, str(v)[:6000]) for k, v in _flatten("", recipe, {}).items() if k not in have_params]
     for i in range(0, len(items), 100):
         client.log_batch(run_id, params=[Param(k, v) for k, v in items[i : i + 100]])
-    flat_metrics = []
-    now = int(time.time() * 1000)
-    for variant, by_target in metrics["results"].items():
-        for target, result in by_target.items():
-            flat = _flatten(f"{variant}.{target}", result, {})
-            for k, v in flat.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    flat_metrics.append(Metric(_metric_key(k), float(v), now, 0))
-    for variant, fb in metrics.get("fallback", {}).items():  # one step per INT8 fallback trial
-        for t in fb["trials"]:
-            values = {**t["accuracy"], "excluded_count": t["excluded_count"], "passed": float(t["passed"])}
-            if t.get("p50_speedup") is not None:
-                values["p50_speedup"] = t["p50_speedup"]
-            for k, v in values.items():
-                if isinstance(v, (int, float)):
-                    flat_metrics.append(Metric(_metric_key(f"fallback.{variant}.{k}"), float(v), now, t["trial"]))
+    flat_metrics = [m for m in _run_metrics(metrics) if m.key not in have_metrics]
     for i in range(0, len(flat_metrics), 500):
         client.log_batch(run_id, metrics=flat_metrics[i : i + 500])
     for name in ("report.md", "metrics.json", "verdict.json", "manifest.json", "recipe.yaml", "recipe.lock.yaml"):
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
-    versions: dict[str, int] = {}
+
     passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
-    if passed:
-        try:
-            client.create_registered_model(model_name, description=recipe.get("description") or None)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-    for variant in passed:
-        versions[variant] = _register_variant(
-            client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest
-        )
+    versions: dict[str, int] = {}
+    already: dict[str, int] = {}
+    created_model = bool(passed) and _create_registered_model(client, model_name, recipe.get("description"))
+    try:
+        for variant in passed:
+            found = _find_version(client, model_name, optimize_run_id, variant)
+            if found is not None:
+                already[variant] = found
+                continue
+            versions[variant] = _register_variant(
+                client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest
+            )
+    except BaseException:
+        if created_model:
+            _delete_if_empty(client, model_name)
+        raise
     alias = reg.get("alias") or "candidate"
+    numbers = {**already, **versions}
     for i, variant in enumerate(passed):
-        client.set_registered_model_alias(model_name, f"{alias}-{variant}", versions[variant])
+        _point_alias(client, model_name, f"{alias}-{variant}", numbers[variant])
         if i == 0:
-            client.set_registered_model_alias(model_name, alias, versions[variant])
+            _point_alias(client, model_name, alias, numbers[variant])
     client.set_terminated(run_id, "FINISHED")
     return {
         "tracking_uri": tracking_uri,
@@ -182,7 +412,103 @@ def _publish(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
         "model_name": model_name,
         "alias": alias,
         "versions": versions,
+        "already": already,
     }
+
+
+def _run_metrics(metrics: dict[str, Any]) -> list[Any]:
+    """Every number of metrics.json as an MLflow metric (one step per INT8 fallback trial)."""
+    from mlflow.entities import Metric
+
+    out = []
+    now = int(time.time() * 1000)
+    for variant, by_target in metrics["results"].items():
+        for target, result in by_target.items():
+            for k, v in _flatten(f"{variant}.{target}", result, {}).items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.append(Metric(_metric_key(k), float(v), now, 0))
+    for variant, fb in metrics.get("fallback", {}).items():
+        for t in fb["trials"]:
+            values = {**t["accuracy"], "excluded_count": t["excluded_count"], "passed": float(t["passed"])}
+            if t.get("p50_speedup") is not None:
+                values["p50_speedup"] = t["p50_speedup"]
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    out.append(Metric(_metric_key(f"fallback.{variant}.{k}"), float(v), now, t["trial"]))
+    return out
+
+
+def _experiment_id(client: Any, name: str, tracking_uri: str) -> str:
+    """The experiment's id, created on first use (a concurrent creator's experiment is taken as ours)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, artifact_location=default_artifact_location(tracking_uri))
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)
+    if exp.lifecycle_stage == "deleted":
+        raise RecipeError(
+            f"registry.experiment: {name!r} is deleted in {tracking_uri}; restore it (mlflow experiments restore) "
+            "or name another experiment"
+        )
+    return exp.experiment_id
+
+
+def _create_registered_model(client: Any, name: str, description: str | None) -> bool:
+    """Create the registered model; False when it already exists (made earlier or by a concurrent run)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name, description=description or None)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+    return True
+
+
+def _delete_if_empty(client: Any, name: str) -> None:
+    """Delete a registered model that has no version (the one this call created before it failed)."""
+    try:
+        if not client.search_model_versions(f"name = {_quoted(name, 'registry.model_name')}", max_results=1):
+            client.delete_registered_model(name)
+    except Exception:  # the registry went away: the retry fills the model; the original error is raised
+        pass
+
+
+def _find_version(client: Any, model_name: str, optimize_run_id: str, variant: str) -> int | None:
+    """The version an earlier attempt registered for this run and variant (tags `optimize_run_id`, `variant`)."""
+    found = client.search_model_versions(
+        f"name = {_quoted(model_name, 'registry.model_name')}"
+        f" AND tags.optimize_run_id = {_quoted(optimize_run_id, 'manifest.json: run_id')}"
+        f" AND tags.variant = {_quoted(variant, 'precision.variants')}"
+    )
+    return min(int(v.version) for v in found) if found else None
+
+
+def _point_alias(client: Any, model_name: str, alias: str, version: int) -> None:
+    """Point `alias` at `version` unless it already points at a newer one: aliases have no compare-and-set,
+    and a registration retried late (or finishing after a concurrent one) must not move it backwards."""
+    current = client.get_registered_model(model_name).aliases.get(alias)
+    if current is None or int(current) < version:
+        client.set_registered_model_alias(model_name, alias, str(version))
+
+
+def _find_logged_model(client: Any, experiment_id: str, name: str, optimize_run_id: str) -> Any | None:
+    """A LoggedModel an earlier attempt made for this run and variant, unless it failed."""
+    from mlflow.entities import LoggedModelStatus
+
+    found = client.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"name = {_quoted(name, 'registry.model_name')}"
+        f" AND tags.optimize_run_id = {_quoted(optimize_run_id, 'manifest.json: run_id')}",
+    )
+    usable = [m for m in found if m.status in (LoggedModelStatus.READY, LoggedModelStatus.PENDING)]
+    return usable[0] if usable else None
 
 
 def _register_variant(
@@ -196,34 +522,98 @@ def _register_variant(
     verdict: dict[str, Any],
     manifest: dict[str, Any],
 ) -> int:
-    art = metrics["variants"][variant]
-    folder = run_dir / "registry" / variant
-    tags = {
-        "sha256": art["sha256"],
-        "precision": art["precision"],
-        "target": ",".join(t for t, s in verdict["targets"].items() if s["status"] == "ran"),
-        "recipe": manifest["recipe"],
-        "recipe_sha256": manifest["recipe_sha256"],
-        "verdict": "passed",
-        "optimize_run_id": manifest["run_id"],
-        "mlflow_run_id": run_id,
-        "format": "onnx",
-    }
-    logged = client.create_logged_model(
-        experiment_id, name=f"{model_name}-{variant}", source_run_id=run_id, tags=tags, model_type="onnx"
-    )
-    client.log_model_artifacts(logged.model_id, str(folder))
-    client.finalize_logged_model(logged.model_id, "READY")
+    from mlflow.entities import LoggedModelStatus
+
+    tags = version_tags(run_dir, variant, metrics, verdict, manifest, run_id)
+    name = f"{model_name}-{variant}"
+    logged = _find_logged_model(client, experiment_id, name, manifest["run_id"])
+    if logged is None:
+        logged = client.create_logged_model(
+            experiment_id, name=name, source_run_id=run_id, tags=tags, model_type="onnx"
+        )
+    if logged.status != LoggedModelStatus.READY:
+        client.log_model_artifacts(logged.model_id, str(run_dir / "registry" / variant))
+        client.finalize_logged_model(logged.model_id, "READY")
     with _process_tracking_uri(client.tracking_uri):
         version = client.create_model_version(
             model_name,
             source=f"models:/{logged.model_id}",
             run_id=run_id,
             tags=tags,
-            description=describe(variant, metrics, verdict),
+            description=describe(
+                variant, metrics, verdict, run_id=run_id, experiment_id=experiment_id, tracking_uri=client.tracking_uri
+            ),
             model_id=logged.model_id,
         )
     return int(version.version)
+
+
+def version_tags(
+    run_dir: Path,
+    variant: str,
+    metrics: dict[str, Any],
+    verdict: dict[str, Any],
+    manifest: dict[str, Any],
+    mlflow_run_id: str,
+) -> dict[str, str]:
+    """What a model version is found by (`search_model_versions("tags.precision = 'fp16'")`): precision,
+    targets, GPU architecture and TensorRT version where an engine was built, recipe hash, git commit of the
+    recipe's repository, sha256, gate status and the optimize run id."""
+    art = metrics["variants"][variant]
+    rows = [r for r in verdict.get("gates", []) if r["variant"] == variant and r["status"] != "skipped"]
+    targets = list(dict.fromkeys(r["target"] for r in rows)) or [
+        t for t, s in verdict["targets"].items() if s["status"] == "ran"
+    ]
+    tags = {
+        "variant": variant,
+        "sha256": art["sha256"],
+        "precision": art["precision"],
+        "target": ",".join(targets),
+        "recipe": manifest["recipe"],
+        "recipe_sha256": manifest["recipe_sha256"],
+        "verdict": verdict["variants"][variant]["status"],
+        "optimize_run_id": manifest["run_id"],
+        "mlflow_run_id": mlflow_run_id,
+        "format": "onnx",
+    }
+    engine = art.get("engine")
+    if engine:
+        sidecar_path = run_dir / Path(engine["path"]).with_suffix(".json")
+        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+        capability = sidecar.get("compute_capability") or engine.get("compute_capability")
+        if capability:
+            tags["gpu_sm"] = "sm" + str(capability).replace(".", "")
+        if sidecar.get("gpu"):
+            tags["gpu"] = sidecar["gpu"]
+        trt = sidecar.get("tensorrt") or manifest.get("versions", {}).get("tensorrt")
+        if trt:
+            tags["tensorrt"] = str(trt)
+    commit = manifest.get("git_commit") or (
+        git_commit(Path(manifest["recipe_file"]).parent) if manifest.get("recipe_file") else None
+    )
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def git_commit(folder: Path) -> str | None:
+    """HEAD of the git checkout `folder` is in, with `-dirty` when it has changes; None when it is not in
+    one (or git is missing)."""
+    if not shutil.which("git") or not Path(folder).is_dir():
+        return None
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        if head.returncode != 0:
+            return None
+        status = subprocess.run(
+            ["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True, timeout=30
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 @contextmanager
@@ -251,14 +641,25 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def describe(variant: str, metrics: dict[str, Any], verdict: dict[str, Any]) -> str:
-    """Markdown summary of a variant's gates for the model version's description."""
+def describe(
+    variant: str,
+    metrics: dict[str, Any],
+    verdict: dict[str, Any],
+    *,
+    run_id: str | None = None,
+    experiment_id: str | None = None,
+    tracking_uri: str | None = None,
+) -> str:
+    """Markdown summary of a variant's gates for the model version's description: per gate the baseline,
+    the variant's value, their difference and the result; then where the run's report is."""
     art = metrics["variants"][variant]
+    status = verdict["variants"][variant]
     lines = [
         f"**{variant}** ({art['precision']}), {art['size_bytes'] / 1e6:.1f} MB, sha256 `{art['sha256'][:16]}…`",
+        f"Gates {status['status'].upper()}: {status.get('reason', '')}",
         "",
-        "| gate | target | value | baseline | result |",
-        "|---|---|---|---|---|",
+        "| gate | target | baseline | value | Δ | result |",
+        "|---|---|---|---|---|---|",
     ]
     for row in verdict["gates"]:
         if row["variant"] != variant:
@@ -266,10 +667,13 @@ def describe(variant: str, metrics: dict[str, Any], verdict: dict[str, Any]) -> 
         value = row.get("value")
         base = row.get("baseline_value")
         lines.append(
-            f"| `{row['check']}` | {row['target']} | {_fmt(value)} | {_fmt(base)} | {row['status']}"
-            + (f" ({row['reason']})" if row["status"] == "skipped" else "")
-            + " |"
+            f"| `{row['check']}` | {row['target']} | {_fmt(base)} | {_fmt(value)} | {_delta(value, base)} "
+            f"| {row['status']}" + (f" ({row['reason']})" if row["status"] == "skipped" else "") + " |"
         )
+    if run_id:
+        lines += ["", f"Report: `runs:/{run_id}/report.md`"]
+        if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
+            lines.append(f"MLflow run: {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
     return "\n".join(lines)
 
 
@@ -277,6 +681,17 @@ def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
-def _is_connection_error(e: BaseException) -> bool:
+def _delta(value: Any, base: Any) -> str:
+    numbers = (int, float)
+    if not (isinstance(value, numbers) and isinstance(base, numbers)) or isinstance(value, bool):
+        return "–"
+    d = float(value) - float(base)
+    if not math.isfinite(d):
+        return "–"
+    return f"{d:+.3g}" + (f" ({d / abs(base):+.2%})" if base and d else "")
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """A lost, refused or timed-out connection, by what requests and MLflow say."""
     text = f"{type(e).__name__} {e}".lower()
     return any(s in text for s in ("connection", "max retries", "timed out", "timeout", "unreachable"))

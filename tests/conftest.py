@@ -214,38 +214,88 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts in tmp_path), stopped by its PID."""
+def start_mlflow_server(
+    folder: Path,
+    *,
+    backend_uri: str | None = None,
+    artifacts_destination: str | None = None,
+    env: dict[str, str] | None = None,
+    app_name: str | None = None,
+) -> tuple[str, Callable[[], None]]:
+    """Start a real `mlflow server` on a free 127.0.0.1 port; return its URI and a function that stops it by PID.
+
+    Defaults: a sqlite backend `folder/server.db` and artifacts in `folder/server-artifacts`. `env` is added to
+    this process's environment for the server only (S3 endpoint and keys, auth settings). The server runs in
+    `folder`, so what it writes beside itself (basic-auth's `basic_auth.db`) stays there; its log is
+    `folder/server-<port>.log`.
+    """
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
+    log_path = folder / f"server-{port}.log"
+    # MLflow 3.17 starts seven huey job consumers (GenAI jobs, nothing the registry uses) beside the web
+    # server unless told not to: each is a Python process importing MLflow.
+    server_env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
+    log = open(log_path, "wb")
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--backend-store-uri", backend_uri or f"sqlite:///{folder / 'server.db'}",
+            "--artifacts-destination", artifacts_destination or str(folder / "server-artifacts"),
+            *(["--app-name", app_name] if app_name else []),
         ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=folder, env=server_env,
     )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 120
-        while True:
+
+    def stop() -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("mlflow server did not start: " + (tmp_path / "server.log").read_text()[-2000:])
-            time.sleep(0.5)
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        log.close()
+
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            # /health answers without credentials, with basic-auth on too.
+            with urllib.request.urlopen(uri + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return uri, stop
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop()
+            pytest.fail(f"mlflow server did not start ({log_path}): " + log_path.read_text()[-2000:])
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_factory() -> Iterator[Callable[..., str]]:
+    """start(folder, backend_uri=..., artifacts_destination=..., env=..., app_name=...) -> URI of a real
+    `mlflow server` (see `start_mlflow_server`); every server it started is stopped at the end of the module,
+    so a module can share one server across its tests."""
+    stops: list[Callable[[], None]] = []
+
+    def _start(folder: Path, **kwargs: Any) -> str:
+        uri, stop = start_mlflow_server(folder, **kwargs)
+        stops.append(stop)
+        return uri
+
+    try:
+        yield _start
+    finally:
+        for stop in reversed(stops):
+            stop()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (sqlite backend, artifacts in tmp_path), stopped by its PID."""
+    uri, stop = start_mlflow_server(tmp_path)
+    try:
         yield uri
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+        stop()
