@@ -176,27 +176,19 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture(scope="session")
-def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real, unregistered run of the tiny model with two variants that both pass (shared: copy it before
-    changing anything in it)."""
+def build_finished_run(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Run the tiny model with two variants that both pass (fp16, fp16-fp32io) in `folder`, unregistered;
+    `overrides` are merged into the recipe. Returns the run directory."""
     from optimize.pipeline import RunOptions, run
 
-    folder = tmp_path_factory.mktemp("run")
     (folder / "tinynet.py").write_text(TINY_MODULE)
     rng = np.random.default_rng(0)
     np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    recipe = merge(
-        tiny_recipe(),
-        {
-            "precision": {
-                "variants": [
-                    {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-                    {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
-                ]
-            }
-        },
-    )
+    variants = [
+        {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
+        {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
+    ]
+    recipe = merge(merge(tiny_recipe(), {"precision": {"variants": variants}}), overrides or {})
     (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
     cwd = os.getcwd()
     os.chdir(folder)
@@ -206,6 +198,13 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.chdir(cwd)
     assert result.exit_code == 0
     return result.run_dir
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real, unregistered run of the tiny model with two variants that both pass (shared: copy it before
+    changing anything in it)."""
+    return build_finished_run(tmp_path_factory.mktemp("run"))
 
 
 def _free_port() -> int:

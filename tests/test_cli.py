@@ -23,15 +23,15 @@ RECIPES = REPO / "recipes"
 HEAVY = ("torch", "onnxruntime", "mlflow", "transformers")
 
 
-def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run `python -m optimize ARGS` in `cwd`."""
+def cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m optimize ARGS` in `cwd` (with `env` added to this process's environment)."""
     return subprocess.run(
         [sys.executable, "-m", "optimize", *map(str, args)],
         cwd=cwd,
         capture_output=True,
         text=True,
-        timeout=180,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
     )
 
 

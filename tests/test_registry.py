@@ -9,7 +9,6 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from test_cli import cli
 
 from optimize import registry
 from optimize.errors import RecipeError, RegistryUnreachableError, StageError
@@ -447,23 +447,12 @@ def test_run_with_a_dead_registry_is_exit_5_within_the_recipes_budget(
         assert (run_dir / name).is_file(), name
 
 
-def _cli(*args: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "optimize", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
-    )
-
-
 @pytest.mark.slow
 def test_cli_prints_the_retry_command_and_optimize_register_retries_once(write_recipe, tmp_path: Path) -> None:
     recipe = write_recipe()
     with silent_server() as uri:
         t0 = time.monotonic()
-        proc = _cli("run", "--quiet", "--tracking-uri", uri, recipe, cwd=tmp_path, env={registry.TIMEOUT_ENV: "2"})
+        proc = cli("run", "--quiet", "--tracking-uri", uri, recipe, cwd=tmp_path, env={registry.TIMEOUT_ENV: "2"})
         elapsed = time.monotonic() - t0
     assert proc.returncode == 5, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -476,10 +465,10 @@ def test_cli_prints_the_retry_command_and_optimize_register_retries_once(write_r
     args = shlex.split(retry)[1:]
     store = f"sqlite:///{tmp_path / 'ok.db'}"
     args[args.index(uri)] = store
-    first = _cli(*args, cwd=tmp_path)
+    first = cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "registered tiny version 1 (fp16) → models:/tiny/1" in first.stdout
-    second = _cli(*args, cwd=tmp_path)
+    second = cli(*args, cwd=tmp_path)
     assert second.returncode == 0, second.stderr
     assert "already registered: fp16 v1" in second.stdout and "registered tiny version" not in second.stdout
     assert len(_client(store).search_model_versions("name = 'tiny'")) == 1

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import TINY_MODULE, merge, tiny_recipe
+from conftest import build_finished_run, merge, tiny_recipe
 from test_cli import _has_cuda_provider, cli, one_error_line
 
 from optimize import registry
@@ -39,33 +38,8 @@ LATENCY_GATE = "latency.p50_ms <= 1000"
 def gated_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real, unregistered run of the tiny model, written by this code (so its optimize.json carries the
     smoke record): fp16 with a latency gate, fp16-fp32io without one."""
-    from optimize.pipeline import RunOptions, run
-
-    folder = tmp_path_factory.mktemp("smoke-run")
-    (folder / "tinynet.py").write_text(TINY_MODULE)
-    rng = np.random.default_rng(0)
-    np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    recipe = merge(
-        tiny_recipe(),
-        {
-            "precision": {
-                "variants": [
-                    {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-                    {"name": "fp16-fp32io", "kind": "fp16", "backend": "onnxruntime", "keep_io_types": False},
-                ]
-            },
-            "gates": [*tiny_recipe()["gates"], {"check": LATENCY_GATE, "variants": ["fp16"]}],
-        },
-    )
-    (folder / "r.yaml").write_text(yaml.safe_dump(recipe))
-    cwd = os.getcwd()
-    os.chdir(folder)
-    try:
-        result = run(folder / "r.yaml", RunOptions(runs_dir=folder / "runs", quiet=True, register=False))
-    finally:
-        os.chdir(cwd)
-    assert result.exit_code == 0
-    return result.run_dir
+    gates = [*tiny_recipe()["gates"], {"check": LATENCY_GATE, "variants": ["fp16"]}]
+    return build_finished_run(tmp_path_factory.mktemp("smoke-run"), {"gates": gates})
 
 
 def _publish(run_dir: Path, folder: Path, edit: dict[str, dict] | None = None) -> str:
