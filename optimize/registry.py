@@ -34,8 +34,6 @@ from optimize.errors import (
 # Bound every MLflow HTTP call: with the defaults one call hangs for minutes against a stopped server.
 DEFAULT_TIMEOUT_S = 30.0
 TIMEOUT_ENV = "OPTIMIZE_REGISTRY_TIMEOUT_S"
-HTTP_TIMEOUT_S = 10
-HTTP_MAX_RETRIES = 1
 REACH_TIMEOUT_S = 5
 
 # What a finished run directory holds before anything can be registered from it.
