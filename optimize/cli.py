@@ -73,6 +73,23 @@ def run(
         bool, typer.Option("--register/--no-register", help="Log the run to MLflow and register what passed.")
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    junit: Annotated[
+        Path | None,
+        typer.Option(
+            "--junit",
+            metavar="FILE",
+            help="Also write JUnit XML here: one test case per gate per variant and target; a run that "
+            "stops before its gates gives one <error> case with the reason.",
+        ),
+    ] = None,
+    summary: Annotated[
+        Path | None,
+        typer.Option(
+            "--summary",
+            metavar="FILE",
+            help="Append the Markdown gate table to FILE (e.g. $GITHUB_STEP_SUMMARY), or the error.",
+        ),
+    ] = None,
 ) -> None:
     """Build, measure and gate every variant of RECIPE; register those that pass."""
     required = _required_targets(require_target)
@@ -80,7 +97,12 @@ def run(
     from optimize.pipeline import run as run_pipeline
 
     options = RunOptions(runs_dir, tracking_uri, required, register, quiet)
-    result = run_pipeline(recipe, options)
+    try:
+        result = run_pipeline(recipe, options)
+    except Exception as e:
+        _ci_error_files(junit, summary, recipe, e)
+        raise
+    _ci_files(junit, summary, result.run_dir)
     from rich.markup import escape
 
     from optimize.console import console
@@ -107,22 +129,50 @@ def run(
 
 
 @app.command()
-def validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")]) -> None:
+def validate(
+    recipes: Annotated[list[Path], typer.Argument(help="Recipe YAML files.")],
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON list: per recipe its name, registered model, variants, targets and gate count, "
+            "or its errors.",
+        ),
+    ] = False,
+) -> None:
     """Check recipes without running them (no torch, ONNX Runtime or MLflow import)."""
     from optimize.errors import RecipeError
     from optimize.recipe import load_recipe
 
     failed = 0
+    described = []
     for path in recipes:
         try:
             r = load_recipe(path)
         except RecipeError as e:
             failed += 1
-            for line in str(e).splitlines():
-                typer.echo(line, err=True)
+            described.append({"path": str(path), "ok": False, "errors": str(e).splitlines()})
+            if not as_json:
+                for line in str(e).splitlines():
+                    typer.echo(line, err=True)
             continue
-        variants = ", ".join(f"{v.name} ({v.kind})" for v in r.precision.variants)
-        typer.echo(f"{path}: ok — {r.name}: fp32 baseline + {variants}; {len(r.gates)} gate(s)")
+        described.append(
+            {
+                "path": str(path),
+                "ok": True,
+                "name": r.name,
+                "model_name": r.registry.model_name or r.name,
+                "variants": [{"name": v.name, "kind": v.kind} for v in r.precision.variants],
+                "targets": list(r.benchmark.targets),
+                "optional_targets": list(r.benchmark.optional_targets),
+                "gates": len(r.gates),
+            }
+        )
+        if not as_json:
+            variants = ", ".join(f"{v.name} ({v.kind})" for v in r.precision.variants)
+            typer.echo(f"{path}: ok — {r.name}: fp32 baseline + {variants}; {len(r.gates)} gate(s)")
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
     if failed:
         raise typer.Exit(2)
 
@@ -274,6 +324,34 @@ def canary_manifest(
     from optimize.promotion import canary_manifest as manifest
 
     typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
+
+
+def _ci_files(junit: Path | None, summary: Path | None, run_dir: Path) -> None:
+    """`--junit` and `--summary` after a run that reached its gates: what the run directory holds."""
+    from optimize import results
+    from optimize.files import append_text, display_path, write_text
+
+    verdict = json.loads((run_dir / "verdict.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    report = display_path(run_dir / "report.md")
+    if junit:
+        write_text(junit, results.junit_xml(verdict, manifest, report))
+    if summary:
+        append_text(summary, results.summary_markdown(verdict, manifest, report))
+
+
+def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, error: Exception) -> None:
+    """`--junit` and `--summary` for a run that stopped before its gates (the error is re-raised after)."""
+    if not (junit or summary):
+        return
+    from optimize import results
+    from optimize.files import append_text, write_text
+
+    code = error.exit_code if isinstance(error, OptimizeError) else 3
+    if junit:
+        write_text(junit, results.junit_error_xml(str(recipe), error, code))
+    if summary:
+        append_text(summary, results.summary_error_markdown(str(recipe), error, code))
 
 
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:

@@ -43,6 +43,20 @@ def write_text(dest: Path, text: str) -> None:
     write_bytes(dest, text.encode("utf-8"))
 
 
+def append_text(dest: Path, text: str) -> None:
+    """Append `text` (UTF-8) to `dest` in one write (O_APPEND: sections from parallel writers do not
+    interleave), creating it and its folder if needed. For files others also append to, such as
+    $GITHUB_STEP_SUMMARY, where a rename would drop their part."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json(dest: Path, obj: Any) -> None:
     """Write `obj` as indented JSON to `dest` atomically."""
     write_text(dest, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -203,7 +203,7 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
 
 
 def _execute(state: _Run) -> RunResult:
-    from optimize import accuracy, bench, data, export, gates, registry, report
+    from optimize import accuracy, bench, data, export, gates, registry
     from optimize.models import import_entry_point, load_model
     from optimize.precision import fp16
     from optimize.runtimes import open_runner
@@ -466,7 +466,7 @@ def _execute(state: _Run) -> RunResult:
     _write_registry_folders(run_dir, paths, variants_meta, verdict, golden_onnx, eval_ds, recipe)
     state.manifest["status"] = "measured"
     state.save_manifest()
-    write_text(run_dir / "report.md", report.markdown(metrics, verdict, state.manifest))
+    _write_reports(run_dir, metrics, verdict, state.manifest)
 
     registered: dict[str, Any] = {}
     if state.options.register and recipe.registry.enabled:
@@ -488,8 +488,18 @@ def _execute(state: _Run) -> RunResult:
     state.manifest["status"] = "done"
     state.manifest["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     state.save_manifest()
-    write_text(run_dir / "report.md", report.markdown(metrics, verdict, state.manifest))
+    _write_reports(run_dir, metrics, verdict, state.manifest)
     return RunResult(run_dir, verdict["status"], 0 if verdict["status"] == "passed" else 1, registered)
+
+
+def _write_reports(run_dir: Path, metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """report.md for people; junit.xml and summary.md (the gate table) for CI."""
+    from optimize import report, results
+
+    where = display_path(run_dir / "report.md")
+    write_text(run_dir / "report.md", report.markdown(metrics, verdict, manifest))
+    write_text(run_dir / "junit.xml", results.junit_xml(verdict, manifest, where))
+    write_text(run_dir / "summary.md", results.summary_markdown(verdict, manifest, where))
 
 
 LOCK_HEADER = (

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from optimize.results import gate_table
+
 
 def _f(v: Any, digits: int = 6) -> str:
     if v is None:
@@ -12,10 +14,6 @@ def _f(v: Any, digits: int = 6) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}g}"
     return str(v)
-
-
-def _at(row: dict[str, Any]) -> str:
-    return f" at {row['shape']}" if row.get("shape") else ""
 
 
 def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> str:
@@ -31,14 +29,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     out.append("")
     out.append("## Gates")
     out.append("")
-    out.append("| variant | target | gate | value | baseline | result |")
-    out.append("|---|---|---|---|---|---|")
-    for row in verdict["gates"]:
-        result = row["status"] + (f": {row['reason']}" if row.get("reason") and row["status"] != "passed" else "")
-        out.append(
-            f"| {row['variant']} | {row['target']} | `{row['check']}`{_at(row)} | {_f(row.get('value'))} | "
-            f"{_f(row.get('baseline_value'))} | {result} |"
-        )
+    out.extend(gate_table(verdict))
     skipped = {t: s for t, s in verdict["targets"].items() if s["status"] != "ran"}
     if skipped:
         out.append("")

@@ -1,0 +1,199 @@
+"""What CI reads from a run: `junit.xml`, one test case per gate per variant per target (a failed gate is a
+`<failure>` naming the gate, the measured value, the threshold and the baseline), and a Markdown gate table
+for a job summary (`$GITHUB_STEP_SUMMARY`) or a pull-request comment. A run that stopped before its gates
+(bad recipe, failed stage, missing runtime) gives one `<error>` test case with the reason and exit code.
+
+Built only from `verdict.json` and `manifest.json`, like `report.md`."""
+
+from __future__ import annotations
+
+import socket
+import xml.etree.ElementTree as ET
+from typing import Any
+
+EXIT_MEANING = {
+    1: "a gate failed",
+    2: "bad recipe or usage",
+    3: "a stage failed",
+    4: "a required runtime is missing",
+    5: "the registry is unreachable",
+    6: "an artifact is not what was gated",
+    7: "the registry refused the credentials",
+}
+
+_MARK = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
+_OP_TEXT = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
+
+
+def _num(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _gate_label(row: dict[str, Any]) -> str:
+    at = f" at {row['shape']}" if row.get("shape") else ""
+    return f"{row['check']}{at}"
+
+
+def _baseline(row: dict[str, Any]) -> str:
+    if row.get("baseline_value") is not None:
+        return _num(row["baseline_value"])
+    if row["metric"].endswith(("speedup", "ratio")):
+        return "1 (a ratio to it)"
+    return "–"
+
+
+def failure_message(row: dict[str, Any]) -> str:
+    """One line: which gate, on which variant and target, the measured value, the threshold, the baseline."""
+    value = row.get("value")
+    measured = "not measured" if value is None else f"{row['metric']} = {_num(value)}"
+    return (
+        f"{row['variant']} on {row['target']}: {_gate_label(row)} failed: {measured}, needs {row['op']} "
+        f"{row['threshold']:g} (fp32 baseline: {_baseline(row)})"
+    )
+
+
+def _target_status(s: dict[str, Any]) -> str:
+    return s["status"] + (f": {s['reason']}" if s.get("reason") else "")
+
+
+def _suite(name: str) -> ET.Element:
+    return ET.Element("testsuite", name=name, hostname=socket.gethostname())
+
+
+def _finish(suites: ET.Element, suite: ET.Element, counts: dict[str, int], seconds: float) -> str:
+    for el in (suite, suites):
+        el.set("tests", str(counts["tests"]))
+        el.set("failures", str(counts["failures"]))
+        el.set("errors", str(counts["errors"]))
+        el.set("skipped", str(counts["skipped"]))
+        el.set("time", f"{seconds:.3f}")
+    suites.append(suite)
+    ET.indent(suites)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suites, encoding="unicode") + "\n"
+
+
+def _properties(suite: ET.Element, props: dict[str, Any]) -> None:
+    el = ET.SubElement(suite, "properties")
+    for k, v in props.items():
+        if v is not None:
+            ET.SubElement(el, "property", name=k, value=str(v))
+
+
+def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | None = None) -> str:
+    """The verdict as JUnit XML: suite `optimize.<recipe>`, class `<recipe>.<variant>`, one test case named
+    `<gate> [<target>]` per gate row of `verdict.json`."""
+    recipe = manifest["recipe"]
+    suites = ET.Element("testsuites", name="optimize")
+    suite = _suite(f"optimize.{recipe}")
+    seconds = sum(s.get("seconds", 0.0) for s in manifest.get("stages", []))
+    if manifest.get("started"):
+        suite.set("timestamp", str(manifest["started"]))
+    _properties(
+        suite,
+        {
+            "run_id": manifest.get("run_id"),
+            "run_dir": manifest.get("run_dir"),
+            "verdict": verdict["status"],
+            "report": report,
+            **{f"target.{t}": _target_status(s) for t, s in verdict["targets"].items()},
+        },
+    )
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
+    for row in verdict["gates"]:
+        counts["tests"] += 1
+        case = ET.SubElement(
+            suite,
+            "testcase",
+            classname=f"{recipe}.{row['variant']}",
+            name=f"{_gate_label(row)} [{row['target']}]",
+            time="0",
+        )
+        if row["status"] == "failed":
+            counts["failures"] += 1
+            failure = ET.SubElement(case, "failure", type="gate", message=failure_message(row))
+            failure.text = "\n".join(
+                f"{k}: {v}"
+                for k, v in (
+                    ("recipe", recipe),
+                    ("variant", row["variant"]),
+                    ("target", row["target"]),
+                    ("gate", _gate_label(row)),
+                    ("value", _num(row.get("value"))),
+                    ("threshold", f"{row['op']} {row['threshold']:g}"),
+                    ("baseline (fp32)", _baseline(row)),
+                    ("reason", row.get("reason", "")),
+                    ("report", report),
+                )
+                if v is not None
+            )
+        elif row["status"] == "skipped":
+            counts["skipped"] += 1
+            ET.SubElement(case, "skipped", message=f"{row['target']}: {row.get('reason', 'did not run')}")
+        else:
+            ET.SubElement(case, "system-out").text = (
+                f"{row['metric']} = {_num(row.get('value'))} ({row['op']} {row['threshold']:g}; "
+                f"fp32 baseline: {_baseline(row)})"
+            )
+    return _finish(suites, suite, counts, seconds)
+
+
+def junit_error_xml(recipe: str, error: BaseException, exit_code: int, run_dir: str | None = None) -> str:
+    """JUnit XML for a run that ended before its gates: one test case `optimize run` with an `<error>`."""
+    from optimize.errors import first_line
+
+    suites = ET.Element("testsuites", name="optimize")
+    suite = _suite(f"optimize.{recipe}")
+    _properties(suite, {"run_dir": run_dir, "exit_code": exit_code})
+    case = ET.SubElement(suite, "testcase", classname=f"{recipe}.run", name="optimize run", time="0")
+    meaning = EXIT_MEANING.get(exit_code, "unexpected error")
+    err = ET.SubElement(case, "error", type=f"exit {exit_code} ({meaning})", message=first_line(error, 2000))
+    err.text = str(error)
+    return _finish(suites, suite, {"tests": 1, "failures": 0, "errors": 1, "skipped": 0}, 0.0)
+
+
+def gate_table(verdict: dict[str, Any]) -> list[str]:
+    """The gate rows as a Markdown table (lines): variant, target, gate, value, threshold, baseline, result."""
+    out = [
+        "| variant | target | gate | value | threshold | baseline | result |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in verdict["gates"]:
+        result = f"{_MARK[row['status']]} {row['status']}"
+        if row["status"] != "passed" and row.get("reason"):
+            result += f": {row['reason']}"
+        out.append(
+            f"| {row['variant']} | {row['target']} | `{_gate_label(row)}` | {_num(row.get('value'))} | "
+            f"{_OP_TEXT[row['op']]} {row['threshold']:g} | {_baseline(row)} | {_md_cell(result)} |"
+        )
+    return out
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def summary_markdown(verdict: dict[str, Any], manifest: dict[str, Any], report: str | None = None) -> str:
+    """A job-summary section for one run: verdict line, per-variant status, the gate table."""
+    status = verdict["status"]
+    lines = [f"### {_MARK.get(status, '')} {manifest['recipe']}: {status.upper()}", ""]
+    variants = ", ".join(f"`{v}` {s['status']}" for v, s in verdict["variants"].items())
+    where = f" · report `{report}`" if report else ""
+    lines += [f"Run `{manifest.get('run_id', '?')}` · variants: {variants}{where}", ""]
+    lines += gate_table(verdict)
+    skipped = {t: s for t, s in verdict["targets"].items() if s["status"] != "ran"}
+    if skipped:
+        lines.append("")
+        lines += [f"- target `{t}` skipped: {_md_cell(s.get('reason', ''))}" for t, s in skipped.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def summary_error_markdown(recipe: str, error: BaseException, exit_code: int) -> str:
+    """A job-summary section for a run that ended before its gates."""
+    from optimize.errors import first_line
+
+    meaning = EXIT_MEANING.get(exit_code, "unexpected error")
+    return f"### ❌ {recipe}: exit {exit_code} ({meaning})\n\n> {_md_cell(first_line(error, 2000))}\n\n"
