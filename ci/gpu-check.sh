@@ -8,11 +8,15 @@
 #   bash ci/gpu-check.sh                       # from the repository root, with optimize installed
 #   GPU_TESTS="tests/test_bench_gpu.py" bash ci/gpu-check.sh   # only these test files
 #   BENCH_ITERATIONS=50 bash ci/gpu-check.sh   # a shorter benchmark
+#   PYTHON=python3 bash ci/gpu-check.sh        # another interpreter (default: .venv's, else python3)
+# JUnit results of the tests: $CI_OUT/junit/pytest-gpu.xml (CI_OUT defaults to ci-out).
 #
 # Exit status: the tests' (a failure fails the script); the benchmark runs either way.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
+if [[ -z ${PYTHON:-} && -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; fi
 PY=${PYTHON:-python3}
+CI_OUT=${CI_OUT:-ci-out}
 export PYTHONUNBUFFERED=1
 
 echo "== machine"
@@ -25,7 +29,7 @@ fi
 
 echo "== gpu tests"
 # shellcheck disable=SC2086
-$PY -m pytest -m gpu -rs -q -p no:cacheprovider ${GPU_TESTS:-tests}
+$PY -m pytest -m gpu -rs -q -p no:cacheprovider --junitxml="$CI_OUT/junit/pytest-gpu.xml" ${GPU_TESTS:-tests}
 tests_rc=$?
 
 echo "== benchmark"

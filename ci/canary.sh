@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The canary rollout of each recipe's registered model, with an approval between the two steps (the
+# Jenkinsfile's `input`, the GitHub environment `production`):
+#
+#   bash ci/canary.sh canary RECIPE...       promote candidate → canary, smoke-check canary on this machine;
+#                                            when the check fails, roll canary back and fail
+#   bash ci/canary.sh production RECIPE...   promote canary → production, smoke-check it; roll back on failure
+#   bash ci/canary.sh abort RECIPE...        the canary was rejected: roll canary back
+#   bash ci/canary.sh rollback ALIAS RECIPE...   move ALIAS back to the version before its last promotion
+#
+# Every promotion verifies the artifact's sha256 first; the smoke check compares the stored sample inputs'
+# outputs with the golden outputs and the recipe's latency budget (`optimize smoke`). The store is
+# MLFLOW_TRACKING_URI, as for ci/publish.sh.
+# shellcheck source=ci/common.sh
+source "$(dirname "$0")/common.sh"
+need_optimize
+
+usage="usage: bash ci/canary.sh canary|production|abort RECIPE... | rollback ALIAS RECIPE..."
+(($# >= 2)) || die "$usage"
+step="$1"
+shift
+need_tracking_uri
+
+# promote FROM → TO, then smoke TO; when the smoke check fails, roll TO back and fail with the smoke's status
+promote_and_check() {
+  local model=$1 from=$2 to=$3 code=0
+  say "$model: $from → $to"
+  optimize promote "$model" --from "$from" --to "$to"
+  say "$model: smoke check of $to"
+  optimize smoke "models:/$model@$to" || code=$?
+  if ((code != 0)); then
+    say "$model: smoke check of $to failed (exit $code): rolling $to back"
+    optimize rollback "$model" --alias "$to" || echo "$model@$to could not be rolled back: move it by hand" >&2
+    return "$code"
+  fi
+}
+
+case "$step" in
+  canary | production)
+    from=candidate
+    if [[ $step == production ]]; then from=canary; fi
+    names="$(model_names "$@")" # a recipe that does not validate stops here (exit 2)
+    mapfile -t models <<<"$names"
+    for model in "${models[@]}"; do
+      promote_and_check "$model" "$from" "$step"
+    done
+    ;;
+  abort | rollback)
+    alias=canary
+    if [[ $step == rollback ]]; then
+      alias="$1"
+      shift
+      (($#)) || die "$usage"
+    fi
+    names="$(model_names "$@")" # a recipe that does not validate stops here (exit 2)
+    mapfile -t models <<<"$names"
+    for model in "${models[@]}"; do
+      say "$model: rolling $alias back"
+      optimize rollback "$model" --alias "$alias"
+    done
+    ;;
+  *) die "$usage" ;;
+esac

