@@ -73,6 +73,9 @@ def _docs() -> tuple[dict, dict, dict]:
                 "variant": "fp16",
                 "target": "onnxruntime-cpu",
                 "check": "accuracy.cosine_min >= 0.999",
+                "metric": "accuracy.cosine_min",
+                "op": ">=",
+                "threshold": 0.999,
                 "value": 0.9987654,
                 "baseline_value": 1.0,
                 "status": "failed",
@@ -82,6 +85,9 @@ def _docs() -> tuple[dict, dict, dict]:
                 "variant": "fp16",
                 "target": "tensorrt",
                 "check": "latency.p50_speedup >= 1.5",
+                "metric": "latency.p50_speedup",
+                "op": ">=",
+                "threshold": 1.5,
                 "status": "skipped",
                 "reason": "no TensorRT",
             },
@@ -107,10 +113,12 @@ def test_verdict_and_gates_come_first() -> None:
     assert lines[0] == "# demo — FAILED"
     assert lines.index("## Gates") < lines.index("## Accuracy vs FP32") < lines.index("## Latency and throughput")
     assert (
-        "| fp16 | onnxruntime-cpu | `accuracy.cosine_min >= 0.999` | 0.998765 | 1 | "
-        "failed: accuracy.cosine_min = 0.998765, needs >= 0.999 |"
+        "| fp16 | onnxruntime-cpu | `accuracy.cosine_min >= 0.999` | 0.998765 | ≥ 0.999 | 1 | "
+        "❌ failed: accuracy.cosine_min = 0.998765, needs >= 0.999 |"
     ) in lines
-    assert "| fp16 | tensorrt | `latency.p50_speedup >= 1.5` | – | – | skipped: no TensorRT |" in lines
+    assert (
+        "| fp16 | tensorrt | `latency.p50_speedup >= 1.5` | – | ≥ 1.5 | 1 (a ratio to it) | ⏭️ skipped: no TensorRT |"
+    ) in lines
     assert "- target `tensorrt` skipped: no TensorRT" in lines
 
 
