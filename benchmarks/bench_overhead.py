@@ -18,7 +18,7 @@ A last row times a one-op (Identity) model the same way: there session.run costs
 
     python benchmarks/bench_overhead.py [--rounds 20] [--block 5]
 
-The model is exported with recipes/fp16.yaml (extends base-minilm.yaml): the same export, FP16
+The model is exported with recipes/fp16.yaml (extends bases/minilm.yaml): the same export, FP16
 variant, evaluation data (first batch, cropped/tiled per shape) and shapes as `optimize run`.
 """
 

