@@ -58,6 +58,22 @@ def test_run_recipes_writes_junit_and_summary_and_fails_on_an_impossible_gate(wr
     assert len(list((out / "runs" / "tiny").glob("*/verdict.json"))) == 2
 
 
+def test_a_required_runtime_that_is_missing_fails_the_stage_with_exit_4(write_recipe, tiny_dir: Path) -> None:
+    # what ci/gpu-stage.sh does on a runner without TensorRT: no skip, exit 4, an <error> in JUnit
+    from optimize.runtimes import unavailable_reason
+
+    if not unavailable_reason("tensorrt"):
+        pytest.skip("TensorRT is installed here: nothing is missing")
+    write_recipe(name="r.yaml")
+    out = tiny_dir / "ci-out"
+    proc = ci("run-recipes.sh", "--require-target", "tensorrt", "r.yaml", cwd=tiny_dir, out=out)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    error = ET.parse(out / "junit" / "optimize-r.xml").getroot().find("./testsuite/testcase/error")
+    assert error.get("type") == "exit 4 (a required runtime is missing)"
+    assert "tensorrt is required but not available" in error.get("message")
+    assert "exit 4 (a required runtime is missing)" in (out / "summary.md").read_text()
+
+
 def test_run_recipes_usage_errors(tmp_path: Path) -> None:
     proc = ci("run-recipes.sh", cwd=tmp_path, out=tmp_path / "out")
     assert proc.returncode == 2 and "usage: bash ci/run-recipes.sh" in proc.stderr
