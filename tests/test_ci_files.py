@@ -220,9 +220,11 @@ def test_rollout_runs_only_on_main_with_an_approval_before_production() -> None:
     assert jobs["canary"]["needs"] == "register" and jobs["production"]["needs"] == "canary"
     assert jobs["production"]["environment"] == "production"
     text = JENKINSFILE.read_text()
-    for stage in ("Register", "Canary", "Production"):
+    for stage in ("Rollout", "Production"):  # Rollout holds Register and Canary
         body = text.split(f"stage('{stage}')", 1)[1][:200]
         assert "branch 'main'" in body, f"Jenkins stage {stage} is not limited to main"
+    rollout = text.split("stage('Rollout')", 1)[1].split("stage('Production')", 1)[0]
+    assert "stage('Register')" in rollout and "stage('Canary')" in rollout
     assert "disableConcurrentBuilds()" in text
     assert _workflow()["concurrency"]["group"] == "optimize-${{ github.ref }}"
 
