@@ -7,12 +7,15 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from optimize import __version__
 from optimize.errors import OptimizeError
+
+if TYPE_CHECKING:
+    from optimize.cache import PruneResult
 
 app = typer.Typer(
     name="optimize",
@@ -324,6 +327,112 @@ def canary_manifest(
     from optimize.promotion import canary_manifest as manifest
 
     typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
+
+
+cache_app = typer.Typer(
+    help="The stage cache: entries under $OPTIMIZE_CACHE_DIR/stages (default ~/.cache/optimize/stages). "
+    "The TensorRT timing caches beside it (tensorrt/) are never listed or removed by these commands.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("ls")
+def cache_ls(
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON list: per entry its stage, key, path, size_bytes, created, last_used (UTC) and "
+            "description.",
+        ),
+    ] = False,
+) -> None:
+    """List the cache entries (stage, key, size, created, last used, device and library versions), then the
+    total size and the cache root. Listing reads entry.json only; files are verified when a run looks them up."""
+    from optimize.cache import StageCache, cache_root, format_size
+
+    root = cache_root()
+    infos = sorted(StageCache(root).entries(), key=lambda i: (i.stage, -i.last_used))
+    if as_json:
+        typer.echo(json.dumps([i.as_json() for i in infos], indent=2))
+        return
+    if infos:
+        rows = [("STAGE", "KEY", "SIZE", "CREATED", "LAST USED", "DESCRIPTION")]
+        for i in infos:
+            size, created, used = format_size(i.size_bytes), _local_time(i.created), _local_time(i.last_used)
+            rows.append((i.stage, i.key[:12], size, created, used, i.description))
+        widths = [max(len(row[c]) for row in rows) for c in range(5)]
+        for row in rows:
+            typer.echo("  ".join(row[c].ljust(widths[c]) for c in range(5)) + "  " + row[5])
+    total = sum(i.size_bytes for i in infos)
+    typer.echo(f"{len(infos)} entr{'y' if len(infos) == 1 else 'ies'}, {format_size(total)} in {root / 'stages'}")
+
+
+@cache_app.command("prune")
+def cache_prune(
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            metavar="AGE",
+            help="Remove entries not used within AGE: a number and s, m, h, d or w (90s, 30m, 12h, 7d, 2w).",
+        ),
+    ] = None,
+    max_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-size",
+            metavar="SIZE",
+            help="Then remove least recently used entries until the entries total at most SIZE: 500MB, 20GB, "
+            "1.5G (1 GB = 10^9 bytes; KiB, MiB, GiB are binary; a plain number is bytes).",
+        ),
+    ] = None,
+) -> None:
+    """Remove stage cache entries by age and/or total size (give at least one option). Entries that a running
+    process holds are kept; temporary folders left by killed runs are removed too."""
+    if older_than is None and max_size is None:
+        raise _usage("cache prune: give --older-than AGE, --max-size SIZE or both")
+    from optimize.cache import StageCache, cache_root, format_size, parse_age, parse_size
+
+    age_s = parse_age(older_than, what="--older-than") if older_than is not None else None
+    size_bytes = parse_size(max_size, what="--max-size") if max_size is not None else None
+    result = StageCache(cache_root()).prune(older_than_s=age_s, max_bytes=size_bytes)
+    for i in result.removed:
+        typer.echo(
+            f"removed {i.stage} {i.key[:12]} ({format_size(i.size_bytes)}, last used {_local_time(i.last_used)})"
+        )
+    typer.echo(_prune_summary(result))
+
+
+@cache_app.command("clear")
+def cache_clear() -> None:
+    """Remove every stage cache entry (except those a running process holds) and the temporary folders left by
+    killed runs. The TensorRT timing caches are kept."""
+    from optimize.cache import StageCache, cache_root
+
+    typer.echo(_prune_summary(StageCache(cache_root()).clear()))
+
+
+def _prune_summary(result: PruneResult) -> str:
+    """One line: what prune or clear removed and freed, and what it kept because it is in use."""
+    from optimize.cache import format_size
+
+    n = len(result.removed)
+    line = f"removed {n} entr{'y' if n == 1 else 'ies'}"
+    if result.stale_removed:
+        line += f" and {result.stale_removed} stale temporary folder(s)"
+    line += f", freed {format_size(result.freed_bytes)}"
+    if result.skipped_in_use:
+        line += f"; kept {result.skipped_in_use} entr{'y' if result.skipped_in_use == 1 else 'ies'} in use"
+    return line
+
+
+def _local_time(epoch_s: float) -> str:
+    from datetime import datetime
+
+    return datetime.fromtimestamp(epoch_s).strftime("%Y-%m-%d %H:%M")
 
 
 def _ci_files(junit: Path | None, summary: Path | None, run_dir: Path) -> None:
