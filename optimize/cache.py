@@ -237,14 +237,15 @@ class StageCache:
         return entry
 
     @contextmanager
-    def produce(self, stage: str, key: str, description: dict[str, Any]) -> Iterator[Slot]:
+    def produce(self, stage: str, key: str, description: dict[str, Any], refresh: bool = False) -> Iterator[Slot]:
         """Hold the key's lock and yield a Slot: the entry if it exists (looked up after taking the lock,
         so a second process producing the same key waits and gets the first one's entry), else a fresh
         temporary folder for the stage's files. A block that ends normally turns the folder into the
         entry (every file fsynced, entry.json written, one rename); one that raises leaves no trace.
-        `description` is key_description(...) of `key`. Raises StageError when the lock stays held for
-        lock_timeout_s or the disk is full; ValueError (a bug in the caller) for a description that is not
-        the key's, or a stage that wrote a symlink or one of RESERVED_NAMES."""
+        `description` is key_description(...) of `key`; `refresh` removes an existing entry first.
+        Raises StageError when the lock stays held for lock_timeout_s or the disk is full; ValueError (a bug
+        in the caller) for a description that is not the key's, or a stage that wrote a symlink or one of
+        RESERVED_NAMES."""
         _check(stage, key)
         if not isinstance(description, dict) or description.get("stage") != stage or key_of(description) != key:
             raise ValueError(f"cache: the description given for {stage}/{key[:12]} is not the one its key is made of")
@@ -257,6 +258,8 @@ class StageCache:
                     f"{stage}: the cache entry {key[:12]} is being produced by another process: {lock} stayed "
                     f"locked for {self.lock_timeout_s:g} s; let that run finish or stop it"
                 ) from None
+            if refresh:  # produce anew (`optimize run --rebench`): the old entry goes, under the lock
+                _remove_dir(self.entry_dir(stage, key), "refreshed")
             hit = self.lookup(stage, key)
             if hit is not None:
                 slot = Slot(hit=hit, dir=None, entry=hit)

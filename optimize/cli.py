@@ -76,6 +76,18 @@ def run(
         bool, typer.Option("--register/--no-register", help="Log the run to MLflow and register what passed.")
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    rebench: Annotated[
+        bool,
+        typer.Option("--rebench", help="Measure latency and memory again instead of taking them from the cache."),
+    ] = False,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache/--no-cache",
+            help="Reuse stage results (export, precision, evaluate, benchmark) from the stage cache "
+            "($OPTIMIZE_CACHE_DIR, else ~/.cache/optimize) and store new ones there.",
+        ),
+    ] = True,
     junit: Annotated[
         Path | None,
         typer.Option(
@@ -99,7 +111,7 @@ def run(
     from optimize.pipeline import RunOptions
     from optimize.pipeline import run as run_pipeline
 
-    options = RunOptions(runs_dir, tracking_uri, required, register, quiet)
+    options = RunOptions(runs_dir, tracking_uri, required, register, quiet, cache=cache, rebench=rebench)
     try:
         result = run_pipeline(recipe, options)
     except Exception as e:

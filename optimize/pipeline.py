@@ -8,12 +8,17 @@ Every file in the run directory is written atomically; the manifest says how far
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import secrets
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,8 @@ class RunOptions:
     require_targets: tuple[str, ...] = ()
     register: bool = True
     quiet: bool = False
+    cache: bool = True
+    rebench: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,10 @@ class _Run:
             **environment(),
             "stages": self.progress.timings,
         }
+        from optimize.cache import StageCache, cache_root
+
+        self.cache = StageCache(cache_root()) if options.cache else None
+        self.manifest["cache"] = []  # per cached unit: stage, unit, key, hit
         plain = to_plain(recipe)
         write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(plain, sort_keys=False))
         write_json(self.run_dir / "recipe.json", plain)
@@ -182,6 +193,36 @@ class _Run:
 
     def log(self, stage: str) -> Any:
         return capture_output(self.run_dir / "logs" / f"{stage}.log")
+
+    @contextmanager
+    def cached(
+        self,
+        stage: str,
+        unit: str,
+        *,
+        inputs: dict[str, str],
+        config: Any,
+        libraries: tuple[str, ...],
+        device: str | None = None,
+        refresh: bool = False,
+    ) -> Iterator[Any]:
+        """The stage cache's slot for one unit of a stage (see optimize/cache.py): `slot.hit` is the stored
+        entry, else the block produces the unit, puts its files in `slot.dir` and sets `slot.record`.
+        The key holds `inputs` (content hashes), `config`, the versions of `libraries` and of optimize's own
+        code, and `device`. With caching off (--no-cache) every unit is a miss and nothing is kept."""
+        from optimize import cache
+
+        versions = {lib: self.manifest["versions"].get(lib, "absent") for lib in libraries}
+        versions["optimize-code"] = code_sha256()
+        desc = cache.key_description(stage, inputs=inputs, config=config, versions=versions, device=device)
+        key = cache.key_of(desc)
+        if self.cache is None:
+            with tempfile.TemporaryDirectory(prefix=f".{stage}-", dir=self.run_dir) as tmp:
+                yield cache.Slot(hit=None, dir=Path(tmp))
+            return
+        with self.cache.produce(stage, key, desc, refresh=refresh) as slot:
+            self.manifest["cache"].append({"stage": stage, "unit": unit, "key": key, "hit": slot.hit is not None})
+            yield slot
 
 
 def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResult:
@@ -203,7 +244,7 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
 
 
 def _execute(state: _Run) -> RunResult:
-    from optimize import accuracy, bench, data, export, gates, registry
+    from optimize import accuracy, data, export, gates, registry
     from optimize.models import import_entry_point, load_model
     from optimize.precision import fp16
     from optimize.runtimes import open_runner
@@ -235,19 +276,30 @@ def _execute(state: _Run) -> RunResult:
     with stage("export", "torch → ONNX, checked against torch") as rec, state.log("export"):
         if loaded.module is None:
             write_with(baseline_path, lambda tmp: shutil.copyfile(loaded.onnx_path, tmp))
-            with open_runner("onnxruntime-cpu", baseline_path) as r:
-                for ds in datasets.values():
-                    data.check_against_inputs(ds, r.inputs)
             rec["detail"] = f"ONNX given ({loaded.onnx_path.name}); export skipped"
         else:
-            export.export_onnx(loaded, recipe.export, baseline_path)
-            with open_runner("onnxruntime-cpu", baseline_path) as r:
-                for ds in datasets.values():  # evaluation, calibration, fallback and reference data alike
-                    data.check_against_inputs(ds, r.inputs)
-                check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
-            rec["check"] = check.record()
-            worst = max(check.max_abs_error.values())
-            rec["detail"] = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
+            with state.cached(
+                "export",
+                "fp32",
+                inputs={"model": loaded.content_sha256, "check_data": eval_ds.sha256},
+                config=to_plain(recipe.export),
+                libraries=("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),
+            ) as slot:
+                if slot.hit:
+                    _restore(slot.hit, art_dir)
+                    rec.update(slot.hit.record, cache="hit")
+                else:
+                    export.export_onnx(loaded, recipe.export, baseline_path)
+                    with open_runner("onnxruntime-cpu", baseline_path) as r:
+                        check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
+                    worst = max(check.max_abs_error.values())
+                    rec["check"] = check.record()
+                    rec["detail"] = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
+                    _store(slot, baseline_path)
+                    slot.record = {"check": rec["check"], "detail": rec["detail"]}
+        with open_runner("onnxruntime-cpu", baseline_path) as r:
+            for ds in datasets.values():  # evaluation, calibration, fallback and reference data alike
+                data.check_against_inputs(ds, r.inputs)
 
     paths = {"fp32": baseline_path}
     precisions = {"fp32": "fp32"}
@@ -257,28 +309,36 @@ def _execute(state: _Run) -> RunResult:
     ):
         records = {}
         locked = to_plain(recipe)
+        baseline_sha256 = sha256_file(baseline_path)
         for index, variant in enumerate(recipe.precision.variants):
             dest = art_dir / f"{variant.name}.onnx"
+            with state.cached(
+                "precision",
+                variant.name,
+                inputs={
+                    "fp32": baseline_sha256,
+                    "check_data": eval_ds.sha256,
+                    **{f"data.{n}": datasets[n].sha256 for n in _variant_datasets(variant)},
+                },
+                config=_precision_config(state, variant),
+                libraries=("onnx", "onnxruntime", "nvidia-modelopt", "numpy"),
+            ) as slot:
+                if slot.hit:
+                    _restore(slot.hit, art_dir)
+                    records[variant.name] = {**slot.hit.record["record"], "cache": "hit"}
+                    excluded = slot.hit.record["excluded"]
+                else:
+                    records[variant.name], excluded = _build_variant(state, index, baseline_path, dest, datasets)
+                    with open_runner("onnxruntime-cpu", dest) as r:  # every model built is run: NaN/Inf fails
+                        feeds = eval_ds.batches[0]
+                        fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
+                    _store(slot, dest)
+                    slot.record = {"record": records[variant.name], "excluded": excluded}
             if isinstance(variant, Int8Variant):
-                records[variant.name], excluded = _build_int8(state, index, baseline_path, dest, datasets)
                 # The lock reproduces this build without searching: the exclusions found, fallback off.
                 entry = locked["precision"]["variants"][index]
                 entry["nodes_to_exclude"] = excluded
                 entry["fallback"]["enabled"] = False
-            else:
-                reference_dir = None
-                if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
-                    reference_dir = art_dir / f"{variant.name}-reference"
-                    for k, batch in enumerate(datasets[variant.reference_data].batches[: variant.reference_batches]):
-                        write_npz(reference_dir / f"batch{k:04d}.npz", batch)
-                result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
-                records[variant.name] = {
-                    **result.record(),
-                    "reference_data": variant.reference_data if reference_dir else None,
-                }
-            with open_runner("onnxruntime-cpu", dest) as r:  # every built model is run; NaN/Inf fails the stage
-                feeds = eval_ds.batches[0]
-                fp16.check_finite(dest, r.run(feeds), feeds, f"precision.{variant.name}")
             paths[variant.name] = dest
             precisions[variant.name] = variant.kind
         rec["variants"] = records
@@ -365,25 +425,57 @@ def _execute(state: _Run) -> RunResult:
             metric_fn = import_entry_point(
                 recipe.evaluate.task_metric, recipe.evaluate.task_metric_python_path, "evaluate.task_metric"
             )
-        # Every target is judged against the same reference: the FP32 ONNX on ONNX Runtime's CPU provider.
-        with open_runner("onnxruntime-cpu", baseline_path, recipe.benchmark.threads) as r:
-            reference = accuracy.run_all(r, eval_ds.batches)
+        # Every target is judged against the same reference: the FP32 ONNX on ONNX Runtime's CPU provider,
+        # computed only when some (variant, target) is not in the cache.
+        reference: list[Any] = []
+
+        def reference_outputs() -> Any:
+            if not reference:
+                with open_runner("onnxruntime-cpu", baseline_path, recipe.benchmark.threads) as r:
+                    reference.append(accuracy.run_all(r, eval_ds.batches))
+            return reference[0]
+
         n_golden = len(eval_ds.batches[0][input_names[0]])
+        eval_config = {
+            "evaluate": to_plain(recipe.evaluate),
+            "task_metric_code": _task_metric_sha256(recipe),
+            "threads": recipe.benchmark.threads,
+        }
         for target in ran:
             golden[target] = {}
             for name, artifact in artifacts[target].items():
-                if target == "onnxruntime-cpu" and name == "fp32":
-                    outs = reference
-                else:
-                    with open_runner(target, artifact, recipe.benchmark.threads) as r:
-                        outs = accuracy.run_all(r, eval_ds.batches)
-                acc = accuracy.compare_outputs(
-                    reference, outs, recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs
-                )
-                if metric_fn is not None:
-                    acc.update(accuracy.task_metric(metric_fn, reference, outs, eval_ds.labels))
+                with state.cached(
+                    "evaluate",
+                    f"{name}@{target}",
+                    inputs={
+                        "artifact": _artifact_identity(variants_meta, loaded, target, name),
+                        "reference": variants_meta["fp32"]["sha256"],
+                        "eval": eval_ds.sha256,
+                    },
+                    config={**eval_config, "target": target},
+                    libraries=_RUNTIME_LIBRARIES[target.split("-")[0]],
+                    device=_device_identity(state, target),
+                ) as slot:
+                    if slot.hit:
+                        acc = slot.hit.record["accuracy"]
+                        with np.load(slot.hit.path("golden.npz")) as z:
+                            golden[target][name] = {k: z[k] for k in z.files}
+                    else:
+                        if target == "onnxruntime-cpu" and name == "fp32":
+                            outs = reference_outputs()
+                        else:
+                            with open_runner(target, artifact, recipe.benchmark.threads) as r:
+                                outs = accuracy.run_all(r, eval_ds.batches)
+                        ref = reference_outputs()
+                        acc = accuracy.compare_outputs(
+                            ref, outs, recipe.evaluate.top1_outputs, recipe.evaluate.neighbour_outputs
+                        )
+                        if metric_fn is not None:
+                            acc.update(accuracy.task_metric(metric_fn, ref, outs, eval_ds.labels))
+                        golden[target][name] = {k: v[:n_golden] for k, v in outs.items()}
+                        write_npz(slot.dir / "golden.npz", golden[target][name])
+                        slot.record = {"accuracy": acc}
                 results[name][target]["accuracy"] = acc
-                golden[target][name] = {k: v[:n_golden] for k, v in outs.items()}
                 if target != "onnxruntime-cpu":  # what a later smoke check on this target compares with
                     write_npz(run_dir / "golden" / target / f"{name}.npz", golden[target][name])
         rec["detail"] = "; ".join(
@@ -401,27 +493,26 @@ def _execute(state: _Run) -> RunResult:
     ):
         samples = eval_ds.batches[:4]  # rotated, so no single input set is cached into flattering numbers
         for target in ran:
-            runners = {name: open_runner(target, a, b.threads) for name, a in artifacts[target].items()}
-            try:
-                inputs = runners["fp32"].inputs
-                per_shape = bench.run_shapes(runners, b, samples, baseline="fp32")
-                largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
-                feeds = bench.make_feeds(inputs, largest, eval_ds.batches[0], "benchmark.shapes")
-                if target == "torch-cuda":
-                    memory = {n: bench.measure_torch_cuda_memory(r, feeds) for n, r in runners.items()}
-            finally:
-                for r in runners.values():
-                    r.close()
-            for name, shapes in per_shape.items():
-                results[name][target]["shapes"] = shapes
-            for name, artifact in artifacts[target].items():
-                if target == "torch-cuda":
-                    mem = memory[name]
-                elif target == "torch-cpu":
-                    mem = {"note": "not measured: torch-cpu runs in the pipeline's own process"}
+            with state.cached(
+                "benchmark",
+                target,
+                inputs={
+                    **{n: _artifact_identity(variants_meta, loaded, target, n) for n in artifacts[target]},
+                    "samples": eval_ds.sha256,
+                },
+                config={"benchmark": to_plain(b), "target": target},
+                libraries=_RUNTIME_LIBRARIES[target.split("-")[0]],
+                device=_machine_identity(state, target),
+                refresh=state.options.rebench,
+            ) as slot:
+                if slot.hit:
+                    measured = slot.hit.record
                 else:
-                    mem = bench.measure_memory(target, artifact, feeds, b.threads)
-                results[name][target]["memory"] = {**mem, "shape": bench.shape_key(largest)}
+                    measured = _benchmark_target(target, artifacts[target], b, samples, eval_ds.batches[0])
+                    slot.record = measured
+            for name in artifacts[target]:
+                results[name][target]["shapes"] = measured["shapes"][name]
+                results[name][target]["memory"] = measured["memory"][name]
         noisy = [
             f"{n}@{t}:{k}"
             for n in results
@@ -574,6 +665,155 @@ def _build_engines(
     if failed:
         raise StageError("engine: " + "; ".join(failed))
     return sidecars
+
+
+_CODE_SHA256: list[str] = []
+
+
+def code_sha256() -> str:
+    """sha256 of optimize's own source files: a cached result is reused only by the code that made it."""
+    if not _CODE_SHA256:
+        h = hashlib.sha256()
+        package = Path(__file__).parent
+        for path in sorted(package.rglob("*.py")):
+            h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+        _CODE_SHA256.append(h.hexdigest())
+    return _CODE_SHA256[0]
+
+
+def _store(slot: Any, *paths: Path) -> None:
+    """Copy a unit's files into its cache slot (an ONNX with its external-data files, if any)."""
+    for path in paths:
+        for p in [path, *sorted(path.parent.glob(f"{path.name}.data"))]:
+            shutil.copyfile(p, slot.dir / p.name)
+
+
+def _restore(entry: Any, dest_dir: Path) -> None:
+    """Copy a cache entry's files into `dest_dir` under their own names, each atomically."""
+    for name in entry.files:
+        src = entry.path(name)
+        write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+
+
+_RUNTIME_LIBRARIES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "numpy"),
+    "tensorrt": ("tensorrt", "torch", "numpy"),
+    "torch": ("torch", "numpy"),
+}
+
+
+def _artifact_identity(variants_meta: dict[str, Any], loaded: Any, target: str, name: str) -> str:
+    """The content a target runs for a variant: its ONNX, its TensorRT plan, or the source module."""
+    meta = variants_meta[name]
+    if target == "tensorrt":
+        return meta["engine"]["sha256"]
+    if target.startswith("torch-"):
+        return f"{loaded.content_sha256}:{meta['precision']}"
+    return meta["sha256"]
+
+
+def _device_identity(state: _Run, target: str) -> str | None:
+    """What a GPU target's outputs depend on: the GPU model and architecture (None on the CPU)."""
+    if target in ("onnxruntime-cpu", "torch-cpu"):
+        return None
+    return json.dumps([[g.get("name"), g.get("compute_capability")] for g in state.manifest["hardware"]["gpus"]])
+
+
+def _machine_identity(state: _Run, target: str) -> str:
+    """What timings depend on: the CPU, its cores and memory, and on GPU targets the GPUs and driver."""
+    hw = state.manifest["hardware"]
+    machine = {"cpu": hw["cpu"], "cores": hw["cores"], "memory_gb": hw["memory_gb"]}
+    if target not in ("onnxruntime-cpu", "torch-cpu"):
+        machine["gpus"] = hw["gpus"]
+    return json.dumps(machine, sort_keys=True)
+
+
+def _benchmark_target(
+    target: str, artifacts: dict[str, Any], b: Any, samples: list[Any], first_batch: Any
+) -> dict[str, Any]:
+    """Latency and throughput per shape (every variant interleaved on one target), then peak memory."""
+    from optimize import bench
+    from optimize.runtimes import open_runner
+
+    runners = {name: open_runner(target, a, b.threads) for name, a in artifacts.items()}
+    try:
+        inputs = runners["fp32"].inputs
+        per_shape = bench.run_shapes(runners, b, samples, baseline="fp32")
+        largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
+        feeds = bench.make_feeds(inputs, largest, first_batch, "benchmark.shapes")
+        if target == "torch-cuda":
+            cuda_memory = {n: bench.measure_torch_cuda_memory(r, feeds) for n, r in runners.items()}
+    finally:
+        for r in runners.values():
+            r.close()
+    memory = {}
+    for name, artifact in artifacts.items():
+        if target == "torch-cuda":
+            mem = cuda_memory[name]
+        elif target == "torch-cpu":
+            mem = {"note": "not measured: torch-cpu runs in the pipeline's own process"}
+        else:
+            mem = bench.measure_memory(target, artifact, feeds, b.threads)
+        memory[name] = {**mem, "shape": bench.shape_key(largest)}
+    return {"shapes": per_shape, "memory": memory}
+
+
+def _build_variant(
+    state: _Run, index: int, baseline_path: Path, dest: Path, datasets: dict[str, Any]
+) -> tuple[dict[str, Any], list[str] | None]:
+    """Build one precision variant to `dest`: its record, and the nodes kept in high precision (INT8)."""
+    from optimize.precision import fp16
+
+    variant = state.recipe.precision.variants[index]
+    if isinstance(variant, Int8Variant):
+        return _build_int8(state, index, baseline_path, dest, datasets)
+    reference_dir = None
+    if variant.reference_data and fp16.choose_backend(variant) == "modelopt":
+        reference_dir = dest.parent / f"{variant.name}-reference"
+        for k, batch in enumerate(datasets[variant.reference_data].batches[: variant.reference_batches]):
+            write_npz(reference_dir / f"batch{k:04d}.npz", batch)
+    result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
+    return {**result.record(), "reference_data": variant.reference_data if reference_dir else None}, None
+
+
+def _variant_datasets(variant: Any) -> list[str]:
+    """The datasets a variant is built or tuned on."""
+    if isinstance(variant, Int8Variant):
+        return sorted({n for n in (variant.calibration, variant.fallback.dataset) if n})
+    return [variant.reference_data] if variant.reference_data else []
+
+
+def _precision_config(state: _Run, variant: Any) -> dict[str, Any]:
+    """What a variant's build depends on besides its inputs: its section; for INT8, also what the
+    accuracy-aware fallback tunes against (the accuracy gates, the targets that run, the evaluation
+    settings and the task metric's code)."""
+    config: dict[str, Any] = {"variant": to_plain(variant)}
+    if isinstance(variant, Int8Variant):
+        from optimize.precision import fallback
+
+        ran = [t for t, st in state.targets.items() if st["status"] == "ran"]
+        config["fallback_gates"] = [
+            g.model_dump() for g in fallback.accuracy_gates(state.recipe.gates, variant.name, ran)
+        ]
+        config["targets"] = ran
+        config["evaluate"] = to_plain(state.recipe.evaluate)
+        config["task_metric_code"] = _task_metric_sha256(state.recipe)
+    return config
+
+
+def _task_metric_sha256(recipe: Recipe) -> str | None:
+    """sha256 of the file that defines the recipe's task metric: editing it changes what is measured."""
+    if not recipe.evaluate.task_metric:
+        return None
+    import inspect
+
+    from optimize.models import import_entry_point
+
+    fn = import_entry_point(
+        recipe.evaluate.task_metric, recipe.evaluate.task_metric_python_path, "evaluate.task_metric"
+    )
+    source = inspect.getsourcefile(fn)
+    return sha256_file(Path(source)) if source else None
 
 
 def side_datasets(recipe: Recipe) -> set[str]:

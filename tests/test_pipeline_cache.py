@@ -1,0 +1,128 @@
+"""The stage cache in the pipeline: a rerun takes every stage from the cache with the same results; a
+change reruns exactly what depends on it (gate threshold: nothing cached; calibration data: that variant and
+what measures it; evaluation settings: evaluate only; a library version: what used it); --rebench measures
+again; --no-cache keeps nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import merge, tiny_recipe
+
+from optimize import pipeline
+from optimize.pipeline import RunOptions, run
+
+
+def _recipe(tiny_dir: Path, overrides: dict[str, Any] | None = None, name: str = "r.yaml") -> Path:
+    variants = [
+        {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
+        {"name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib"},
+    ]
+    base = merge(
+        tiny_recipe(),
+        {
+            "precision": {"variants": variants},
+            "data": {"calib": {"kind": "npz", "path": "tiny-calib.npz", "batch_size": 16}},
+            "gates": ["accuracy.cosine_min >= 0.9", "size.ratio <= 1.0"],
+        },
+    )
+    path = tiny_dir / name
+    path.write_text(yaml.safe_dump(merge(base, overrides or {})))
+    return path
+
+
+def _run(recipe: Path, **options: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    result = run(recipe, RunOptions(runs_dir=recipe.parent / "runs", quiet=True, register=False, **options))
+    docs = [json.loads((result.run_dir / f).read_text()) for f in ("manifest.json", "metrics.json", "verdict.json")]
+    return docs[0], docs[1], docs[2]
+
+
+def _hits(manifest: dict[str, Any]) -> dict[str, bool]:
+    return {f"{e['stage']}:{e['unit']}": e["hit"] for e in manifest["cache"]}
+
+
+UNITS = {
+    "export:fp32",
+    "precision:fp16",
+    "precision:int8",
+    "evaluate:fp32@onnxruntime-cpu",
+    "evaluate:fp16@onnxruntime-cpu",
+    "evaluate:int8@onnxruntime-cpu",
+    "benchmark:onnxruntime-cpu",
+}
+
+
+def test_a_rerun_takes_every_stage_from_the_cache_with_identical_results(tiny_dir: Path) -> None:
+    recipe = _recipe(tiny_dir)
+    first, metrics1, verdict1 = _run(recipe)
+    assert _hits(first) == dict.fromkeys(UNITS, False)
+    second, metrics2, verdict2 = _run(recipe)
+    assert _hits(second) == dict.fromkeys(UNITS, True)
+    assert metrics2 == metrics1 and verdict2 == verdict1
+    run2 = sorted((tiny_dir / "runs" / "tiny").iterdir())[-1]
+    for name, meta in metrics2["variants"].items():  # the artifacts are in the new run directory, same bytes
+        assert pipeline.sha256_file(run2 / meta["path"]) == meta["sha256"], name
+
+
+def test_a_gate_change_reruns_no_stage(tiny_dir: Path) -> None:
+    _run(_recipe(tiny_dir))
+    manifest, _, verdict = _run(_recipe(tiny_dir, {"gates": ["accuracy.cosine_min >= 0.9", "size.ratio <= 0.01"]}))
+    assert _hits(manifest) == dict.fromkeys(UNITS, True)
+    assert verdict["status"] == "failed"
+
+
+def test_new_calibration_data_rebuilds_that_variant_and_what_measures_it(tiny_dir: Path) -> None:
+    _run(_recipe(tiny_dir))
+    rng = np.random.default_rng(7)
+    np.savez(
+        tiny_dir / "tiny-calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64)
+    )
+    hits = _hits(_run(_recipe(tiny_dir))[0])
+    missed = {u for u, hit in hits.items() if not hit}
+    assert missed == {"precision:int8", "evaluate:int8@onnxruntime-cpu", "benchmark:onnxruntime-cpu"}
+
+
+def test_evaluation_settings_rerun_evaluate_only(tiny_dir: Path) -> None:
+    _run(_recipe(tiny_dir))
+    hits = _hits(_run(_recipe(tiny_dir, {"evaluate": {"top1_outputs": []}}))[0])
+    assert {u for u, hit in hits.items() if not hit} == {u for u in UNITS if u.startswith("evaluate:")} | {
+        "precision:int8"  # the INT8 fallback tunes against the evaluation settings
+    }
+
+
+def test_a_library_version_change_reruns_what_used_it(tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _run(_recipe(tiny_dir))
+    real = pipeline.environment
+
+    def newer_onnxruntime() -> dict[str, Any]:
+        env = real()
+        env["versions"]["onnxruntime"] = env["versions"]["onnxruntime"] + ".post1"
+        return env
+
+    monkeypatch.setattr(pipeline, "environment", newer_onnxruntime)
+    hits = _hits(_run(_recipe(tiny_dir))[0])
+    assert not any(hits.values()), hits  # export checks with ONNX Runtime too: everything used it
+
+
+def test_rebench_measures_again_and_keeps_the_rest(tiny_dir: Path) -> None:
+    recipe = _recipe(tiny_dir)
+    _, metrics1, _ = _run(recipe)
+    manifest, metrics2, _ = _run(recipe, rebench=True)
+    hits = _hits(manifest)
+    assert hits.pop("benchmark:onnxruntime-cpu") is False and all(hits.values())
+    shapes = [metrics["results"]["fp16"]["onnxruntime-cpu"]["shapes"] for metrics in (metrics1, metrics2)]
+    assert shapes[0] != shapes[1]  # measured again (timings never repeat to the last digit)
+    assert _hits(_run(recipe)[0])["benchmark:onnxruntime-cpu"] is True  # and stored for the next run
+
+
+def test_no_cache_keeps_nothing(tiny_dir: Path) -> None:
+    recipe = _recipe(tiny_dir)
+    manifest, _, _ = _run(recipe, cache=False)
+    assert manifest["cache"] == []
+    assert not (tiny_dir / ".optimize-cache" / "stages").exists()
+    assert not any(p.name.startswith(".") for p in sorted((tiny_dir / "runs" / "tiny").iterdir())[-1].iterdir())
