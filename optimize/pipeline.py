@@ -270,6 +270,7 @@ def _execute(state: _Run) -> RunResult:
         for name in side:  # data a variant is built or tuned on must not be what it is judged on
             data.check_disjoint(datasets[name], eval_ds)
         state.manifest["model"] = {"description": loaded.description, "sha256": loaded.content_sha256}
+        data_ids = {n: _data_identity(recipe, loaded, n, d) for n, d in datasets.items()}
         state.manifest["datasets"] = {n: d.record() for n, d in datasets.items()}
         rec["detail"] = f"{loaded.description}; {eval_ds.description}"
 
@@ -281,7 +282,7 @@ def _execute(state: _Run) -> RunResult:
             with state.cached(
                 "export",
                 "fp32",
-                inputs={"model": loaded.content_sha256, "check_data": eval_ds.sha256},
+                inputs={"model": _model_identity(recipe, loaded), "check_data": data_ids[eval_ds.name]},
                 config=to_plain(recipe.export),
                 libraries=("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),
             ) as slot:
@@ -291,15 +292,16 @@ def _execute(state: _Run) -> RunResult:
                 else:
                     export.export_onnx(loaded, recipe.export, baseline_path)
                     with open_runner("onnxruntime-cpu", baseline_path) as r:
+                        _check_datasets(datasets, r)  # a wrong dtype or name is the user's, before the check
                         check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
                     worst = max(check.max_abs_error.values())
                     rec["check"] = check.record()
                     rec["detail"] = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
                     _store(slot, baseline_path)
                     slot.record = {"check": rec["check"], "detail": rec["detail"]}
-        with open_runner("onnxruntime-cpu", baseline_path) as r:
-            for ds in datasets.values():  # evaluation, calibration, fallback and reference data alike
-                data.check_against_inputs(ds, r.inputs)
+        if rec.get("cache") == "hit" or loaded.module is None:
+            with open_runner("onnxruntime-cpu", baseline_path) as r:
+                _check_datasets(datasets, r)
 
     paths = {"fp32": baseline_path}
     precisions = {"fp32": "fp32"}
@@ -317,8 +319,8 @@ def _execute(state: _Run) -> RunResult:
                 variant.name,
                 inputs={
                     "fp32": baseline_sha256,
-                    "check_data": eval_ds.sha256,
-                    **{f"data.{n}": datasets[n].sha256 for n in _variant_datasets(variant)},
+                    "check_data": data_ids[eval_ds.name],
+                    **{f"data.{n}": data_ids[n] for n in _variant_datasets(variant)},
                 },
                 config=_precision_config(state, variant),
                 libraries=("onnx", "onnxruntime", "nvidia-modelopt", "numpy"),
@@ -448,9 +450,9 @@ def _execute(state: _Run) -> RunResult:
                     "evaluate",
                     f"{name}@{target}",
                     inputs={
-                        "artifact": _artifact_identity(variants_meta, loaded, target, name),
+                        "artifact": _artifact_identity(variants_meta, recipe, loaded, target, name),
                         "reference": variants_meta["fp32"]["sha256"],
-                        "eval": eval_ds.sha256,
+                        "eval": data_ids[eval_ds.name],
                     },
                     config={**eval_config, "target": target},
                     libraries=_RUNTIME_LIBRARIES[target.split("-")[0]],
@@ -497,8 +499,8 @@ def _execute(state: _Run) -> RunResult:
                 "benchmark",
                 target,
                 inputs={
-                    **{n: _artifact_identity(variants_meta, loaded, target, n) for n in artifacts[target]},
-                    "samples": eval_ds.sha256,
+                    **{n: _artifact_identity(variants_meta, recipe, loaded, target, n) for n in artifacts[target]},
+                    "samples": data_ids[eval_ds.name],
                 },
                 config={"benchmark": to_plain(b), "target": target},
                 libraries=_RUNTIME_LIBRARIES[target.split("-")[0]],
@@ -695,6 +697,14 @@ def _restore(entry: Any, dest_dir: Path) -> None:
         write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
+def _check_datasets(datasets: dict[str, Any], runner: Any) -> None:
+    """Every dataset (evaluation, calibration, fallback, reference) fits the model's inputs (exit 2 if not)."""
+    from optimize import data
+
+    for ds in datasets.values():
+        data.check_against_inputs(ds, runner.inputs)
+
+
 _RUNTIME_LIBRARIES = {
     "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "numpy"),
     "tensorrt": ("tensorrt", "torch", "numpy"),
@@ -702,14 +712,32 @@ _RUNTIME_LIBRARIES = {
 }
 
 
-def _artifact_identity(variants_meta: dict[str, Any], loaded: Any, target: str, name: str) -> str:
+def _artifact_identity(variants_meta: dict[str, Any], recipe: Recipe, loaded: Any, target: str, name: str) -> str:
     """The content a target runs for a variant: its ONNX, its TensorRT plan, or the source module."""
     meta = variants_meta[name]
     if target == "tensorrt":
         return meta["engine"]["sha256"]
     if target.startswith("torch-"):
-        return f"{loaded.content_sha256}:{meta['precision']}"
+        return f"{_model_identity(recipe, loaded)}:{meta['precision']}"
     return meta["sha256"]
+
+
+def _identity(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _model_identity(recipe: Recipe, loaded: Any) -> str:
+    """The model's content and how the recipe builds the module from it (pooling, example inputs, entry
+    point arguments); where it lies on disk is not part of it."""
+    section = {k: v for k, v in to_plain(recipe.model).items() if k not in ("path", "python_path")}
+    return _identity(loaded.content_sha256, section)
+
+
+def _data_identity(recipe: Recipe, loaded: Any, name: str, ds: Any) -> str:
+    """A dataset's samples and how they become model inputs (its section: batch size, sequence length,
+    padding, ...; the tokenizer, which comes with the model)."""
+    section = {k: v for k, v in to_plain(recipe.data[name]).items() if k != "path"}
+    return _identity(ds.sha256, section, loaded.content_sha256)
 
 
 def _device_identity(state: _Run, target: str) -> str | None:

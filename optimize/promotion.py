@@ -100,10 +100,10 @@ def promote(
                 return {**done, "unchanged": True}
             previous_tag = PREVIOUS_TAG.format(alias=to_alias)
             if before is not None:
-                _retrying(client.set_model_version_tag, model, str(number), previous_tag, str(before))
+                registry.retrying_upsert(client.set_model_version_tag, model, str(number), previous_tag, str(before))
             elif previous_tag in mv.tags:  # left from an earlier promotion: it would name a wrong predecessor
                 client.delete_model_version_tag(model, str(number), previous_tag)
-            _retrying(client.set_registered_model_alias, model, to_alias, str(number))
+            registry.retrying_upsert(client.set_registered_model_alias, model, to_alias, str(number))
             _record_history(client, model, to_alias, _history_entry("promote", number, before), locked)
             _record_audit(client, model, number, _audit_entry("promote", to_alias, before, number, mv.tags), locked)
         return done
@@ -156,7 +156,7 @@ def rollback(model: str, alias: str, *, tracking_uri: str) -> dict[str, Any]:
             target_mv = _model_version(client, rm, target, f"rollback of {model}@{alias} to version {target}")
             sha256 = _verify(client, model, target_mv, tracking_uri)
             current_mv = client.get_model_version(model, str(current))
-            _retrying(client.set_registered_model_alias, model, alias, str(target))
+            registry.retrying_upsert(client.set_registered_model_alias, model, alias, str(target))
             _record_history(client, model, alias, _history_entry("rollback", target, current), locked)
             _record_audit(
                 client, model, target, _audit_entry("rollback", alias, current, target, target_mv.tags), locked
@@ -388,7 +388,7 @@ def _record_history(client: Any, model: str, alias: str, entry: dict[str, Any], 
         return _bounded(placed, HISTORY_MAX_ENTRIES, HISTORY_MAX_CHARS)
 
     def write(value: str) -> None:
-        _retrying(client.set_registered_model_tag, model, key, value)
+        registry.retrying_upsert(client.set_registered_model_tag, model, key, value)
 
     _merge_tag(read, write, place, locked, key)
 
@@ -407,7 +407,7 @@ def _record_audit(client: Any, model: str, version: int, entry: dict[str, Any], 
         return _bounded([*entries, entry], AUDIT_MAX_ENTRIES, AUDIT_MAX_CHARS)
 
     def write(value: str) -> None:
-        _retrying(client.set_model_version_tag, model, str(version), AUDIT_TAG, value)
+        registry.retrying_upsert(client.set_model_version_tag, model, str(version), AUDIT_TAG, value)
 
     _merge_tag(read, write, place, locked, f"{AUDIT_TAG} of version {version}")
 
@@ -440,19 +440,6 @@ def _merge_tag(
         f"registry: the alias moved, but tag {what} did not settle after {MERGE_ROUNDS} tries (concurrent alias "
         "moves); check it before a rollback"
     )
-
-
-def _retrying(write: Callable[..., Any], *args: Any) -> Any:
-    """Call an MLflow upsert, again after a pause when it lost a race: MLflow upserts an alias or tag by reading
-    then inserting, and two concurrent first writes of one key fail the loser's insert (UNIQUE constraint)."""
-    for attempt in range(3):
-        try:
-            return write(*args)
-        except Exception as e:
-            text = str(e).lower()
-            if attempt == 2 or not any(s in text for s in ("unique constraint", "integrityerror", "duplicate")):
-                raise
-            time.sleep(random.uniform(*MERGE_PAUSE_S))
 
 
 def _bounded(entries: list[dict[str, Any]], max_entries: int, max_chars: int) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -491,9 +491,31 @@ def _find_version(client: Any, model_name: str, optimize_run_id: str, variant: s
 def _point_alias(client: Any, model_name: str, alias: str, version: int) -> None:
     """Point `alias` at `version` unless it already points at a newer one: aliases have no compare-and-set,
     and a registration retried late (or finishing after a concurrent one) must not move it backwards."""
-    current = client.get_registered_model(model_name).aliases.get(alias)
-    if current is None or int(current) < version:
-        client.set_registered_model_alias(model_name, alias, str(version))
+
+    def point() -> None:
+        current = client.get_registered_model(model_name).aliases.get(alias)
+        if current is None or int(current) < version:
+            client.set_registered_model_alias(model_name, alias, str(version))
+
+    retrying_upsert(point)  # two registrations setting the alias's first value at once: the loser reads again
+
+
+UPSERT_PAUSE_S = (0.05, 0.3)
+
+
+def retrying_upsert(write: Callable[..., Any], *args: Any) -> Any:
+    """Call an MLflow upsert, again after a pause when it lost a race: MLflow upserts an alias or tag by reading
+    then inserting, and two concurrent first writes of one key fail the loser's insert (UNIQUE constraint)."""
+    import random
+
+    for attempt in range(3):
+        try:
+            return write(*args)
+        except Exception as e:
+            text = str(e).lower()
+            if attempt == 2 or not any(s in text for s in ("unique constraint", "integrityerror", "duplicate")):
+                raise
+            time.sleep(random.uniform(*UPSERT_PAUSE_S))
 
 
 def _find_logged_model(client: Any, experiment_id: str, name: str, optimize_run_id: str) -> Any | None:

@@ -1,0 +1,80 @@
+"""Rerun cost with the stage cache (issue 7's bars): wall time of `optimize run RECIPE` cold (empty cache),
+rerun with nothing changed, and rerun after changing only a gate threshold, each in a fresh process as a
+user runs it, with a private cache and runs folder. Prints a table; --json writes the numbers.
+
+    python benchmarks/cache_rerun.py                       # recipes/fp16.yaml, unregistered
+    python benchmarks/cache_rerun.py --register            # with registration into a private sqlite store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _run(recipe: Path, work: Path, register: bool) -> tuple[float, dict]:
+    env = {**os.environ, "OPTIMIZE_CACHE_DIR": str(work / "cache")}
+    cmd = [sys.executable, "-m", "optimize", "run", str(recipe), "-q", "--runs-dir", str(work / "runs")]
+    cmd += ["--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"] if register else ["--no-register"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):
+        sys.exit(f"optimize run failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+    run_dir = max((work / "runs").glob("*/*/manifest.json"), key=lambda p: p.stat().st_mtime).parent
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return wall, manifest
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("recipe", nargs="?", default=str(REPO / "recipes" / "fp16.yaml"))
+    ap.add_argument("--register", action="store_true", help="register each run (private sqlite store)")
+    ap.add_argument("--json", metavar="FILE", help="also write the numbers here")
+    args = ap.parse_args()
+    recipe = Path(args.recipe).resolve()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="cache-rerun-") as tmp:
+        work = Path(tmp)
+        # the same recipe with one gate threshold changed: a recipe extending it, with its gate list replaced
+        gates = list(yaml.safe_load(recipe.read_text()).get("gates") or [])
+        if not gates or not isinstance(gates[0], str):
+            sys.exit(f"{recipe}: its first gate is not a `metric op threshold` string to change")
+        gates[0] = gates[0].rsplit(" ", 1)[0] + " 0.5"
+        changed = work / "gate-changed.yaml"
+        changed.write_text(yaml.safe_dump({"extends": str(recipe), "gates": gates}, sort_keys=False))
+        for label, path in (("cold (empty cache)", recipe), ("rerun, nothing changed", recipe),
+                            ("rerun, one gate threshold changed", changed)):  # fmt: skip
+            wall, manifest = _run(path, work, args.register)
+            units = manifest.get("cache", [])
+            stages = {s["stage"]: s.get("seconds", 0.0) for s in manifest["stages"]}
+            rows.append(
+                {
+                    "run": label,
+                    "wall_s": round(wall, 2),
+                    "cache_hits": f"{sum(u['hit'] for u in units)}/{len(units)}",
+                    "load_s": stages.get("load"),
+                    "stages_s": round(sum(stages.values()), 2),
+                }
+            )
+    print(f"{recipe.relative_to(REPO) if recipe.is_relative_to(REPO) else recipe}, "
+          f"{'registered' if args.register else 'unregistered'}")  # fmt: skip
+    print(f"{'run':<36} {'wall s':>8} {'hits':>7} {'load s':>8} {'stages s':>9}")
+    for r in rows:
+        print(f"{r['run']:<36} {r['wall_s']:>8.2f} {r['cache_hits']:>7} {r['load_s'] or 0:>8.2f} {r['stages_s']:>9.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
