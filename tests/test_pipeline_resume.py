@@ -48,11 +48,18 @@ def _wait_for(condition: Any, proc: subprocess.Popen[str], what: str, timeout_s:
 
 
 def _entries(cache: Path, stage: str) -> list[Path]:
-    return list((cache / "stages" / stage).glob("*/*/entry.json"))
+    """The finished entries of a stage, read while the run renames folders under it."""
+    try:
+        return [p for p in (cache / "stages" / stage).glob("[!.]*/*/entry.json")]
+    except FileNotFoundError:  # a temporary folder became an entry while glob walked it: look again
+        return []
 
 
 def _producing(cache: Path, stage: str) -> bool:
-    return any((cache / "stages" / stage).glob(".tmp-*")) if (cache / "stages" / stage).is_dir() else False
+    try:
+        return any(p.name.startswith(".tmp-") for p in (cache / "stages" / stage).iterdir())
+    except FileNotFoundError:
+        return False
 
 
 KILL_POINTS = {
