@@ -448,17 +448,14 @@ def _local_time(epoch_s: float) -> str:
 
 
 def _ci_files(junit: Path | None, summary: Path | None, run_dir: Path) -> None:
-    """`--junit` and `--summary` after a run that reached its gates: what the run directory holds."""
-    from optimize import results
-    from optimize.files import append_text, display_path, write_text
+    """`--junit` and `--summary` after a run that reached its gates: the run directory's junit.xml and
+    summary.md, which the pipeline wrote last."""
+    from optimize.files import append_text, write_bytes
 
-    verdict = json.loads((run_dir / "verdict.json").read_text())
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    report = display_path(run_dir / "report.md")
     if junit:
-        write_text(junit, results.junit_xml(verdict, manifest, report))
+        write_bytes(junit, (run_dir / "junit.xml").read_bytes())
     if summary:
-        append_text(summary, results.summary_markdown(verdict, manifest, report))
+        append_text(summary, (run_dir / "summary.md").read_text(encoding="utf-8"))
 
 
 def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, error: Exception) -> None:

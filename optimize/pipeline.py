@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +191,12 @@ class _Run:
 
     def save_manifest(self) -> None:
         write_json(self.run_dir / "manifest.json", self.manifest)
+
+    @cached_property
+    def task_metric_code(self) -> str | None:
+        """sha256 of the task metric's source, for the keys of evaluate and INT8 precision (read once, when
+        a stage first needs it, so that a bad entry point fails inside that stage)."""
+        return _task_metric_sha256(self.recipe)
 
     def log(self, stage: str) -> Any:
         return capture_output(self.run_dir / "logs" / f"{stage}.log")
@@ -440,7 +447,7 @@ def _execute(state: _Run) -> RunResult:
         n_golden = len(eval_ds.batches[0][input_names[0]])
         eval_config = {
             "evaluate": to_plain(recipe.evaluate),
-            "task_metric_code": _task_metric_sha256(recipe),
+            "task_metric_code": state.task_metric_code,
             "threads": recipe.benchmark.threads,
         }
         for target in ran:
@@ -825,7 +832,7 @@ def _precision_config(state: _Run, variant: Any) -> dict[str, Any]:
         ]
         config["targets"] = ran
         config["evaluate"] = to_plain(state.recipe.evaluate)
-        config["task_metric_code"] = _task_metric_sha256(state.recipe)
+        config["task_metric_code"] = state.task_metric_code
     return config
 
 
