@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,9 @@ from optimize.recipe import EntryPointDataset, ImageFolderDataset, NpzDataset, T
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+Feeds = list[dict[str, np.ndarray]]
+
+
 @dataclass(frozen=True)
 class Batches:
     """A dataset ready to feed: batches keyed by input name, optional labels, and its identity.
@@ -27,16 +32,32 @@ class Batches:
     those (so another subset of the same file has another hash); `file_sha256` identifies the
     source the samples were taken from (the file, or for an image folder its file listing; None
     for an entry point).
+
+    `source` is the batches, or what makes them: a text dataset is identified at once and tokenised on
+    first use of `batches` (a run whose stages are all cached never tokenises). `check`, when set, is run
+    on the batches once they are made (see `checked`).
     """
 
     name: str
-    batches: list[dict[str, np.ndarray]]
+    source: Feeds | Callable[[], Feeds]
     labels: np.ndarray | None
     sample_count: int
     sha256: str
     description: str
     sample_hashes: tuple[str, ...] = ()
     file_sha256: str | None = None
+    check: Callable[[str, Feeds], None] | None = None
+
+    @cached_property
+    def batches(self) -> Feeds:
+        batches = self.source() if callable(self.source) else self.source
+        if self.check is not None:
+            self.check(self.name, batches)
+        return batches
+
+    def checked(self, check: Callable[[str, Feeds], None]) -> Batches:
+        """This dataset with `check(name, batches)` run once its batches are made (its batches kept if made)."""
+        return dataclasses.replace(self, source=self.__dict__.get("batches", self.source), check=check)
 
     def record(self) -> dict[str, Any]:
         """What the manifest keeps of this dataset."""
@@ -205,8 +226,11 @@ def read_text_lines(path: Path, where: str) -> list[str]:
     return lines
 
 
-def load_text(name: str, spec: TextDataset, tokenizer_dir: Path | None, input_names: list[str]) -> Batches:
-    """Tokenise text lines with the model's tokenizer into fixed-length (or longest) padded batches."""
+def load_text(
+    name: str, spec: TextDataset, tokenizer_dir: Path | None, input_names: list[str] | Callable[[], list[str]]
+) -> Batches:
+    """Text lines, identified at once and tokenised with the model's tokenizer into fixed-length (or longest)
+    padded batches on first use. `input_names` may be given as a function, called when tokenising."""
     where = f"data.{name}"
     lines = read_text_lines(spec.path, where)
     index = _select(len(lines), spec.samples, spec.seed, where, spec.path)
@@ -214,30 +238,31 @@ def load_text(name: str, spec: TextDataset, tokenizer_dir: Path | None, input_na
     folder = spec.tokenizer or tokenizer_dir
     if folder is None:
         raise RecipeError(f"{where}.tokenizer: a text dataset needs a tokenizer folder for this model source")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise RecipeError(f"{where}.tokenizer: cannot load a tokenizer from {folder}: {e}") from None
-    batches = []
-    for i in range(0, len(chosen), spec.batch_size):
-        enc = tokenizer(
-            chosen[i : i + spec.batch_size],
-            padding=spec.padding,
-            truncation=True,
-            max_length=spec.max_length,
-            return_tensors="np",
-        )
-        missing = [n for n in input_names if n not in enc]
-        if missing:
-            raise RecipeError(f"{where}: the tokenizer does not produce input(s) {', '.join(missing)}")
-        batches.append({n: np.asarray(enc[n], dtype=np.int64) for n in input_names})
+    def tokenise() -> Feeds:
+        from optimize.models import hf_tokenizer
+
+        tokenizer = hf_tokenizer(folder, f"{where}.tokenizer")
+        names = input_names() if callable(input_names) else input_names
+        batches = []
+        for i in range(0, len(chosen), spec.batch_size):
+            enc = tokenizer(
+                chosen[i : i + spec.batch_size],
+                padding=spec.padding,
+                truncation=True,
+                max_length=spec.max_length,
+                return_tensors="np",
+            )
+            missing = [n for n in names if n not in enc]
+            if missing:
+                raise RecipeError(f"{where}: the tokenizer does not produce input(s) {', '.join(missing)}")
+            batches.append({n: np.asarray(enc[n], dtype=np.int64) for n in names})
+        return batches
+
     hashes = tuple(text_sample_hash(line) for line in chosen)
     return Batches(
         name,
-        batches,
+        tokenise,
         None,
         len(chosen),
         samples_sha256(hashes),
@@ -452,10 +477,15 @@ def load_images(name: str, spec: ImageFolderDataset, input_names: list[str]) -> 
 # --- dispatch and checks ---------------------------------------------------------------------------
 
 
-def load_dataset(name: str, spec: Any, input_names: list[str], tokenizer_dir: Path | None) -> Batches:
-    """Load a named dataset of the recipe for a model with these input names."""
+def load_dataset(
+    name: str, spec: Any, input_names: list[str] | Callable[[], list[str]], tokenizer_dir: Path | None
+) -> Batches:
+    """Load a named dataset of the recipe for a model with these input names (a function giving them is
+    called only when the samples are read into arrays: a text dataset's are tokenised on first use)."""
     if isinstance(spec, TextDataset):
         return load_text(name, spec, tokenizer_dir, input_names)
+    if callable(input_names):
+        input_names = input_names()
     if isinstance(spec, ImageFolderDataset):
         return load_images(name, spec, input_names)
     if isinstance(spec, EntryPointDataset):
@@ -465,8 +495,13 @@ def load_dataset(name: str, spec: Any, input_names: list[str], tokenizer_dir: Pa
 
 def check_against_inputs(ds: Batches, inputs: list[Any]) -> None:
     """Fail with a clear message when a dataset's arrays do not fit the model's inputs (dtype, rank, static dims)."""
-    where = f"data.{ds.name}"
-    first = ds.batches[0]
+    check_feeds(ds.name, ds.batches, inputs)
+
+
+def check_feeds(name: str, batches: Feeds, inputs: list[Any]) -> None:
+    """`check_against_inputs` on a dataset's batches (the first batch stands for all)."""
+    where = f"data.{name}"
+    first = batches[0]
     for spec in inputs:
         if spec.name not in first:
             raise RecipeError(

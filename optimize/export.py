@@ -37,18 +37,6 @@ class ExportCheck:
         }
 
 
-def input_names_for(loaded: LoadedModel, spec: ExportSection) -> list[str]:
-    """The ONNX input names: the recipe's, or the example inputs' keys."""
-    names = spec.input_names or list(loaded.example_inputs)
-    missing = [n for n in names if n not in loaded.example_inputs]
-    if missing:
-        raise RecipeError(
-            f"export.input_names: {', '.join(missing)} not among the model's example inputs "
-            f"({', '.join(loaded.example_inputs)})"
-        )
-    return names
-
-
 def _in_forward_order(module: torch.nn.Module, names: list[str]) -> list[str]:
     """The input names in the order of forward's parameters when they name them.
 
@@ -79,7 +67,7 @@ def _in_forward_order(module: torch.nn.Module, names: list[str]) -> list[str]:
 def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
     """Export the torch module to a single self-contained ONNX file at `dest`; returns seconds taken."""
     assert loaded.module is not None
-    names = _in_forward_order(loaded.module, input_names_for(loaded, spec))
+    names = _in_forward_order(loaded.module, loaded.input_names(spec))
     args = tuple(loaded.example_inputs[n] for n in names)
     known = set(names) | set(spec.output_names)
     unknown = [k for k in spec.dynamic_axes if k not in known]

@@ -1,33 +1,84 @@
-"""Model sources: turn the recipe's `model` section into a torch module with example inputs, or an ONNX file."""
+"""Model sources: turn the recipe's `model` section into a torch module with example inputs, or an ONNX file.
+
+What identifies a model (its content hash, its description) is known at once; the module and its example
+inputs are built when first used, so a run whose every stage is in the stage cache never imports torch or
+transformers for the source (Hugging Face and torchvision with a weights file; an entry point builds at once,
+since only its module tells what it is).
+"""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
-from optimize.recipe import EntryPointModel, HuggingFaceModel, OnnxModel, TorchvisionModel
+from optimize.recipe import EntryPointModel, ExportSection, HuggingFaceModel, OnnxModel, TorchvisionModel
+
+if TYPE_CHECKING:
+    import torch
 
 
-@dataclass(frozen=True)
 class LoadedModel:
-    """What a model source gives the pipeline: a torch module and example inputs, or an ONNX file."""
+    """What a model source gives the pipeline: a torch module and example inputs, or an ONNX file.
 
-    module: torch.nn.Module | None
-    example_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    onnx_path: Path | None = None
-    tokenizer_dir: Path | None = None
-    content_sha256: str = ""
-    description: str = ""
+    `module` and `example_inputs` are given, or built on first use by `build_module` / `build_inputs`.
+    `content_sha256` and `description` are known without building anything.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module | None = None,
+        example_inputs: dict[str, torch.Tensor] | None = None,
+        *,
+        onnx_path: Path | None = None,
+        tokenizer_dir: Path | None = None,
+        content_sha256: str = "",
+        description: str = "",
+        build_module: Callable[[], torch.nn.Module] | None = None,
+        build_inputs: Callable[[], dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        if module is not None:
+            self.__dict__["module"] = module
+        if example_inputs is not None:
+            self.__dict__["example_inputs"] = example_inputs
+        self._build_module = build_module
+        self._build_inputs = build_inputs
+        self.onnx_path = onnx_path
+        self.tokenizer_dir = tokenizer_dir
+        self.content_sha256 = content_sha256
+        self.description = description
+
+    @property
+    def is_onnx(self) -> bool:
+        """The source is an ONNX file: there is no module, and nothing to export."""
+        return self.onnx_path is not None
+
+    @cached_property
+    def module(self) -> torch.nn.Module | None:
+        return self._build_module() if self._build_module is not None else None
+
+    @cached_property
+    def example_inputs(self) -> dict[str, torch.Tensor]:
+        return self._build_inputs() if self._build_inputs is not None else {}
+
+    def input_names(self, spec: ExportSection) -> list[str]:
+        """The ONNX input names of the export: the recipe's, or the example inputs' keys."""
+        names = spec.input_names or list(self.example_inputs)
+        missing = [n for n in names if n not in self.example_inputs]
+        if missing:
+            raise RecipeError(
+                f"export.input_names: {', '.join(missing)} not among the model's example inputs "
+                f"({', '.join(self.example_inputs)})"
+            )
+        return names
 
 
 def import_entry_point(spec: str, python_path: list[Path], where: str) -> Callable[..., Any]:
@@ -60,6 +111,8 @@ def load_model(spec: Any) -> LoadedModel:
 
 
 def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
+    import torch
+
     fn = import_entry_point(spec.entry_point, spec.python_path, "model.entry_point")
     try:
         result = fn(**spec.kwargs)
@@ -93,6 +146,8 @@ def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
 def _state_dict_sha256(module: torch.nn.Module) -> str:
     import hashlib
 
+    import torch
+
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -124,63 +179,70 @@ def huggingface_dir(spec: HuggingFaceModel) -> Path:
 
 
 def _from_huggingface(spec: HuggingFaceModel) -> LoadedModel:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-
     folder = huggingface_dir(spec)
     try:
-        backbone = AutoModel.from_pretrained(folder, local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise RecipeError(f"model: cannot load the Hugging Face model in {folder}: {e}") from None
-    module = PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
-    texts = ["An example sentence for the export.", "Another one, a little longer than the first."]
-    texts = (texts * spec.example_batch)[: spec.example_batch]
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=spec.example_sequence, return_tensors="pt")
-    wanted = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
-    inputs = {n: enc[n].to(torch.int64) for n in wanted}
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type", "unknown")
+    except (OSError, ValueError, AttributeError) as e:
+        raise RecipeError(f"model: {folder / 'config.json'} is not a readable JSON object ({e})") from None
+
+    def build_module() -> torch.nn.Module:
+        _offline()
+        from transformers import AutoModel
+
+        try:
+            backbone = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+        except Exception as e:
+            raise RecipeError(f"model: cannot load the Hugging Face model in {folder}: {e}") from None
+        from optimize.encoders import PooledEncoder
+
+        return PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
+
+    def build_inputs() -> dict[str, torch.Tensor]:
+        import torch
+
+        tokenizer = hf_tokenizer(folder, "model")
+        texts = ["An example sentence for the export.", "Another one, a little longer than the first."]
+        texts = (texts * spec.example_batch)[: spec.example_batch]
+        enc = tokenizer(
+            texts, padding="max_length", truncation=True, max_length=spec.example_sequence, return_tensors="pt"
+        )
+        wanted = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc]
+        return {n: enc[n].to(torch.int64) for n in wanted}
+
     return LoadedModel(
-        module,
-        inputs,
         tokenizer_dir=folder,
         content_sha256=sha256_tree(folder),
-        description=f"Hugging Face {folder.name} ({backbone.config.model_type}), pooling={spec.pooling}",
+        description=f"Hugging Face {folder.name} ({model_type}), pooling={spec.pooling}",
+        build_module=build_module,
+        build_inputs=build_inputs,
     )
 
 
-class PooledEncoder(torch.nn.Module):
-    """A Hugging Face encoder whose output is the pooled (optionally normalised) sentence embedding."""
+_TOKENIZERS: dict[Path, Any] = {}
 
-    def __init__(self, backbone: torch.nn.Module, pooling: str, normalize: bool) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.pooling = pooling
-        self.normalize = normalize
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-        if token_type_ids is not None:
-            kwargs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**kwargs).last_hidden_state
-        if self.pooling == "mean":
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            out = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        elif self.pooling == "cls":
-            out = hidden[:, 0]
-        else:
-            out = hidden
-        if self.normalize:
-            out = torch.nn.functional.normalize(out, p=2, dim=-1)
-        return out
+def _offline() -> None:
+    """Hugging Face libraries never reach for the hub: models and tokenizers load from local folders."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def hf_tokenizer(folder: Path, where: str) -> Any:
+    """The Hugging Face tokenizer in `folder`, loaded offline once per process."""
+    if folder not in _TOKENIZERS:
+        _offline()
+        from transformers import AutoTokenizer
+
+        try:
+            _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as e:
+            raise RecipeError(f"{where}: cannot load a tokenizer from {folder}: {e}") from None
+    return _TOKENIZERS[folder]
 
 
 def _from_torchvision(spec: TorchvisionModel) -> LoadedModel:
+    import torch
+
     try:
         import torchvision.models as tvm
     except Exception as e:

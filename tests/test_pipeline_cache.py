@@ -126,3 +126,17 @@ def test_no_cache_keeps_nothing(tiny_dir: Path) -> None:
     assert manifest["cache"] == []
     assert not (tiny_dir / ".optimize-cache" / "stages").exists()
     assert not any(p.name.startswith(".") for p in sorted((tiny_dir / "runs" / "tiny").iterdir())[-1].iterdir())
+
+
+def test_a_stage_key_holds_the_code_that_stage_runs_and_no_other() -> None:
+    """Editing optimize's report or registry keeps every cached stage; editing what a stage runs (its
+    modules and what they import, also inside functions) misses it."""
+    package = Path(pipeline.__file__).parent
+    files = {s: {str(p.relative_to(package)) for p in pipeline.stage_code_files(s)} for s in pipeline._STAGE_CODE}
+    assert {"pipeline.py", "export.py", "models.py", "encoders.py", "data.py", "recipe.py"} <= files["export"]
+    assert {"precision/int8.py", "precision/fallback.py", "bench.py", "runtimes/onnxruntime.py"} <= files["precision"]
+    assert {"accuracy.py", "runtimes/onnxruntime.py"} <= files["evaluate"]
+    assert {"bench.py", "runtimes/onnxruntime.py"} <= files["benchmark"]
+    for stage, used in files.items():
+        assert not used & {"registry.py", "report.py", "results.py", "cli.py", "promotion.py", "smoke.py"}, stage
+    assert len({pipeline.code_sha256(s) for s in files}) == len(files)
