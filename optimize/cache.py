@@ -29,7 +29,7 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import RecipeError, StageError
+from optimize.errors import RecipeError, StageError, no_space
 from optimize.files import file_lock, write_json
 
 # Bump when the key description or the entry layout changes: every older entry becomes a miss.
@@ -272,7 +272,7 @@ class StageCache:
                 slot.entry = self._commit(stage, key, description, slot)
             except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+                if no_space(e) and _on_full_device(e, self.root):
                     raise StageError(
                         f"{stage}: no space left on device under {self.root} while producing cache entry "
                         f"{key[:12]}; free space or run `optimize cache prune --max-size SIZE`"
@@ -626,3 +626,15 @@ def _info(stage: str, path: Path) -> EntryInfo | None:
 
 def _iso(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _on_full_device(e: OSError, root: Path) -> bool:
+    """Whether a full-disk error is the cache's: it names a file under `root`, or (no file named) `root`'s
+    device has next to nothing free. A full run directory on another device is the pipeline's to report."""
+    named = [Path(f) for f in (e.filename, e.filename2) if f]
+    if named:
+        return any(Path(os.path.abspath(f)).is_relative_to(Path(os.path.abspath(root))) for f in named)
+    try:
+        return shutil.disk_usage(root).free < 16 << 20
+    except OSError:
+        return True

@@ -66,6 +66,11 @@ def tensorrt() -> Any:
         ) from None
 
 
+def tensorrt_version() -> str:
+    """The version of the TensorRT module this process imports (what built engines are tied to)."""
+    return str(tensorrt().__version__)
+
+
 @dataclass(frozen=True)
 class Device:
     """The GPU an engine is built for or loaded on."""

@@ -66,3 +66,16 @@ class NotAuthorisedError(OptimizeError):
     or the permission for this change (exit 7)."""
 
     exit_code = 7
+
+
+class RunInterrupted(OptimizeError):
+    """The user interrupted (Ctrl-C): what finished is kept, and a rerun resumes from the stage cache (130)."""
+
+    exit_code = 130
+
+
+def no_space(e: BaseException) -> bool:
+    """The error is a full disk or an exhausted quota."""
+    import errno
+
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)

@@ -7,6 +7,7 @@ Every file in the run directory is written atomically; the manifest says how far
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
@@ -30,7 +31,7 @@ import yaml
 
 from optimize import __version__
 from optimize.console import Progress, capture_output, console
-from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError
+from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.recipe import Int8Variant, OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
@@ -251,14 +252,47 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
     try:
         result = _execute(state)
     except BaseException as e:
-        state.manifest["status"] = "failed"
+        interrupted = isinstance(e, KeyboardInterrupt)
+        state.manifest["status"] = "interrupted" if interrupted else "failed"
         state.manifest["error"] = str(e).splitlines()[0] if str(e) else type(e).__name__
-        state.save_manifest()
+        with contextlib.suppress(OSError):  # on a full disk the manifest keeps its last whole version
+            state.save_manifest()
+        where = display_path(state.run_dir)
+        if interrupted:
+            raise RunInterrupted(
+                f"interrupted; {where} keeps what finished, and the same command again takes every finished "
+                "stage from the stage cache"
+            ) from None
+        if no_space(e):
+            raise StageError(_no_space_message(state, e)) from e
         # A failed registration already names the run directory and ends with the command that retries it.
-        if isinstance(e, OptimizeError) and display_path(state.run_dir) not in str(e):
-            e.args = (f"{e.args[0] if e.args else ''} (run directory: {display_path(state.run_dir)})",)
+        if isinstance(e, OptimizeError) and where not in str(e):
+            e.args = (f"{e.args[0] if e.args else ''} (run directory: {where})",)
         raise
     return result
+
+
+def _no_space_message(state: _Run, e: OSError) -> str:
+    """A full disk, in one line: which file (when known), and how much room the run directory and the stage
+    cache have left."""
+    where = {"run directory": state.run_dir}
+    if state.cache is not None:
+        where["stage cache"] = state.cache.root
+    room = []
+    for what, path in where.items():
+        try:
+            free = shutil.disk_usage(path).free
+        except OSError:
+            continue
+        from optimize.cache import format_size
+
+        room.append(f"{what} {display_path(path)} has {format_size(free)} free")
+    file = f" writing {display_path(Path(e.filename))}" if e.filename else ""
+    return (
+        f"no space left on device{file}; {'; '.join(room)}. Free space, or pass --runs-dir / set "
+        "OPTIMIZE_CACHE_DIR on a larger disk (`optimize cache prune --max-size SIZE` shrinks the cache); "
+        "the same command again resumes from the stage cache"
+    )
 
 
 def _execute(state: _Run) -> RunResult:
@@ -675,9 +709,29 @@ def _build_engines(
             timing_cache_dir=str(cache),
             log_path=str(state.run_dir / "logs" / f"engine-{name}.log"),
         )
-        if not state.options.quiet:
-            console().print(f"  engine {name}: building (log: logs/engine-{name}.log)", highlight=False)
-        sidecars[name] = engine.build_in_child(request, recipe.engine.build_timeout_s)
+        # The engine depends on the ONNX, the build settings, TensorRT's version and the GPU; where files lie
+        # and the timing cache (which speeds the build, not what is built) are not part of the key.
+        settings = {k: v for k, v in asdict(request).items() if k not in _MACHINE_LOCAL}
+        with state.cached(
+            "engine",
+            name,
+            inputs={"onnx": sha256_file(onnx_path)},
+            config=settings,
+            libraries=("tensorrt",),
+            device=json.dumps([_device_identity(state, "tensorrt"), engine.tensorrt_version()]),
+        ) as slot:
+            if slot.hit:
+                plan_path = Path(request.out_dir) / slot.hit.record["plan_file"]
+                _restore(slot.hit, plan_path.parent)
+                sidecars[name] = {**slot.hit.record["sidecar"], "plan_path": str(plan_path), "cache": "hit"}
+            else:
+                if not state.options.quiet:
+                    console().print(f"  engine {name}: building (log: logs/engine-{name}.log)", highlight=False)
+                sidecars[name] = engine.build_in_child(request, recipe.engine.build_timeout_s)
+                plan_path = Path(sidecars[name]["plan_path"])
+                _store(slot, plan_path)
+                sidecar = {k: v for k, v in sidecars[name].items() if k != "plan_path"}
+                slot.record = {"plan_file": plan_path.name, "sidecar": sidecar}
     fp32_plan, fp32_onnx = sidecars["fp32"]["plan_bytes"], onnx_paths["fp32"].stat().st_size
     failed = []
     for name, side in sidecars.items():
@@ -701,6 +755,7 @@ _STAGE_CODE = {
     "precision": ("precision", "data", "accuracy", "gates", "bench", "runtimes"),
     "evaluate": ("accuracy", "data", "engine", "runtimes"),
     "benchmark": ("bench", "data", "engine", "runtimes"),
+    "engine": ("engine", "gpu", "runtimes"),
 }
 
 
@@ -747,6 +802,10 @@ def stage_code_files(stage: str) -> list[Path]:
                 if name == "optimize" or name.startswith("optimize."):
                     todo.extend(files_of(name.removeprefix("optimize").lstrip(".") or "__init__"))
     return sorted(seen)
+
+
+# Build request fields that say where files lie on this machine, not what is built.
+_MACHINE_LOCAL = ("onnx_path", "out_dir", "timing_cache_dir", "log_path")
 
 
 def _store(slot: Any, *paths: Path) -> None:

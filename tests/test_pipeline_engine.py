@@ -4,7 +4,9 @@ DOUBLE of the `tensorrt` module (not TensorRT): what is proven here is our own l
 
 from __future__ import annotations
 
+import shutil
 import sys
+import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +18,7 @@ from conftest import merge, tiny_recipe
 from test_engine import H100
 
 from optimize import engine, pipeline
+from optimize.cache import StageCache
 from optimize.errors import StageError
 from optimize.export import export_onnx
 from optimize.models import LoadedModel
@@ -109,7 +112,14 @@ def built(tmp_path: Path, monkeypatch) -> dict:
             "benchmark": {"shapes": [{"batch": 1}, {"batch": 8}]},
         }
     )
-    state = SimpleNamespace(recipe=recipe, run_dir=tmp_path / "run", options=pipeline.RunOptions(quiet=True))
+    state = SimpleNamespace(
+        recipe=recipe,
+        run_dir=tmp_path / "run",
+        options=pipeline.RunOptions(quiet=True),
+        manifest={"versions": {}, "hardware": {"gpus": []}, "cache": []},
+        cache=StageCache(tmp_path / "cache"),
+    )
+    state.cached = types.MethodType(pipeline._Run.cached, state)
     return {"state": state, "paths": paths, "specs": specs}
 
 
@@ -123,6 +133,49 @@ def test_engine_stage_builds_every_variant_and_records_the_precision_check(built
     on_disk = yaml.safe_load(Path(sidecars["fp16"]["plan_path"]).with_suffix(".json").read_text())
     assert on_disk["precision_check"]["status"] == "passed"  # the sidecar keeps the verdict
     assert Path(sidecars["fp16"]["timing_cache"]["path"]).parent == built["state"].run_dir.parent / "cache" / "tensorrt"
+
+
+def test_engines_come_from_the_stage_cache_until_the_onnx_settings_or_tensorrt_change(built, monkeypatch) -> None:
+    """Engines are cached like every stage (here built by the TEST DOUBLE, so this proves our keys and
+    restore, not TensorRT): a second engine stage builds nothing and restores the same plans; another ONNX
+    (one variant), build setting or TensorRT version builds again."""
+    state, precisions = built["state"], {"fp32": "fp32", "fp16": "fp16"}
+    builds: list[str] = []
+    build = engine.build_in_child
+    monkeypatch.setattr(engine, "build_in_child", lambda req, t: builds.append(req.variant) or build(req, t))
+
+    def stage() -> dict:
+        state.manifest["cache"].clear()
+        return pipeline._build_engines(state, built["paths"], precisions, built["specs"])
+
+    first = stage()
+    plans = {n: Path(s["plan_path"]).read_bytes() for n, s in first.items()}
+    shutil.rmtree(state.run_dir / "artifacts")
+    second = stage()
+    assert builds == ["fp32", "fp16"] and [u["hit"] for u in state.manifest["cache"]] == [True, True]
+    assert {n: Path(s["plan_path"]).read_bytes() for n, s in second.items()} == plans
+    assert second["fp16"]["precision_check"] == first["fp16"]["precision_check"]
+    on_disk = yaml.safe_load(Path(second["fp16"]["plan_path"]).with_suffix(".json").read_text())
+    assert on_disk["plan_sha256"] == first["fp16"]["plan_sha256"]  # the sidecar is back beside the plan
+
+    fp16.convert_fp16(  # another FP16 ONNX: only that variant's engine is built again
+        built["paths"]["fp32"],
+        built["paths"]["fp16"],
+        Fp16Variant(name="fp16", kind="fp16", backend="onnxruntime", keep_io_types=False),
+    )
+    builds.clear()
+    stage()
+    assert builds == ["fp16"]
+    state.recipe = state.recipe.model_copy(
+        update={"engine": state.recipe.engine.model_copy(update={"workspace_gb": 2})}
+    )
+    builds.clear()
+    stage()
+    assert builds == ["fp32", "fp16"]
+    monkeypatch.setattr(engine, "tensorrt_version", lambda: "11.0.0.1")
+    builds.clear()
+    stage()
+    assert builds == ["fp32", "fp16"]
 
 
 def test_an_fp16_engine_that_came_out_fp32_fails_the_engine_stage(built, monkeypatch) -> None:
@@ -208,6 +261,7 @@ def test_tensorrt_target_wiring_through_the_pipeline(write_recipe, tmp_path: Pat
 
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(engine, "build_in_child", build)
+    monkeypatch.setattr(engine, "tensorrt_version", lambda: double.__version__)
     monkeypatch.setattr(pipeline, "unavailable_reason", lambda target: None)
     real_open = runtimes.open_runner
 

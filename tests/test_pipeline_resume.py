@@ -133,3 +133,73 @@ def test_two_identical_runs_at_once_both_finish_with_one_export(tmp_path: Path) 
     exports = sorted(_hits(m)["export:fp32"] for m in manifests)
     assert exports == [False, True], "one run exported, the other took its export"
     assert len(_entries(cache, "export")) == 1
+
+
+def test_ctrl_c_ends_with_one_line_and_the_rerun_resumes(uninterrupted: tuple[Path, dict[str, Any]], tmp_path: Path):
+    recipe, expected = uninterrupted
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    proc = _start(recipe, cache, runs)
+    _wait_for(lambda: _producing(cache, "precision"), proc, "precision")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    (stopped,) = (runs / "tiny").iterdir()
+    assert proc.returncode == 130, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert lines == [
+        f"error: interrupted; {stopped} keeps what finished, and the same command again takes every finished "
+        "stage from the stage cache"
+    ], err[-2000:]
+    assert "Traceback" not in err
+    assert json.loads((stopped / "manifest.json").read_text())["status"] == "interrupted"
+    assert not list((cache / "stages").glob("*/.tmp-*")), "the interrupted producer left its temporary folder"
+    again = _start(recipe, cache, runs)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    (rerun,) = [d for d in (runs / "tiny").iterdir() if d != stopped]
+    assert _deterministic(rerun) == expected
+    assert _hits(json.loads((rerun / "manifest.json").read_text()))["export:fp32"] is True
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path):
+    """A 1 MiB tmpfs (the machines that run this suite run it as root); unmounted afterwards."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_full_disk_ends_with_one_line_and_the_rerun_resumes(
+    uninterrupted: tuple[Path, dict[str, Any]], tmp_path: Path, small_disk: Path
+) -> None:
+    """The run directory's disk fills up in the middle of the run: one line saying so and how much room is
+    left where, nothing half-written trusted, and once there is room the same command finishes."""
+    recipe, expected = uninterrupted
+    cache, runs = tmp_path / "cache", small_disk / "runs"
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (1024 * 1024 - 48 * 1024))  # room for the run's first files, not its artifacts
+    proc = _start(recipe, cache, runs)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 3, err[-2000:]
+    (full,) = (runs / "tiny").iterdir()
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert line.startswith("error: no space left on device"), line
+    assert f"run directory {full} has " in line and f"stage cache {cache} has " in line, line
+    assert "the same command again resumes from the stage cache" in line
+    assert "Traceback" not in err
+    assert json.loads((full / "manifest.json").read_text())["status"] != "done"
+    assert not [p for p in full.rglob("*") if p.name.startswith(".") and p.is_file()], "a temporary file was left"
+    store = StageCache(cache)
+    for info in store.entries():
+        assert store.lookup(info.stage, info.key) is not None, info
+    filler.unlink()
+    again = _start(recipe, cache, runs)
+    _, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-2000:]
+    (rerun,) = [d for d in (runs / "tiny").iterdir() if d != full]
+    assert _deterministic(rerun) == expected
