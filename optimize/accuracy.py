@@ -52,6 +52,28 @@ def neighbour_agreement(baseline: np.ndarray, variant: np.ndarray) -> float:
     return float((nearest_neighbours(baseline) == nearest_neighbours(variant)).mean())
 
 
+def per_sample(
+    baseline: dict[str, np.ndarray], variant: dict[str, np.ndarray], top1_outputs: list[str]
+) -> dict[str, dict[str, np.ndarray]]:
+    """Per output, one value per sample: `cosine` and `abs_error` (the largest |variant − baseline|) against
+    the baseline, and for classifier outputs `argmax` of both (`argmax_reference` is the baseline's) — what
+    the report plots as distributions and a confusion of disagreements."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for name, ref in baseline.items():
+        got = variant[name].astype(np.float64)
+        ref64 = ref.astype(np.float64)
+        err = np.abs(got - ref64).reshape(len(ref64), -1)
+        values = {
+            "cosine": per_sample_cosine(got, ref64),
+            "abs_error": err.max(axis=1) if err.shape[1] else np.zeros(len(ref64)),
+        }
+        if name in top1_outputs:
+            values["argmax"] = got.argmax(axis=-1).astype(np.int64).reshape(len(ref64), -1)[:, 0]
+            values["argmax_reference"] = ref64.argmax(axis=-1).astype(np.int64).reshape(len(ref64), -1)[:, 0]
+        out[name] = values
+    return out
+
+
 def compare_outputs(
     baseline: dict[str, np.ndarray],
     variant: dict[str, np.ndarray],

@@ -257,6 +257,7 @@ def run_shapes(
     spec: Any,
     samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray],
     baseline: str,
+    series: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The benchmark protocol on one target: for each of `spec.shapes`, one input set per sample batch (the
     first MAX_FEED_SETS of `samples`; a single batch may be given as it is), all runners timed interleaved,
@@ -265,7 +266,9 @@ def run_shapes(
     Runners are all host runners (host clock, `latency_stats`) or all GPU runners (CUDA events,
     `device_latency_stats`); a mix is a StageError, since each target is timed on its own.
     Returns {runner name: {shape key: stats}}; `cv_warning` marks stats whose latency CV exceeds
-    `spec.cv_warn`. On GPU runners, `warnings` also flags a GPU compute CV above the smaller of
+    `spec.cv_warn`. `series`, when given, receives every timed iteration's latency (ms, in the order timed)
+    as {runner name: {shape key: array}}, for the report's distribution plots.
+    On GPU runners, `warnings` also flags a GPU compute CV above the smaller of
     GPU_CV_WARN (2.5 %) and `spec.cv_warn`.
     """
     on_device = {name: isinstance(r, DeviceRunner) for name, r in runners.items()}
@@ -288,12 +291,17 @@ def run_shapes(
         feed_sets = [make_feeds(inputs, shape, sample, where) for sample in samples[:MAX_FEED_SETS]]
         batch = len(next(iter(feed_sets[0].values())))
         if device:
-            series = time_device(runners, feed_sets, spec.warmup, spec.iterations)
+            timed = time_device(runners, feed_sets, spec.warmup, spec.iterations)
             cv_warn = min(GPU_CV_WARN, spec.cv_warn)
-            per_runner = {name: device_latency_stats(series[name], batch, cv_warn) for name in runners}
+            per_runner = {name: device_latency_stats(timed[name], batch, cv_warn) for name in runners}
+            latencies = {name: np.asarray(timed[name]["latency"], dtype=np.float64) for name in runners}
         else:
             timings = time_interleaved(runners, feed_sets, spec.warmup, spec.iterations)
             per_runner = {name: latency_stats(timings[name], batch) for name in runners}
+            latencies = {name: np.asarray(timings[name], dtype=np.float64) / 1e6 for name in runners}
+        if series is not None:
+            for name, ms in latencies.items():
+                series.setdefault(name, {})[shape_key(shape)] = ms
         base = per_runner[baseline]
         for name, stats in per_runner.items():
             if name != baseline:

@@ -474,6 +474,8 @@ def _execute(state: _Run) -> RunResult:
 
     golden: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     sample_inputs: dict[str, np.ndarray] = {}  # the first evaluation batch: what registered versions carry
+    # Per-sample accuracy and per-iteration latency for the report's plots (`distributions.npz`, see README).
+    distributions: dict[str, np.ndarray] = {}
 
     with (
         stage("evaluate", f"accuracy on {eval_ds.name} ({eval_ds.sample_count} samples)") as rec,
@@ -518,6 +520,7 @@ def _execute(state: _Run) -> RunResult:
                         acc = slot.hit.record["accuracy"]
                         golden[target][name] = _read_npz(slot.hit.path("golden.npz"))
                         sample_inputs = sample_inputs or _read_npz(slot.hit.path("inputs.npz"))
+                        per_sample = _read_npz(slot.hit.path("per_sample.npz"))
                     else:
                         if target == "onnxruntime-cpu" and name == "fp32":
                             outs = reference_outputs()
@@ -530,6 +533,12 @@ def _execute(state: _Run) -> RunResult:
                         )
                         if metric_fn is not None:
                             acc.update(accuracy.task_metric(metric_fn, ref, outs, eval_ds.labels))
+                        per_sample = {
+                            f"{kind}/{output}": values
+                            for output, by_kind in accuracy.per_sample(ref, outs, recipe.evaluate.top1_outputs).items()
+                            for kind, values in by_kind.items()
+                        }
+                        write_npz(slot.dir / "per_sample.npz", per_sample)
                         sample_inputs = eval_ds.batches[0]
                         n_golden = len(next(iter(sample_inputs.values())))
                         golden[target][name] = {k: v[:n_golden] for k, v in outs.items()}
@@ -537,6 +546,12 @@ def _execute(state: _Run) -> RunResult:
                         write_npz(slot.dir / "inputs.npz", sample_inputs)
                         slot.record = {"accuracy": acc}
                 results[name][target]["accuracy"] = acc
+                for k, values in per_sample.items():
+                    kind, output = k.split("/", 1)
+                    if kind == "argmax_reference":
+                        distributions[f"argmax/reference/fp32/{output}"] = values
+                    else:
+                        distributions[f"{kind}/{target}/{name}/{output}"] = values
                 if target != "onnxruntime-cpu":  # what a later smoke check on this target compares with
                     write_npz(run_dir / "golden" / target / f"{name}.npz", golden[target][name])
         rec["detail"] = "; ".join(
@@ -567,10 +582,17 @@ def _execute(state: _Run) -> RunResult:
             ) as slot:
                 if slot.hit:
                     measured = slot.hit.record
+                    series = _read_npz(slot.hit.path("latency.npz"))
                 else:
                     # input sets rotated, so no single one is cached into flattering numbers
-                    measured = _benchmark_target(target, artifacts[target], b, eval_ds.batches[:4], eval_ds.batches[0])
+                    timed: dict[str, dict[str, np.ndarray]] = {}
+                    measured = _benchmark_target(
+                        target, artifacts[target], b, eval_ds.batches[:4], eval_ds.batches[0], timed
+                    )
+                    series = {f"{n}/{shape}": ms for n, by_shape in timed.items() for shape, ms in by_shape.items()}
+                    write_npz(slot.dir / "latency.npz", series)
                     slot.record = measured
+                distributions.update({f"latency_ms/{target}/{k}": ms for k, ms in series.items()})
             for name in artifacts[target]:
                 results[name][target]["shapes"] = measured["shapes"][name]
                 results[name][target]["memory"] = measured["memory"][name]
@@ -612,6 +634,7 @@ def _execute(state: _Run) -> RunResult:
 
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "verdict.json", verdict)
+    write_npz(run_dir / "distributions.npz", distributions)
     # A registered version carries its ONNX: its golden outputs are ONNX Runtime's where that ran.
     order = sorted(golden, key=lambda t: (not t.startswith("onnxruntime-"), t != "onnxruntime-cpu"))
     golden_onnx = {n: next(golden[t][n] for t in order if n in golden[t]) for n in paths}
@@ -879,16 +902,17 @@ def _machine_identity(state: _Run, target: str) -> str:
 
 
 def _benchmark_target(
-    target: str, artifacts: dict[str, Any], b: Any, samples: list[Any], first_batch: Any
+    target: str, artifacts: dict[str, Any], b: Any, samples: list[Any], first_batch: Any, series: dict[str, Any]
 ) -> dict[str, Any]:
-    """Latency and throughput per shape (every variant interleaved on one target), then peak memory."""
+    """Latency and throughput per shape (every variant interleaved on one target), then peak memory; every
+    timed iteration's latency goes into `series` ({variant: {shape key: ms}})."""
     from optimize import bench
     from optimize.runtimes import open_runner
 
     runners = {name: open_runner(target, a, b.threads) for name, a in artifacts.items()}
     try:
         inputs = runners["fp32"].inputs
-        per_shape = bench.run_shapes(runners, b, samples, baseline="fp32")
+        per_shape = bench.run_shapes(runners, b, samples, baseline="fp32", series=series)
         largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
         feeds = bench.make_feeds(inputs, largest, first_batch, "benchmark.shapes")
         if target == "torch-cuda":

@@ -64,9 +64,23 @@ def test_a_rerun_takes_every_stage_from_the_cache_with_identical_results(tiny_di
     second, metrics2, verdict2 = _run(recipe)
     assert _hits(second) == dict.fromkeys(UNITS, True)
     assert metrics2 == metrics1 and verdict2 == verdict1
-    run2 = sorted((tiny_dir / "runs" / "tiny").iterdir())[-1]
+    run1, run2 = sorted((tiny_dir / "runs" / "tiny").iterdir())
     for name, meta in metrics2["variants"].items():  # the artifacts are in the new run directory, same bytes
         assert pipeline.sha256_file(run2 / meta["path"]) == meta["sha256"], name
+    # the report's raw distributions come back from the cache too: per-sample accuracy, per-iteration latency
+    dist1, dist2 = (dict(np.load(d / "distributions.npz")) for d in (run1, run2))
+    assert dist1.keys() == dist2.keys() and all(np.array_equal(dist1[k], dist2[k]) for k in dist1)
+    samples = metrics1["results"]["int8"]["onnxruntime-cpu"]["accuracy"]["outputs"]["logits"]["samples"]
+    cosine = dist1["cosine/onnxruntime-cpu/int8/logits"]
+    assert cosine.shape == (samples,) and cosine.min() == pytest.approx(
+        metrics1["results"]["int8"]["onnxruntime-cpu"]["accuracy"]["cosine_min"]
+    )
+    assert dist1["argmax/reference/fp32/logits"].shape == (samples,)
+    assert dist1["argmax/onnxruntime-cpu/int8/logits"].dtype == np.int64
+    for name in ("fp32", "fp16", "int8"):
+        for shape, stats in metrics1["results"][name]["onnxruntime-cpu"]["shapes"].items():
+            ms = dist1[f"latency_ms/onnxruntime-cpu/{name}/{shape}"]
+            assert len(ms) == stats["iterations"] and np.percentile(ms, 50) == pytest.approx(stats["p50_ms"])
 
 
 def test_a_gate_change_reruns_no_stage(tiny_dir: Path) -> None:
