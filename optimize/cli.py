@@ -132,7 +132,7 @@ def run(
             con.print(
                 f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}")
             )
-    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {display_path(result.run_dir / 'report.md')}")
+    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {display_path(result.run_dir / 'report.html')}")
     reg = result.registered
     if reg.get("versions"):
         for variant, version in reg["versions"].items():
@@ -339,6 +339,99 @@ def canary_manifest(
     from optimize.promotion import canary_manifest as manifest
 
     typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A run directory (runs/<recipe>/<run-id>).")],
+) -> None:
+    """(Re)write RUN_DIR/report.html (one self-contained page: verdict, gates, plots, lineage) and its plots as
+    RUN_DIR/plots/*.png, from the run's metrics.json, verdict.json, manifest.json and distributions.npz (when
+    the run has one); print the report's path. Works for older runs too."""
+    from optimize import report_html
+    from optimize.files import display_path
+
+    typer.echo(display_path(report_html.write(run_dir)))
+
+
+@app.command()
+def compare(
+    run_a: Annotated[Path, typer.Argument(metavar="RUN_A", help="A finished run directory.")],
+    run_b: Annotated[
+        Path | None, typer.Argument(metavar="RUN_B", help="Another finished run directory (or give --vs).")
+    ] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            "--vs",
+            metavar="URI",
+            help="Compare RUN_A with a registered version instead: models:/NAME@ALIAS or models:/NAME/VERSION "
+            "(its MLflow run's metrics.json, verdict.json, manifest.json and recipe).",
+        ),
+    ] = None,
+    html: Annotated[
+        Path | None,
+        typer.Option(
+            "--html",
+            metavar="FILE",
+            help="Where to write the HTML page (default: RUN_A/compare-<RUN_B's run id>.html, or "
+            "RUN_A/compare-<NAME@ALIAS>.html, RUN_A/compare-<NAME-VERSION>.html with --vs).",
+        ),
+    ] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """What changed between two runs: metrics per variant, target and shape (p50, p99, throughput, speed-up,
+    cosine min, top-1, size, memory) with delta and % change, gates that flipped, hashes, library versions,
+    hardware, recipe. Deltas go from the first to the second: RUN_A → RUN_B, and with --vs from the registered
+    version to RUN_A (what RUN_A changes against, say, production). Prints tables and writes an HTML page."""
+    if (run_b is None) == (vs is None):
+        raise _usage("compare: give either RUN_B or --vs models:/NAME@ALIAS")
+    from contextlib import ExitStack
+
+    from optimize import compare as cmp
+    from optimize.files import display_path, write_text
+
+    with ExitStack() as stack:
+        if run_b is not None:
+            before, after = cmp.load_run(run_a), cmp.load_run(run_b)
+            other = str(after.manifest.get("run_id") or run_b.name)
+        else:
+            after = cmp.load_run(run_a)
+            before = stack.enter_context(cmp.registered(vs, _tracking(tracking_uri)))  # type: ignore[arg-type]
+            other = str(vs)
+        result = cmp.compare(before, after)
+    cmp.print_table(result)
+    page = html or run_a / cmp.default_html_name(other)
+    write_text(page, cmp.html(result))
+    typer.echo(f"html: {display_path(page)}")
+
+
+@app.command()
+def runs(
+    runs_dir: Annotated[
+        Path, typer.Option("--runs-dir", metavar="DIR", help="The folder `optimize run` writes to.")
+    ] = Path("runs"),
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON list: per run its run_id, recipe, path, started, status, verdict, variants "
+            "(name, status, target, p50_speedup, shape, cosine_min), report_html, report_md and error.",
+        ),
+    ] = False,
+) -> None:
+    """List the runs in DIR (runs/<recipe>/<run-id>), newest first: recipe, run id, status (running,
+    measured, done, failed; incomplete without a readable manifest), verdict, per variant its p50 speed-up
+    (worst shape) and cosine min on the first target that ran, and where its report is."""
+    from optimize.runs import list_runs, render
+
+    lines = list_runs(runs_dir)
+    if as_json:
+        typer.echo(json.dumps([r.as_json() for r in lines], indent=2))
+    elif lines:
+        render(lines)
+    else:
+        typer.echo(f"no runs in {runs_dir}")
 
 
 cache_app = typer.Typer(

@@ -30,6 +30,13 @@ def console() -> Console:
     return _console
 
 
+def stdout_console() -> Console:
+    """A console for a command's tables on stdout. Piped into a file or a CI log it is 160 columns wide (rich
+    would wrap every table at 80) unless COLUMNS says otherwise."""
+    wide = None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+    return Console(highlight=False, width=wide)
+
+
 @contextmanager
 def capture_output(log_path: Path) -> Iterator[None]:
     """Send everything written to fds 1 and 2 (Python and C++ alike) to `log_path` for the block."""

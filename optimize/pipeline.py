@@ -668,11 +668,12 @@ def _execute(state: _Run) -> RunResult:
 
 
 def _write_reports(run_dir: Path, metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """report.md for people; junit.xml and summary.md (the gate table) for CI."""
-    from optimize import report, results
+    """report.md and report.html (with its plots/*.png) for people; junit.xml and summary.md (the gate
+    table) for CI."""
+    from optimize import report, report_html, results
 
-    where = display_path(run_dir / "report.md")
     write_text(run_dir / "report.md", report.markdown(metrics, verdict, manifest))
+    where = display_path(report_html.write(run_dir))
     write_text(run_dir / "junit.xml", results.junit_xml(verdict, manifest, where))
     write_text(run_dir / "summary.md", results.summary_markdown(verdict, manifest, where))
 

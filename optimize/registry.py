@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from optimize.errors import (
     StageError,
     first_line,
 )
+from optimize.results import delta_text
 
 # Bound every MLflow HTTP call: with the defaults one call hangs for minutes against a stopped server.
 DEFAULT_TIMEOUT_S = 30.0
@@ -38,6 +39,19 @@ REACH_TIMEOUT_S = 5
 
 # What a finished run directory holds before anything can be registered from it.
 RUN_FILES = ("manifest.json", "recipe.json", "metrics.json", "verdict.json")
+# The run's evidence logged with its MLflow run (what `optimize compare --vs models:/...` reads back), and the
+# report's plots, under plots/ (linked from each version's description).
+RUN_ARTIFACTS = (
+    "report.md",
+    "report.html",
+    "metrics.json",
+    "verdict.json",
+    "manifest.json",
+    "recipe.json",
+    "recipe.yaml",
+    "recipe.lock.yaml",
+)
+PLOTS_DIR = "plots"
 
 
 def resolve_tracking_uri(cli_uri: str | None, recipe_uri: str | None, cwd: Path | None = None) -> str:
@@ -375,9 +389,13 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]])
     flat_metrics = [m for m in _run_metrics(metrics) if m.key not in have_metrics]
     for i in range(0, len(flat_metrics), 500):
         client.log_batch(run_id, metrics=flat_metrics[i : i + 500])
-    for name in ("report.md", "metrics.json", "verdict.json", "manifest.json", "recipe.yaml", "recipe.lock.yaml"):
+    for name in RUN_ARTIFACTS:
         if (run_dir / name).exists():
             client.log_artifact(run_id, str(run_dir / name))
+    # Logging a file again overwrites it at the same artifact path, so a retry adds nothing.
+    plots = run_plots(run_dir)
+    for png in plots:
+        client.log_artifact(run_id, str(run_dir / png), artifact_path=PLOTS_DIR)
 
     passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
     versions: dict[str, int] = {}
@@ -390,7 +408,7 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]])
                 already[variant] = found
                 continue
             versions[variant] = _register_variant(
-                client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest
+                client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest, plots
             )
     except BaseException:
         if created_model:
@@ -541,6 +559,7 @@ def _register_variant(
     metrics: dict[str, Any],
     verdict: dict[str, Any],
     manifest: dict[str, Any],
+    plots: list[str],
 ) -> int:
     from mlflow.entities import LoggedModelStatus
 
@@ -561,7 +580,14 @@ def _register_variant(
             run_id=run_id,
             tags=tags,
             description=describe(
-                variant, metrics, verdict, run_id=run_id, experiment_id=experiment_id, tracking_uri=client.tracking_uri
+                variant,
+                metrics,
+                verdict,
+                run_id=run_id,
+                experiment_id=experiment_id,
+                tracking_uri=client.tracking_uri,
+                plots=plots,
+                report_html=(run_dir / "report.html").is_file(),
             ),
             model_id=logged.model_id,
         )
@@ -669,9 +695,16 @@ def describe(
     run_id: str | None = None,
     experiment_id: str | None = None,
     tracking_uri: str | None = None,
+    plots: Sequence[str] = (),
+    report_html: bool = False,
 ) -> str:
     """Markdown summary of a variant's gates for the model version's description: per gate the baseline,
-    the variant's value, their difference and the result; then where the run's report is."""
+    the variant's value, their difference and the result; then where the run's report is, and the report's
+    plots (`plots`: artifact paths of the run, plots/<name>.png) as images.
+
+    The images and report.html are linked through the MLflow server's `get-artifact?path=…&run_uuid=…`, relative
+    to the UI's page, so they show in the UI of whichever server serves this store (its Markdown sanitiser
+    keeps `<img src>`); `runs:/<run id>/<path>` is printed beside them for clients."""
     art = metrics["variants"][variant]
     status = verdict["variants"][variant]
     lines = [
@@ -687,28 +720,45 @@ def describe(
         value = row.get("value")
         base = row.get("baseline_value")
         lines.append(
-            f"| `{row['check']}` | {row['target']} | {_fmt(base)} | {_fmt(value)} | {_delta(value, base)} "
+            f"| `{row['check']}` | {row['target']} | {_fmt(base)} | {_fmt(value)} | {delta_text(value, base)} "
             f"| {row['status']}" + (f" ({row['reason']})" if row["status"] == "skipped" else "") + " |"
         )
     if run_id:
-        lines += ["", f"Report: `runs:/{run_id}/report.md`"]
+        report = f"Report: `runs:/{run_id}/report.md`"
+        if report_html:
+            report += f" · [report.html]({artifact_link(run_id, 'report.html')}) (`runs:/{run_id}/report.html`)"
+        lines += ["", report]
         if tracking_uri and tracking_uri.startswith(("http://", "https://")) and experiment_id:
             lines.append(f"MLflow run: {tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}")
+        if plots:
+            lines += ["", f"Plots (`runs:/{run_id}/{PLOTS_DIR}/`):", ""]
+            for p in plots:  # one paragraph each: the UI shows them one under the other
+                lines += [f"![{Path(p).stem}]({artifact_link(run_id, p)})", ""]
     return "\n".join(lines)
+
+
+def artifact_link(run_id: str, path: str) -> str:
+    """A relative URL to a run's artifact as the MLflow UI fetches it (`get-artifact`, served by every MLflow
+    server beside its UI)."""
+    return "get-artifact?" + urllib.parse.urlencode({"path": path, "run_uuid": run_id})
+
+
+def run_plots(run_dir: Path) -> list[str]:
+    """The report's plots in `run_dir` as artifact paths (plots/<name>.png), in the report's order: trade-off,
+    latency, accuracy, size and memory, then any other."""
+    folder = Path(run_dir) / PLOTS_DIR
+    if not folder.is_dir():
+        return []
+    order = ("tradeoff", "latency-", "accuracy-", "size-memory")
+
+    def rank(p: Path) -> tuple[int, str]:
+        return next((i for i, o in enumerate(order) if p.stem.startswith(o)), len(order)), p.name
+
+    return [f"{PLOTS_DIR}/{p.name}" for p in sorted(folder.glob("*.png"), key=rank) if p.is_file()]
 
 
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def _delta(value: Any, base: Any) -> str:
-    numbers = (int, float)
-    if not (isinstance(value, numbers) and isinstance(base, numbers)) or isinstance(value, bool):
-        return "–"
-    d = float(value) - float(base)
-    if not math.isfinite(d):
-        return "–"
-    return f"{d:+.3g}" + (f" ({d / abs(base):+.2%})" if base and d else "")
 
 
 def is_connection_error(e: BaseException) -> bool:

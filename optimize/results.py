@@ -7,6 +7,7 @@ Built only from `verdict.json` and `manifest.json`, like `report.md`."""
 
 from __future__ import annotations
 
+import math
 import socket
 import xml.etree.ElementTree as ET
 from typing import Any
@@ -155,19 +156,56 @@ def junit_error_xml(recipe: str, error: BaseException, exit_code: int, run_dir: 
     return _finish(suites, suite, {"tests": 1, "failures": 0, "errors": 1, "skipped": 0}, 0.0)
 
 
+def delta_text(value: Any, base: Any) -> str:
+    """`value − base` with 3 significant digits and, where `base` is not 0, the change in percent: "+0.26 (+26.00%)";
+    "–" where either is not a number."""
+    numbers = (int, float)
+    if not (isinstance(value, numbers) and isinstance(base, numbers)) or isinstance(value, bool):
+        return "–"
+    d = float(value) - float(base)
+    if not math.isfinite(d):
+        return "–"
+    return f"{d:+.3g}" + (f" ({d / abs(base):+.2%})" if base and d else "")
+
+
+def gate_rows(verdict: dict[str, Any]) -> list[dict[str, str]]:
+    """The gate rows of `verdict.json` as display cells, one dict per row: variant, target, gate, value,
+    threshold, baseline, delta (against the FP32 baseline; 1 for a ratio to it), status and reason. The one
+    place that formats a gate row: the Markdown table here and report.html both read it."""
+    out = []
+    for row in verdict["gates"]:
+        base = row.get("baseline_value")
+        if base is None and row["metric"].endswith(("speedup", "ratio")):
+            base = 1.0
+        out.append(
+            {
+                "variant": row["variant"],
+                "target": row["target"],
+                "gate": _gate_label(row),
+                "value": _num(row.get("value")),
+                "threshold": f"{_OP_TEXT[row['op']]} {row['threshold']:g}",
+                "baseline": _baseline(row),
+                "delta": delta_text(row.get("value"), base),
+                "status": row["status"],
+                "reason": row.get("reason", "") if row["status"] != "passed" else "",
+            }
+        )
+    return out
+
+
 def gate_table(verdict: dict[str, Any]) -> list[str]:
     """The gate rows as a Markdown table (lines): variant, target, gate, value, threshold, baseline, result."""
     out = [
         "| variant | target | gate | value | threshold | baseline | result |",
         "|---|---|---|---|---|---|---|",
     ]
-    for row in verdict["gates"]:
+    for row in gate_rows(verdict):
         result = f"{_MARK[row['status']]} {row['status']}"
-        if row["status"] != "passed" and row.get("reason"):
+        if row["reason"]:
             result += f": {row['reason']}"
         out.append(
-            f"| {row['variant']} | {row['target']} | `{_gate_label(row)}` | {_num(row.get('value'))} | "
-            f"{_OP_TEXT[row['op']]} {row['threshold']:g} | {_baseline(row)} | {_md_cell(result)} |"
+            f"| {row['variant']} | {row['target']} | `{row['gate']}` | {row['value']} | "
+            f"{row['threshold']} | {row['baseline']} | {_md_cell(result)} |"
         )
     return out
 

@@ -147,13 +147,14 @@ def smoke_record(
 # --- the smoke check -------------------------------------------------------------------------------
 
 
-def parse_model_uri(uri: str) -> tuple[str, str | None, int | None]:
-    """`models:/NAME@ALIAS` → (NAME, ALIAS, None); `models:/NAME/VERSION` → (NAME, None, VERSION)."""
+def parse_model_uri(uri: str, command: str = "smoke") -> tuple[str, str | None, int | None]:
+    """`models:/NAME@ALIAS` → (NAME, ALIAS, None); `models:/NAME/VERSION` → (NAME, None, VERSION); anything else
+    is a RecipeError whose message starts with `command`."""
     if m := _ALIAS_URI.match(uri):
         return m.group(1), m.group(2), None
     if m := _VERSION_URI.match(uri):
         return m.group(1), None, int(m.group(2))
-    raise RecipeError(f"smoke: {uri!r} is not a registered model URI; use {_URI_FORMS}")
+    raise RecipeError(f"{command}: {uri!r} is not a registered model URI; use {_URI_FORMS}")
 
 
 def smoke(uri: str, *, tracking_uri: str, target: str | None = None) -> dict[str, Any]:
@@ -184,34 +185,36 @@ def smoke(uri: str, *, tracking_uri: str, target: str | None = None) -> dict[str
         raise RecipeError(f"smoke: --target: unknown target {target!r}; known: {', '.join(TARGETS)}")
     with tempfile.TemporaryDirectory(prefix="optimize-smoke-") as tmp:
         with registry.session(tracking_uri) as client:
-            mv = _resolve(client, uri, name, alias, version, tracking_uri)
+            mv = resolve_version(client, uri, tracking_uri)
             tags = dict(mv.tags or {})
             chosen = _choose_target(uri, tags, target)
             folder = _download(client, mv, Path(tmp), tracking_uri)
         return _check(uri, name, int(mv.version), tags, chosen, folder)
 
 
-def _resolve(client: Any, uri: str, name: str, alias: str | None, version: int | None, tracking_uri: str) -> Any:
-    """The ModelVersion `uri` names (RecipeError, one line, when the model, alias or version is unknown)."""
+def resolve_version(client: Any, uri: str, tracking_uri: str, command: str = "smoke") -> Any:
+    """The ModelVersion `uri` (models:/NAME@ALIAS or models:/NAME/VERSION) names; a bad URI or an unknown model,
+    alias or version is a one-line RecipeError (exit 2) starting with `command`."""
     from mlflow.exceptions import MlflowException
 
+    name, alias, version = parse_model_uri(uri, command)
     try:
         model = client.get_registered_model(name)
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RecipeError(f"smoke: {uri}: no registered model {name!r} in {tracking_uri}") from None
+            raise RecipeError(f"{command}: {uri}: no registered model {name!r} in {tracking_uri}") from None
         raise
     if alias is not None:
         aliases = dict(model.aliases or {})
         if alias not in aliases:
             known = ", ".join(sorted(aliases)) or "none"
-            raise RecipeError(f"smoke: {uri}: model {name!r} has no alias {alias!r} (its aliases: {known})")
+            raise RecipeError(f"{command}: {uri}: model {name!r} has no alias {alias!r} (its aliases: {known})")
         version = int(aliases[alias])
     try:
         return client.get_model_version(name, str(version))
     except MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RecipeError(f"smoke: {uri}: model {name!r} has no version {version}") from None
+            raise RecipeError(f"{command}: {uri}: model {name!r} has no version {version}") from None
         raise
 
 

@@ -178,9 +178,9 @@ def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def build_finished_run(folder: Path, overrides: dict[str, Any] | None = None) -> Path:
+def build_finished_run(folder: Path, overrides: dict[str, Any] | None = None, exit_code: int = 0) -> Path:
     """Run the tiny model with two variants that both pass (fp16, fp16-fp32io) in `folder`, unregistered;
-    `overrides` are merged into the recipe. Returns the run directory."""
+    `overrides` are merged into the recipe (and the run must end with `exit_code`). Returns the run directory."""
     from optimize.pipeline import RunOptions, run
 
     (folder / "tinynet.py").write_text(TINY_MODULE)
@@ -198,7 +198,7 @@ def build_finished_run(folder: Path, overrides: dict[str, Any] | None = None) ->
         result = run(folder / "r.yaml", RunOptions(runs_dir=folder / "runs", quiet=True, register=False))
     finally:
         os.chdir(cwd)
-    assert result.exit_code == 0
+    assert result.exit_code == exit_code
     return result.run_dir
 
 

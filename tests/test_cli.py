@@ -87,7 +87,14 @@ def test_version(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("command", "expected"),
-    [("run", "--require-target"), ("validate", "Recipe YAML files."), ("schema", "JSON schema")],
+    [
+        ("run", "--require-target"),
+        ("validate", "Recipe YAML files."),
+        ("schema", "JSON schema"),
+        ("report", "RUN_DIR/report.html"),
+        ("compare", "models:/NAME@ALIAS"),
+        ("runs", "newest first"),
+    ],
 )
 def test_command_help(command: str, expected: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
@@ -197,8 +204,11 @@ def _imports_of(args: list[str], cwd: Path) -> dict:
         ["--version"],
         ["schema"],
         ["validate", str(RECIPES / "fp16.yaml"), str(RECIPES / "digits-fp16.yaml")],
+        ["runs"],
+        ["compare", "--help"],
+        ["report", "--help"],
     ],
-    ids=["help", "run-help", "version", "schema", "validate"],
+    ids=["help", "run-help", "version", "schema", "validate", "runs", "compare-help", "report-help"],
 )
 def test_cheap_commands_import_no_heavy_library(tmp_path: Path, args: list[str]) -> None:
     result = _imports_of(args, tmp_path)

@@ -45,6 +45,8 @@ def test_passing_run_writes_the_run_directory_and_registers_a_candidate(write_re
         "metrics.json",
         "verdict.json",
         "report.md",
+        "report.html",
+        "distributions.npz",
         "artifacts/fp32.onnx",
         "artifacts/fp16.onnx",
         "registry/fp16/model.onnx",

@@ -9,6 +9,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -550,3 +551,75 @@ def test_description_shows_baseline_value_and_delta_per_gate(finished_run: Path)
     assert "MLflow run: http://mlflow.example:5000/#/experiments/7/runs/abc" in linked
     local = registry.describe("fp16", metrics, verdict, run_id="abc", experiment_id="7", tracking_uri="sqlite:///x")
     assert "runs:/abc/report.md" in local and "#/experiments" not in local
+
+
+# --- the report's plots ------------------------------------------------------------------------------
+
+_SERVE = """
+import hashlib, json, os, sys
+os.environ["_MLFLOW_SERVER_FILE_STORE"] = sys.argv[1]  # what `mlflow server --backend-store-uri` sets
+from mlflow.server import app
+client = app.test_client()
+out = {}
+for link in json.loads(sys.argv[2]):
+    r = client.get("/" + link)
+    out[link] = [r.status_code, hashlib.sha256(r.data).hexdigest()]
+print(json.dumps(out))
+"""
+
+
+def test_the_report_and_its_plots_are_logged_and_each_version_shows_them(finished_run: Path, tmp_path: Path) -> None:
+    import re
+
+    from optimize import report_html
+    from optimize.files import sha256_file
+
+    run_dir = _copy_run(finished_run, tmp_path / "run")
+    report_html.write(run_dir)
+    pngs = sorted(p.name for p in (run_dir / "plots").glob("*.png"))
+    # the report's order: trade-off, latency, accuracy (where the run has per-sample data), size and memory
+    order = ("tradeoff.png", "latency-onnxruntime-cpu.png", "accuracy-onnxruntime-cpu.png", "size-memory.png")
+    expected = [name.removesuffix(".png") for name in order if name in pngs]
+    assert set(pngs) <= set(order) and len(expected) >= 3
+    uri = f"sqlite:///{tmp_path}/m.db"
+    out = registry.publish(run_dir, uri)
+    client, run_id = _client(uri), out["run_id"]
+
+    def listing() -> tuple[list[str], list[str]]:
+        root = sorted(a.path for a in client.list_artifacts(run_id))
+        return root, sorted(a.path for a in client.list_artifacts(run_id, "plots"))
+
+    root, plots = listing()
+    assert {"report.html", "report.md", "metrics.json", "verdict.json", "manifest.json", "recipe.json", "plots"} <= set(
+        root
+    )
+    assert plots == [f"plots/{name}" for name in pngs]
+    for path in ("report.html", *plots):
+        local = Path(client.download_artifacts(run_id, path, str(tmp_path / "down")))
+        assert sha256_file(local) == sha256_file(run_dir / path)
+
+    links = {}
+    for variant, version in out["versions"].items():
+        description = client.get_model_version("tiny", str(version)).description
+        images = re.findall(r"!\[([^\]]+)\]\((get-artifact\?[^)]+)\)", description)
+        assert [alt for alt, _ in images] == expected, variant
+        for alt, link in images:
+            assert link == f"get-artifact?path=plots%2F{alt}.png&run_uuid={run_id}"
+            links[link] = run_dir / "plots" / f"{alt}.png"
+        page = re.search(r"\[report\.html\]\((get-artifact\?[^)]+)\)", description)
+        assert page and page.group(1) == f"get-artifact?path=report.html&run_uuid={run_id}"
+        links[page.group(1)] = run_dir / "report.html"
+        assert f"`runs:/{run_id}/plots/`" in description
+
+    # The links are what an MLflow server beside the UI serves: the same bytes.
+    proc = subprocess.run(
+        [sys.executable, "-c", _SERVE, uri, json.dumps(list(links))], capture_output=True, text=True, timeout=180
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert served == {link: [200, sha256_file(path)] for link, path in links.items()}
+
+    # A retry logs the same files at the same paths: nothing twice.
+    again = registry.publish(run_dir, uri)
+    assert again["run_id"] == run_id and again["versions"] == {}
+    assert listing() == (root, plots)
