@@ -26,6 +26,7 @@ from typing import Any
 
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError, first_line
 from optimize.files import file_lock, sha256_file, write_bytes, write_json, write_text
+from optimize.onnx_files import onnx_sha256
 from optimize.runtimes.base import TensorSpec
 
 # Variant precision → the layer precisions that count as carrying it.
@@ -242,7 +243,7 @@ def _build(trt: Any, req: BuildRequest, device: Device, version: str, lines: lis
     logger = make_logger(trt, lines)
     inputs = [TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in req.inputs]
     profiles = input_profiles(inputs, req.profile)
-    onnx_sha = sha256_file(Path(req.onnx_path))
+    onnx_sha = onnx_sha256(Path(req.onnx_path))  # the weights in model.onnx.data too
     settings = {"workspace_gb": req.workspace_gb, "optimization_level": req.optimization_level}
     phash = profile_hash(profiles, onnx_sha, settings)
     plan_path = Path(req.out_dir) / engine_name(req.model, req.precision, device, version, phash)

@@ -4,6 +4,7 @@ real inputs of a different shape than the example (which proves the dynamic axes
 from __future__ import annotations
 
 import inspect
+import itertools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +14,8 @@ import numpy as np
 import torch
 
 from optimize.errors import RecipeError, StageError, first_line
-from optimize.files import write_with
 from optimize.models import LoadedModel
+from optimize.onnx_files import external_data_threshold, write_onnx_with
 from optimize.recipe import ExportSection
 
 
@@ -65,7 +66,8 @@ def _in_forward_order(module: torch.nn.Module, names: list[str]) -> list[str]:
 
 
 def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
-    """Export the torch module to a single self-contained ONNX file at `dest`; returns seconds taken."""
+    """Export the torch module to the ONNX artifact `dest` (one file, or with `<dest>.data` when over the
+    external-data threshold, see optimize.onnx_files), atomically; returns seconds taken."""
     assert loaded.module is not None
     names = _in_forward_order(loaded.module, loaded.input_names(spec))
     args = tuple(loaded.example_inputs[n] for n in names)
@@ -76,6 +78,9 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
             f"export.dynamic_axes: {', '.join(unknown)} is neither an input nor an output "
             f"(inputs: {', '.join(names)}; outputs: {', '.join(spec.output_names)})"
         )
+    # Asked for one file, the exporter fails on a model over 2 GB; asked for external data, it writes
+    # `<tmp>.data`, which becomes `<dest>.data`, or one file again when the model turns out small.
+    external = 2 * _state_bytes(loaded.module) > external_data_threshold()
     t0 = time.perf_counter()
 
     def _write(tmp: Path) -> None:
@@ -88,12 +93,12 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
                 output_names=list(spec.output_names),
                 dynamic_axes={k: dict(v) for k, v in spec.dynamic_axes.items()} or None,
                 opset_version=spec.opset,
-                external_data=False,
+                external_data=external,
             )
         _check_exported(tmp, spec)  # before the rename: a failed check leaves no file at `dest`
 
     try:
-        write_with(dest, _write)
+        write_onnx_with(dest, _write)
     except (RecipeError, StageError):
         raise
     except Exception as e:
@@ -105,12 +110,18 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
     return time.perf_counter() - t0
 
 
+def _state_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the module's parameters and buffers (about the size of the exported weights)."""
+    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+
 def _check_exported(path: Path, spec: ExportSection) -> None:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
     try:
-        onnx.checker.check_model(model)
+        # Given a path, the checker reads external data beside the model and takes models over 2 GB.
+        onnx.checker.check_model(str(path))
     except Exception as e:
         raise StageError(f"export: the exported ONNX does not pass onnx.checker: {first_line(e)}") from None
     outs = [o.name for o in model.graph.output]

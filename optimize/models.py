@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
+from optimize.onnx_files import onnx_sha256
 from optimize.recipe import EntryPointModel, ExportSection, HuggingFaceModel, OnnxModel, TorchvisionModel
 
 if TYPE_CHECKING:
@@ -285,5 +286,5 @@ def _from_onnx(spec: OnnxModel) -> LoadedModel:
     if not spec.path.is_file():
         raise RecipeError(f"model.path: {spec.path}: file not found")
     return LoadedModel(
-        None, onnx_path=spec.path, content_sha256=sha256_file(spec.path), description=f"ONNX {spec.path.name}"
+        None, onnx_path=spec.path, content_sha256=onnx_sha256(spec.path), description=f"ONNX {spec.path.name}"
     )

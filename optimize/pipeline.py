@@ -33,6 +33,7 @@ from optimize import __version__
 from optimize.console import Progress, capture_output, console
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
+from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_files, onnx_sha256, onnx_size_bytes
 from optimize.recipe import Int8Variant, OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
 
@@ -335,14 +336,14 @@ def _execute(state: _Run) -> RunResult:
 
     with stage("export", "torch → ONNX, checked against torch") as rec, state.log("export"):
         if loaded.is_onnx:
-            write_with(baseline_path, lambda tmp: shutil.copyfile(loaded.onnx_path, tmp))
+            copy_onnx(loaded.onnx_path, baseline_path)  # with its external data, renamed fp32.onnx.data
             rec["detail"] = f"ONNX given ({loaded.onnx_path.name}); export skipped"
         else:
             with state.cached(
                 "export",
                 "fp32",
                 inputs={"model": _model_identity(recipe, loaded), "check_data": data_ids[eval_ds.name]},
-                config=to_plain(recipe.export),
+                config={**to_plain(recipe.export), "external_data_bytes": external_data_threshold()},
                 libraries=("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),
             ) as slot:
                 if slot.hit:
@@ -370,7 +371,7 @@ def _execute(state: _Run) -> RunResult:
     ):
         records = {}
         locked = to_plain(recipe)
-        baseline_sha256 = sha256_file(baseline_path)
+        baseline_sha256 = onnx_sha256(baseline_path)
         for index, variant in enumerate(recipe.precision.variants):
             dest = art_dir / f"{variant.name}.onnx"
             with state.cached(
@@ -412,13 +413,13 @@ def _execute(state: _Run) -> RunResult:
         shutil.rmtree(run_dir / "work", ignore_errors=True)  # INT8 trials and calibration scratch
 
     ran = [t for t, s in state.targets.items() if s["status"] == "ran"]
-    baseline_size = baseline_path.stat().st_size
+    baseline_size = onnx_size_bytes(baseline_path)
     variants_meta = {
         name: {
             "precision": precisions[name],
             "path": str(p.relative_to(run_dir)),
-            "size_bytes": p.stat().st_size,
-            "sha256": sha256_file(p),
+            "size_bytes": onnx_size_bytes(p),
+            "sha256": onnx_sha256(p),
         }
         for name, p in paths.items()
     }
@@ -739,7 +740,7 @@ def _build_engines(
         with state.cached(
             "engine",
             name,
-            inputs={"onnx": sha256_file(onnx_path)},
+            inputs={"onnx": onnx_sha256(onnx_path)},
             config=settings,
             libraries=("tensorrt",),
             device=json.dumps([_device_identity(state, "tensorrt"), engine.tensorrt_version()]),
@@ -756,10 +757,10 @@ def _build_engines(
                 _store(slot, plan_path)
                 sidecar = {k: v for k, v in sidecars[name].items() if k != "plan_path"}
                 slot.record = {"plan_file": plan_path.name, "sidecar": sidecar}
-    fp32_plan, fp32_onnx = sidecars["fp32"]["plan_bytes"], onnx_paths["fp32"].stat().st_size
+    fp32_plan, fp32_onnx = sidecars["fp32"]["plan_bytes"], onnx_size_bytes(onnx_paths["fp32"])
     failed = []
     for name, side in sidecars.items():
-        kept = engine.weight_saving(side["plan_bytes"], fp32_plan, onnx_paths[name].stat().st_size, fp32_onnx)
+        kept = engine.weight_saving(side["plan_bytes"], fp32_plan, onnx_size_bytes(onnx_paths[name]), fp32_onnx)
         check = engine.check_precision(precisions[name], side["precisions"], kept, recipe.engine.min_precision_share)
         side["precision_check"] = check
         write_json(Path(side["plan_path"]).with_suffix(".json"), side)
@@ -833,17 +834,23 @@ _MACHINE_LOCAL = ("onnx_path", "out_dir", "timing_cache_dir", "log_path")
 
 
 def _store(slot: Any, *paths: Path) -> None:
-    """Copy a unit's files into its cache slot (an ONNX with its external-data files, if any)."""
+    """Copy a unit's files into its cache slot (an ONNX with the external-data file its tensors name, if any)."""
     for path in paths:
-        for p in [path, *sorted(path.parent.glob(f"{path.name}.data"))]:
+        for p in onnx_files(path) if path.suffix == ".onnx" else [path]:
             shutil.copyfile(p, slot.dir / p.name)
 
 
 def _restore(entry: Any, dest_dir: Path) -> None:
-    """Copy a cache entry's files into `dest_dir` under their own names, each atomically."""
+    """Copy a cache entry's files into `dest_dir` under their own names, atomically: an ONNX together with
+    its external-data file (no .onnx is ever there without its data), every other file alone."""
+    models = [name for name in entry.files if name.endswith(".onnx")]
+    data = {p.name for name in models for p in onnx_files(entry.path(name))[1:]}
+    for name in models:
+        copy_onnx(entry.path(name), dest_dir / name)
     for name in entry.files:
-        src = entry.path(name)
-        write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
+        if name not in models and name not in data:
+            src = entry.path(name)
+            write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
 
 
 def _read_npz(path: Path) -> dict[str, np.ndarray]:
@@ -962,7 +969,7 @@ def _precision_config(state: _Run, variant: Any) -> dict[str, Any]:
     """What a variant's build depends on besides its inputs: its section; for INT8, also what the
     accuracy-aware fallback tunes against (the accuracy gates, the targets that run, the evaluation
     settings and the task metric's code)."""
-    config: dict[str, Any] = {"variant": to_plain(variant)}
+    config: dict[str, Any] = {"variant": to_plain(variant), "external_data_bytes": external_data_threshold()}
     if isinstance(variant, Int8Variant):
         from optimize.precision import fallback
 
@@ -1129,7 +1136,7 @@ def _build_int8(
             )
 
     outcome = fallback.search(variant.fallback, build, judge, speed, rank, on_trial=shown)
-    write_with(dest, lambda tmp: shutil.copyfile(outcome.chosen.path, tmp))
+    copy_onnx(outcome.chosen.path, dest, link=True)  # the trial's data file becomes <variant>.onnx.data
     result = results_by_trial[outcome.chosen.index]
     result.fusion = fusion
     shutil.rmtree(work, ignore_errors=True)
@@ -1167,11 +1174,8 @@ def _write_registry_folders(
         folder = run_dir / "registry" / name
         folder.mkdir(parents=True, exist_ok=True)
         dest = folder / "model.onnx"
-        if not dest.exists():
-            try:
-                os.link(paths[name], dest)
-            except OSError:
-                write_with(dest, lambda tmp, src=paths[name]: shutil.copyfile(src, tmp))
+        if not dest.exists():  # hard links where possible; an external-data file becomes model.onnx.data
+            copy_onnx(paths[name], dest, link=True)
         write_npz(folder / "sample_inputs.npz", sample)
         write_npz(folder / "golden_outputs.npz", golden[name])
         per_target = {ran[0]: "golden_outputs.npz"} if ran else {}

@@ -27,7 +27,8 @@ from optimize.errors import (
     RegistryUnreachableError,
     first_line,
 )
-from optimize.files import file_lock, sha256_file
+from optimize.files import file_lock
+from optimize.onnx_files import onnx_files, onnx_sha256
 
 # How alias moves are recorded (MLflow aliases are bare pointers: no history, no compare-and-swap).
 #
@@ -250,13 +251,15 @@ def _verify(client: Any, model: str, mv: Any, tracking_uri: str) -> str:
     with tempfile.TemporaryDirectory(prefix="optimize-verify-") as tmp:
         try:
             local = download_artifacts(artifact_uri=f"{uri}/{MODEL_FILE}", dst_path=tmp, tracking_uri=tracking_uri)
+            for data in onnx_files(Path(local), unreadable_ok=True)[1:]:  # model.onnx.data: part of the identity
+                download_artifacts(artifact_uri=f"{uri}/{data.name}", dst_path=tmp, tracking_uri=tracking_uri)
         except Exception as e:
             if _registry_failure(e):
                 raise
             raise IntegrityError(
                 f"{model} version {number}: cannot read {MODEL_FILE} from {uri} ({first_line(e)}). No alias moved"
             ) from None
-        actual = sha256_file(Path(local))
+        actual = onnx_sha256(Path(local))
     if actual != expected:
         raise IntegrityError(
             f"{model} version {number}: {MODEL_FILE} downloaded from {uri} has sha256 {actual[:16]}…, the gated "

@@ -194,6 +194,11 @@ def check_finished_run(run_dir: Path) -> dict[str, dict[str, Any]]:
         model = run_dir / "registry" / variant / "model.onnx"
         if not model.is_file():
             raise RecipeError(f"{model}: missing; variant {variant} passed but its registry folder is incomplete")
+        from optimize.onnx_files import onnx_files
+
+        for data in onnx_files(model)[1:]:  # model.onnx.data, logged with the folder
+            if not data.is_file():
+                raise RecipeError(f"{data}: missing; variant {variant} passed but its registry folder is incomplete")
     return loaded
 
 

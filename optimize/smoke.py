@@ -262,17 +262,19 @@ def _download(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Path:
 
 
 def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str, folder: Path) -> dict[str, Any]:
-    from optimize.files import sha256_file
+    from optimize.onnx_files import onnx_files, onnx_sha256
     from optimize.runtimes import open_runner
 
     where = f"smoke: {uri} (version {version})"
     missing = [f for f in (MODEL_FILE, SAMPLE_FILE, GOLDEN_FILE, META_FILE) if not (folder / f).is_file()]
+    if not missing:  # model.onnx.data, where the model keeps its weights in external data
+        missing = [p.name for p in onnx_files(folder / MODEL_FILE, unreadable_ok=True)[1:] if not p.is_file()]
     if missing:
         raise IntegrityError(f"{where}: its artifacts lack {', '.join(missing)}; it was not registered by optimize")
     expected = tags.get("sha256")
     if not expected:
         raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
-    actual = sha256_file(folder / MODEL_FILE)
+    actual = onnx_sha256(folder / MODEL_FILE)
     if actual != expected:
         raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
     meta = json.loads((folder / META_FILE).read_text())

@@ -170,10 +170,11 @@ def write_recipe(tiny_dir: Path) -> Callable[..., Path]:
 @pytest.fixture(autouse=True)
 def _isolated_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every test runs in its own folder, with its own empty stage cache and no MLflow settings from the
-    environment (a test that patches a library would otherwise be served another test's cached result)."""
+    environment, nor a forced external-data threshold (a test that patches a library would otherwise be served
+    another test's cached result)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / ".optimize-cache"))
-    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "OPTIMIZE_EXTERNAL_DATA_BYTES"):
         monkeypatch.delenv(var, raising=False)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RuntimeMissingError, StageError, first_line
-from optimize.files import write_with
+from optimize.onnx_files import external_data_names, save_onnx
 from optimize.recipe import Fp16Variant
 
 
@@ -64,7 +64,8 @@ def choose_backend(variant: Fp16Variant) -> str:
 
 
 def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Path | None = None) -> Fp16Result:
-    """Convert the FP32 ONNX at `src` to FP16 at `dest` (atomically) with the variant's options.
+    """Convert the FP32 ONNX at `src` to FP16 at `dest` (atomically, with external data over the threshold of
+    optimize.onnx_files) with the variant's options.
 
     `reference_dir` holds one .npz per batch of real inputs for AutoCast's range check (modelopt only).
     """
@@ -87,19 +88,24 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Pat
                 providers=["cpu"],
             )
         else:
-            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST
+            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
             from onnxruntime.transformers.onnx_model import OnnxModel
 
-            # OnnxModel's method runs float16.convert_float_to_float16, then removes the Cast pairs
-            # FP32 -> FP16 -> FP32 it leaves between blocked nodes (without that, values pass through
-            # FP16 between two FP32 ops and overflow there all the same).
-            wrapper = OnnxModel(onnx.load(str(src)))
-            wrapper.convert_float_to_float16(
-                use_symbolic_shape_infer=False,
-                keep_io_types=variant.keep_io_types,
-                op_block_list=[*DEFAULT_OP_BLOCK_LIST, *variant.op_block_list],
-                node_block_list=list(variant.node_block_list) or None,
+            # What OnnxModel.convert_float_to_float16 does: float16.convert_float_to_float16, then remove the
+            # Cast pairs FP32 -> FP16 -> FP32 it leaves between blocked nodes (without that, values pass
+            # through FP16 between two FP32 ops and overflow there all the same). Given the model's path, the
+            # converter runs ONNX shape inference on the file, which works past protobuf's 2 GB (in memory it
+            # fails), and loads the external data from beside `src`.
+            wrapper = OnnxModel(
+                convert_float_to_float16(
+                    str(src),
+                    keep_io_types=variant.keep_io_types,
+                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *variant.op_block_list],
+                    node_block_list=list(variant.node_block_list) or None,
+                )
             )
+            wrapper.remove_cascaded_cast_nodes()
+            wrapper.remove_useless_cast_nodes()
             model = wrapper.model
             # The converter appends its Casts at the end of the node list and leaves value_info of
             # initializers it kept in FP32 typed FP16: the file fails onnx.checker (unsorted graph) and
@@ -111,7 +117,7 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Pat
             model.graph.value_info.extend(kept)
     except Exception as e:
         raise StageError(f"precision.{variant.name}: FP16 conversion with {backend} failed: {first_line(e)}") from None
-    write_with(dest, lambda tmp: onnx.save(model, str(tmp)))
+    save_onnx(model, dest)
     kinds = Counter(t.data_type for t in model.graph.initializer)
     return Fp16Result(
         backend,
@@ -168,7 +174,9 @@ def run_every_node(
     import onnx
     import onnxruntime as ort
 
-    model = onnx.load(str(model_path))
+    # Without its weights the graph stays small (a model over 2 GB cannot be passed as bytes); ONNX Runtime
+    # reads external data from the model's folder.
+    model = onnx.load(str(model_path), load_external_data=False)
     graph_outputs = {o.name for o in model.graph.output}
     for node in model.graph.node:
         for out in node.output:
@@ -178,6 +186,9 @@ def run_every_node(
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3
+    if external_data_names(model):
+        folder = str(Path(model_path).resolve().parent)
+        opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
     session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, feeds), strict=True))

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -30,7 +29,15 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RecipeError, RuntimeMissingError, StageError, first_line
-from optimize.files import sha256_file, write_json, write_npz, write_with
+from optimize.files import write_json, write_npz, write_with
+from optimize.onnx_files import (
+    atomic_onnx_path,
+    copy_onnx,
+    onnx_files,
+    onnx_sha256,
+    uses_external_data,
+    write_onnx_with,
+)
 from optimize.recipe import Int8Variant
 
 MODELOPT_INSTALL = "pip install 'optimize[modelopt]'"
@@ -196,7 +203,8 @@ def fuse(src: Path, dest: Path, model_type: str, where: str) -> dict[str, int]:
     except Exception as e:
         raise StageError(f"{where}: transformer fusion ({model_type}) failed: {first_line(e)}") from None
     model = optimized.model
-    write_with(dest, lambda tmp: optimized.save_model_to_file(str(tmp)))
+    external = uses_external_data(src)  # one file cannot hold a model over 2 GB
+    write_onnx_with(dest, lambda tmp: optimized.save_model_to_file(str(tmp), use_external_data_format=external))
     counts = Counter(n.op_type for n in model.graph.node)
     return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
 
@@ -331,11 +339,12 @@ def _weights_only(path: Path, nodes: list[str]) -> None:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    external = uses_external_data(path)
     quantizer = MatMulNBitsQuantizer(
         onnx.load(str(path)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_include=list(nodes)
     )
     quantizer.process()
-    write_with(path, lambda tmp: quantizer.model.save_model_to_file(str(tmp)))
+    write_onnx_with(path, lambda tmp: quantizer.model.save_model_to_file(str(tmp), use_external_data_format=external))
 
 
 def _ort_method(name: str | None) -> Any:
@@ -372,9 +381,10 @@ def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str
             weight_type=_quant_type(variant.weight_type),
             nodes_to_quantize=[only] if only else None,
             nodes_to_exclude=[*excluded, *_nodes_of_types(src, variant.op_types_to_exclude)],
+            use_external_data_format=uses_external_data(src),
         )
 
-    write_with(dest, save)
+    write_onnx_with(dest, save)
 
 
 def _nodes_of_types(model_path: Path, op_types: list[str]) -> list[str]:
@@ -407,11 +417,14 @@ def calibrate_ort(
     work_dir.mkdir(parents=True, exist_ok=True)
     peak_reset = reset_peak_rss()
     t0 = time.perf_counter()
+    augmented = work_dir / "augmented.onnx"
     calibrator = create_calibrator(
         src,
         list(variant.op_types) or None,
-        augmented_model_path=str(work_dir / "augmented.onnx"),
+        augmented_model_path=str(augmented),
         calibrate_method=_ort_method(method),
+        # a source over 2 GB makes an augmented model over 2 GB (its data file gets a uuid name)
+        use_external_data_format=uses_external_data(src),
         providers=["CPUExecutionProvider"],
         extra_options=extra,
     )
@@ -434,8 +447,11 @@ def calibrate_ort(
         ranges = calibrator.compute_data()
     finally:
         del calibrator
-        for leftover in work_dir.glob("augmented*"):
-            leftover.unlink()
+        leftovers = set(work_dir.glob("augmented*"))
+        if augmented.is_file():
+            leftovers.update(onnx_files(augmented))
+        for leftover in leftovers:
+            leftover.unlink(missing_ok=True)
     write_with(cache, lambda tmp: save_tensors_data(ranges, tmp))
     record = {
         "method": method,
@@ -455,7 +471,7 @@ def calibrate_ort(
 
 def calibration_key(src: Path, variant: Int8Variant, calibration: list[dict[str, np.ndarray]]) -> str:
     """Hash of what ONNX Runtime calibration ranges depend on: the model, the data and the method's options."""
-    h = hashlib.sha256(sha256_file(src).encode())
+    h = hashlib.sha256(onnx_sha256(src).encode())  # the weights too, where they are in external data
     options = [variant.calibration_method, variant.bins, variant.quantized_bins, variant.percentile, variant.op_types]
     h.update(json.dumps(options).encode())
     for batch in calibration:
@@ -503,9 +519,10 @@ def _ort_static(
             nodes_to_exclude=[*excluded, *_nodes_of_types(src, variant.op_types_to_exclude)],
             calibrate_method=_ort_method(variant.calibration_method),
             calibration_cache_path=str(cache),
+            use_external_data_format=uses_external_data(src),
         )
 
-    write_with(dest, save)
+    write_onnx_with(dest, save)
     return record
 
 
@@ -524,52 +541,53 @@ def _modelopt(
     computes later in the same run. The child also gives calibration a peak RSS of its own."""
     work_dir.mkdir(parents=True, exist_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    staged = work_dir / "modelopt-input.onnx"  # ModelOpt writes intermediates beside its input
+    # ModelOpt writes intermediates beside its input, and shape inference into the input file itself
+    staged = work_dir / "modelopt-input.onnx"
     if not staged.exists():
-        write_with(staged, lambda tmp: shutil.copyfile(src, tmp))
+        copy_onnx(src, staged)
     data = work_dir / "modelopt-calibration.npz"
     write_npz(data, {f"{i:05d}/{k}": v for i, b in enumerate(calibration) for k, v in b.items()})
-    args = {
-        "src": str(staged.resolve()),
-        "out": str(dest.resolve().with_name(f".{dest.name}.modelopt.tmp")),
-        "data": str(data.resolve()),
-        "result": str((work_dir / "modelopt-result.json").resolve()),
-        "where": where,
-        "dataset": variant.calibration,
-        "method": variant.calibration_method,
-        "op_types": list(variant.op_types) or None,
-        "op_types_to_exclude": list(variant.op_types_to_exclude) or None,
-        "nodes_to_exclude": [f"{re.escape(n)}\\Z" for n in excluded] or None,  # ModelOpt takes regexes
-        "nodes_to_quantize": [f"{re.escape(only)}\\Z"] if only else None,
-        "high_precision_dtype": variant.high_precision_dtype,
-        "budget_bytes": variant.memory_budget_gb * 2**30,
-        # `max`: ModelOpt's MinMax collector reduces every batch as it comes (ort_patching), holding ranges only
-        "per_batch_bytes": 0 if variant.calibration_method == "max" else _activation_bytes(src, calibration[0]),
-    }
-    args_path = work_dir / "modelopt-args.json"
-    write_json(args_path, args)
-    Path(args["result"]).unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
-    try:
-        # cwd: ModelOpt drops uuid-named external-data files (tens of MB) into the working directory
-        proc = subprocess.run(
-            [sys.executable, "-m", "optimize.precision.int8", str(args_path.resolve())],
-            env=env,
-            cwd=work_dir,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        sys.stderr.write(proc.stderr)  # into the stage's log
-        result = json.loads(Path(args["result"]).read_text()) if Path(args["result"]).is_file() else {}
-        if "error" in result:
-            raise StageError(result["error"])
-        if proc.returncode != 0 or not result:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            raise StageError(f"{where}: ModelOpt quantisation failed (exit {proc.returncode}): {tail}")
-        os.replace(args["out"], dest)
-    finally:
-        Path(args["out"]).unlink(missing_ok=True)
-        data.unlink(missing_ok=True)
+    # ModelOpt names its external data `<out>_data`; atomic_onnx_path renames it on the way to `dest`
+    with atomic_onnx_path(dest) as out:
+        args = {
+            "src": str(staged.resolve()),
+            "out": str(out.resolve()),
+            "data": str(data.resolve()),
+            "result": str((work_dir / "modelopt-result.json").resolve()),
+            "where": where,
+            "dataset": variant.calibration,
+            "method": variant.calibration_method,
+            "op_types": list(variant.op_types) or None,
+            "op_types_to_exclude": list(variant.op_types_to_exclude) or None,
+            "nodes_to_exclude": [f"{re.escape(n)}\\Z" for n in excluded] or None,  # ModelOpt takes regexes
+            "nodes_to_quantize": [f"{re.escape(only)}\\Z"] if only else None,
+            "high_precision_dtype": variant.high_precision_dtype,
+            "budget_bytes": variant.memory_budget_gb * 2**30,
+            # `max`: ModelOpt's MinMax collector reduces every batch as it comes (ort_patching), holding ranges only
+            "per_batch_bytes": 0 if variant.calibration_method == "max" else _activation_bytes(src, calibration[0]),
+        }
+        args_path = work_dir / "modelopt-args.json"
+        write_json(args_path, args)
+        Path(args["result"]).unlink(missing_ok=True)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
+        try:
+            # cwd: ModelOpt drops uuid-named external-data files (tens of MB) into the working directory
+            proc = subprocess.run(
+                [sys.executable, "-m", "optimize.precision.int8", str(args_path.resolve())],
+                env=env,
+                cwd=work_dir,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            sys.stderr.write(proc.stderr)  # into the stage's log
+            result = json.loads(Path(args["result"]).read_text()) if Path(args["result"]).is_file() else {}
+            if "error" in result:
+                raise StageError(result["error"])
+            if proc.returncode != 0 or not result:
+                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise StageError(f"{where}: ModelOpt quantisation failed (exit {proc.returncode}): {tail}")
+        finally:
+            data.unlink(missing_ok=True)
     return {
         **result,
         "batches": len(calibration),
