@@ -10,6 +10,7 @@ nodes, Casts, shape information); the environment variable OPTIMIZE_EXTERNAL_DAT
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import secrets
@@ -59,7 +60,24 @@ def external_data_names(model: Path | Any) -> list[str]:
 
     A location that is absolute or leaves the model's folder is refused (ValueError): copying such a model
     would copy a file it does not own."""
-    proto = _proto(model)
+    if isinstance(model, (str, os.PathLike)):
+        return list(_file_external_data_names(*_stat_key(Path(model))))
+    return list(_proto_external_data_names(model))
+
+
+def _stat_key(path: Path) -> tuple[str, int, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=256)
+def _file_external_data_names(path: str, inode: int, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """`external_data_names` of a file, parsed once per file version (a run asks about each file many times,
+    and parsing a large self-contained model costs a tenth of a second)."""
+    return _proto_external_data_names(_proto(Path(path)))
+
+
+def _proto_external_data_names(proto: Any) -> tuple[str, ...]:
     names: dict[str, None] = {}
     for tensor in _tensors(proto):
         location = _location(tensor)
@@ -69,7 +87,7 @@ def external_data_names(model: Path | Any) -> list[str]:
         if not location or pure.is_absolute() or ".." in pure.parts:
             raise ValueError(f"tensor {tensor.name!r}: external data {location!r} is outside the model's folder")
         names.setdefault(location)
-    return list(names)
+    return tuple(names)
 
 
 def onnx_files(path: Path, unreadable_ok: bool = False) -> list[Path]:
@@ -108,14 +126,14 @@ def onnx_sha256(path: Path) -> str:
     identity), and every data file's content."""
     path = Path(path)
     try:
-        proto = _proto(path)
+        names = external_data_names(path)
     except Exception as e:
         if not _undecodable(e):
             raise
         return sha256_file(path)  # not an ONNX model (a damaged file): its bytes are all there is
-    names = external_data_names(proto)
     if not names:
         return sha256_file(path)
+    proto = _proto(path)
     _relocate(proto, {name: f"external-data-{i}" for i, name in enumerate(names)})
     h = hashlib.sha256(_HASH_TAG)
     h.update(hashlib.sha256(proto.SerializeToString(deterministic=True)).digest())

@@ -798,35 +798,41 @@ def code_sha256(stage: str) -> str:
 def stage_code_files(stage: str) -> list[Path]:
     """pipeline.py and the stage's modules with every optimize module they import, also inside functions
     (found by reading the sources), sorted."""
-    import ast
-
     package = Path(__file__).parent
-
-    def files_of(module: str) -> list[Path]:
-        base = package.joinpath(*module.split("."))
-        if base.is_dir():
-            return sorted(base.rglob("*.py"))
-        return [base.with_suffix(".py")] if base.with_suffix(".py").is_file() else []
-
     seen: set[Path] = set()
-    todo = [package / "pipeline.py", *(f for m in _STAGE_CODE[stage] for f in files_of(m))]
+    todo = [package / "pipeline.py", *(f for m in _STAGE_CODE[stage] for f in _module_files(m))]
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        if path.name == "pipeline.py":
-            continue  # the driver itself, not everything it imports
-        for node in ast.walk(ast.parse(path.read_bytes())):
-            names: list[str] = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            for name in names:
-                if name == "optimize" or name.startswith("optimize."):
-                    todo.extend(files_of(name.removeprefix("optimize").lstrip(".") or "__init__"))
+        if path.name != "pipeline.py":  # the driver itself, not everything it imports
+            todo.extend(f for name in _optimize_imports(path) for f in _module_files(name))
     return sorted(seen)
+
+
+def _module_files(module: str) -> list[Path]:
+    """The source files of an optimize module (`data`, `runtimes.base`) or package (`runtimes`)."""
+    base = Path(__file__).parent.joinpath(*module.split("."))
+    if base.is_dir():
+        return sorted(base.rglob("*.py"))
+    return [base.with_suffix(".py")] if base.with_suffix(".py").is_file() else []
+
+
+@functools.cache
+def _optimize_imports(path: Path) -> tuple[str, ...]:
+    """The optimize modules a source file imports anywhere in it (`from optimize.x import y` also names
+    `x.y`, which may be a module), relative to the package."""
+    import ast
+
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+    ours = [n for n in names if n == "optimize" or n.startswith("optimize.")]
+    return tuple(n.removeprefix("optimize").lstrip(".") or "__init__" for n in ours)
 
 
 # Build request fields that say where files lie on this machine, not what is built.
