@@ -3,6 +3,7 @@ and concurrent producers, pruning, the size budget, and `optimize cache ls|prune
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -231,19 +232,31 @@ def test_an_exception_inside_produce_leaves_no_entry_and_no_temporary_folder(cac
 
 
 def test_a_full_disk_removes_the_temporary_folder_and_says_what_to_do(cache: StageCache) -> None:
-    if not Path("/dev/full").exists():
-        pytest.skip("no /dev/full here")
     desc = _desc()
     key = key_of(desc)
     with pytest.raises(StageError) as info, cache.produce("export", key, desc) as slot:
         (slot.dir / "model.onnx").write_bytes(b"part")
-        with open("/dev/full", "wb") as fh:  # the kernel's own ENOSPC, as a stage writing a big file gets it
-            fh.write(b"x" * 4096)
-            fh.flush()
+        # what shutil.copyfile raises when the cache's disk fills: ENOSPC naming the file it was writing
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/tmp/src.onnx", None, str(slot.dir / "model.onnx"))
     message = str(info.value)
     assert message.startswith("export: no space left on device under ")
     assert str(cache.root) in message and "`optimize cache prune" in message
     assert "\n" not in message
+    assert _leftovers(cache) == []
+
+
+def test_a_full_disk_elsewhere_is_not_reported_as_the_cache_s(cache: StageCache) -> None:
+    """The kernel's own ENOSPC with no file named (a write to /dev/full) while the cache's disk has room: the
+    run directory's disk is full, which the pipeline reports; the cache only cleans up."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    desc = _desc()
+    with pytest.raises(OSError) as info, cache.produce("export", key_of(desc), desc) as slot:
+        (slot.dir / "model.onnx").write_bytes(b"part")
+        with open("/dev/full", "wb") as fh:
+            fh.write(b"x" * 4096)
+            fh.flush()
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, StageError)
     assert _leftovers(cache) == []
 
 
