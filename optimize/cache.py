@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import RecipeError, StageError, no_space
-from optimize.files import file_lock, write_json
+from optimize.files import file_lock, fsync_path, write_json
 
 # Bump when the key description or the entry layout changes: every older entry becomes a miss.
 FORMAT = 1
@@ -320,7 +320,7 @@ class StageCache:
         )
         _write_synced(tmp / USED_FILE)
         for folder in reversed(folders):
-            _fsync_dir(folder)
+            fsync_path(folder)
         final = self.entry_dir(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -335,8 +335,8 @@ class StageCache:
                 shutil.rmtree(tmp, ignore_errors=True)
                 return existing
             os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        _fsync_dir(tmp.parent)
+        fsync_path(final.parent)
+        fsync_path(tmp.parent)
         entry = _verified(final, stage, key, check_content=False)
         assert entry is not None
         return entry
@@ -560,14 +560,6 @@ def _hash_and_sync(path: Path) -> dict[str, Any]:
 def _write_synced(path: Path) -> None:
     with open(path, "wb") as fh:
         os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_dir(path: Path, why: str) -> None:

@@ -105,18 +105,6 @@ class Comparison:
 # --- loading the two sides ---------------------------------------------------------------------------
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    from optimize.files import display_path
-
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise RecipeError(f"{display_path(path)}: cannot be read ({first_line(e)})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{display_path(path)}: not a JSON object")
-    return data
-
-
 def _read_recipe(folder: Path) -> dict[str, Any] | None:
     for name in RECIPE_FILES:
         path = folder / name
@@ -136,20 +124,10 @@ def _read_recipe(folder: Path) -> dict[str, Any] | None:
 def load_run(run_dir: Path, label: str | None = None, detail: str = "") -> Side:
     """A run directory's side (exit 2 naming the file when it is not a finished run)."""
     from optimize.files import display_path
+    from optimize.runs import read_run_json
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RecipeError(
-            f"{display_path(run_dir)}: no such run directory; pass a run directory (runs/<recipe>/<run-id>)"
-        )
-    docs = {}
-    for name in EVIDENCE:
-        path = run_dir / name
-        if not path.is_file():
-            raise RecipeError(
-                f"{display_path(path)}: missing, so {display_path(run_dir)} is not a finished run (its gates never ran)"
-            )
-        docs[name] = _read_json(path)
+    docs = read_run_json(run_dir, EVIDENCE, "is not a finished run (its gates never ran)")
     return Side(
         label or display_path(run_dir),
         docs["metrics.json"],

@@ -32,6 +32,21 @@ def atomic_path(dest: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def fsync_path(path: Path) -> None:
+    """Flush a file, or a folder's entries (after renames in it), to disk. Where a folder cannot be opened
+    for that, the renames are still atomic, only their durability is weaker."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if Path(path).is_dir() else 0))
+    except OSError:
+        if not Path(path).is_dir():
+            raise
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_bytes(dest: Path, data: bytes) -> None:
     """Write `data` to `dest` atomically."""
     with atomic_path(dest) as tmp:

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from optimize.errors import RecipeError
-from optimize.files import sha256_file
+from optimize.files import fsync_path, sha256_file
 
 EXTERNAL_DATA_ENV = "OPTIMIZE_EXTERNAL_DATA_BYTES"
 DEFAULT_EXTERNAL_DATA_BYTES = 2**31 - 2**27  # protobuf refuses messages of 2 GiB and more
@@ -360,16 +360,16 @@ def _install(tmp: Path, dest: Path) -> None:
         if p is not None:
             if p.stat().st_nlink == 1:  # ONNX writes data files 0600; finished files get the usual permissions
                 os.chmod(p, 0o666 & ~umask)
-            _fsync(p)
+            fsync_path(p)
     if new_data is None:
         os.replace(tmp, dest)  # atomic: readers see the old artifact or the new one
         data_path(dest).unlink(missing_ok=True)  # an older artifact's data; the new .onnx does not point at it
     else:
         dest.unlink(missing_ok=True)  # first: no .onnx may point at the data file about to be replaced
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         os.replace(new_data, data_path(dest))
         os.replace(tmp, dest)
-    _fsync_dir(dest.parent)
+    fsync_path(dest.parent)
 
 
 def _link_or_copy(src: Path, dest: Path, link: bool) -> None:
@@ -380,22 +380,3 @@ def _link_or_copy(src: Path, dest: Path, link: bool) -> None:
         except OSError:  # another file system, or links not allowed: copy
             pass
     shutil.copyfile(src, dest)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # not supported here: the renames are still atomic, only their durability is weaker
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

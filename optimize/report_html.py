@@ -15,7 +15,6 @@ distributions.npz (optional; keys use `/`):
 from __future__ import annotations
 
 import base64
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optimize.errors import RecipeError, first_line
+from optimize.errors import first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,25 +58,14 @@ class RunFiles:
 def load(run_dir: Path) -> RunFiles:
     """Read a run directory's report inputs (RecipeError, exit 2, naming the file when one is missing or is
     not JSON: a run that stopped before its gates has no metrics.json)."""
-    from optimize.files import display_path
+    from optimize.runs import read_run_json
 
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RecipeError(
-            f"{display_path(run_dir)}: no such run directory; pass a run directory (runs/<recipe>/<run-id>)"
-        )
-    docs = {}
-    for name in RUN_FILES:
-        path = run_dir / name
-        if not path.is_file():
-            raise RecipeError(
-                f"{display_path(path)}: missing, so {display_path(run_dir)} has no report to build (a run that "
-                "stopped before its gates has only manifest.json; see its `error`)"
-            )
-        try:
-            docs[name] = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise RecipeError(f"{display_path(path)}: cannot be read ({first_line(e)})") from None
+    docs = read_run_json(
+        run_dir,
+        RUN_FILES,
+        "has no report to build (a run that stopped before its gates has only manifest.json; see its `error`)",
+    )
     arrays, note = _distributions(run_dir / DISTRIBUTIONS)
     return RunFiles(run_dir, docs["metrics.json"], docs["verdict.json"], docs["manifest.json"], arrays, note)
 

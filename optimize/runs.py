@@ -145,3 +145,30 @@ def render(lines: list[RunLine]) -> None:
             escape(r.report_html or r.report_md or "–"),
         )
     stdout_console().print(table)
+
+
+def read_run_json(run_dir: Path, names: tuple[str, ...], missing: str) -> dict[str, dict[str, Any]]:
+    """The JSON objects `names` of a run directory, by file name. A run directory that is not there, a file
+    that is missing (`missing` says what that means to the caller) or one that is not a JSON object is a
+    one-line RecipeError (exit 2) naming it."""
+    from optimize.errors import RecipeError, first_line
+    from optimize.files import display_path
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RecipeError(
+            f"{display_path(run_dir)}: no such run directory; pass a run directory (runs/<recipe>/<run-id>)"
+        )
+    docs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        path = run_dir / name
+        if not path.is_file():
+            raise RecipeError(f"{display_path(path)}: missing, so {display_path(run_dir)} {missing}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{display_path(path)}: cannot be read ({first_line(e)})") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{display_path(path)}: not a JSON object")
+        docs[name] = data
+    return docs
