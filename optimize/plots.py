@@ -142,14 +142,20 @@ def _curve(lat: Latency) -> tuple[np.ndarray, np.ndarray, bool]:
     return np.array([lat.recorded[q] for q in qs]), qs, False
 
 
+def _grid(panels: int, max_cols: int, width: tuple[float, float], height: tuple[float, float]) -> tuple[Any, Any]:
+    """A figure with room for `panels` panels, at most `max_cols` a row: each panel `width[0]` × `height[0]`
+    inches, plus `width[1]` / `height[1]` for the figure's margins. Returns the figure and its 2-D axes."""
+    cols = min(max_cols, max(1, panels))
+    rows = max(1, -(-panels // cols))
+    fig = _figure(width[0] * cols + width[1], height[0] * rows + height[1])
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def latency(target: str, shapes: dict[str, Sequence[Latency]], colour: _Palette) -> Plot:
     """Latency CDFs on one target: a panel per shape with every model on it (the FP32 baseline in grey), p50
     (circle) and p99 (triangle) marked on each curve. Curves come from every timed iteration where known, else
     through the recorded percentiles (min, p50, p90, p95, p99, max; dashed)."""
-    cols = min(3, max(1, len(shapes)))
-    rows = max(1, -(-len(shapes) // cols))
-    fig = _figure(4.2 * cols + 0.4, 2.7 * rows + 0.7)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _grid(len(shapes), 3, (4.2, 0.4), (2.7, 0.7))
     for i, ax in enumerate(axes.flat):
         if i >= len(shapes):
             ax.set_visible(False)
@@ -203,10 +209,7 @@ def accuracy(target: str, outputs: dict[str, dict[str, dict[str, np.ndarray]]], 
     import numpy as np
 
     panels = [(o, k) for o, by_kind in outputs.items() for k in ACCURACY_KINDS if by_kind.get(k)]
-    cols = min(2, max(1, len(panels)))
-    rows = max(1, -(-len(panels) // cols))
-    fig = _figure(4.6 * cols + 0.3, 2.5 * rows + 0.5)
-    axes = fig.subplots(rows, cols, squeeze=False)
+    fig, axes = _grid(len(panels), 2, (4.6, 0.3), (2.5, 0.5))
     for i, ax in enumerate(axes.flat):
         if i >= len(panels):
             ax.set_visible(False)

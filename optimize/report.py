@@ -5,15 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from optimize.results import gate_table
-
-
-def _f(v: Any, digits: int = 6) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
+from optimize.results import fmt_number, gate_table
 
 
 def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> str:
@@ -54,8 +46,8 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
             for output, s in result["accuracy"]["outputs"].items():
                 out.append(
                     f"| {variant} | {target} | {output} | {s['cosine_mean']:.6f} | {s['cosine_min']:.6f} | "
-                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {_f(s.get('top1_agreement'))} | "
-                    f"{_f(s.get('neighbour_agreement'))} |"
+                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {fmt_number(s.get('top1_agreement'))} | "
+                    f"{fmt_number(s.get('neighbour_agreement'))} |"
                 )
             acc = result["accuracy"]
             if "task_metric" in acc:
@@ -88,8 +80,8 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
                     g = s["gpu_compute"]
                     gpu_rows.append(
                         f"| {variant} | {target} | {shape} | {g['p50_ms']:.3f} | {g['p90_ms']:.3f} | "
-                        f"{g['p95_ms']:.3f} | {g['p99_ms']:.3f} | {_f(s.get('h2d_ms'), 3)} | "
-                        f"{_f(s.get('d2h_ms'), 3)} | {_f(s.get('enqueue_ms'), 3)} |"
+                        f"{g['p95_ms']:.3f} | {g['p99_ms']:.3f} | {fmt_number(s.get('h2d_ms'), 3)} | "
+                        f"{fmt_number(s.get('d2h_ms'), 3)} | {fmt_number(s.get('enqueue_ms'), 3)} |"
                     )
     out.append("")
     out.append(
@@ -122,8 +114,9 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
             gpu_session = mem.get("gpu_session_mb", mem.get("torch_peak_allocated_mb"))
             out.append(
                 f"| {variant} | {target} | {result['size']['bytes'] / 1e6:.2f} | {result['size']['ratio']:.3f} | "
-                f"{_f(mem.get('rss_peak_mb'))} | {_f(mem.get('rss_session_mb'))} | {_f(mem.get('gpu_peak_mb'))} | "
-                f"{_f(gpu_session)} | {_f(mem.get('engine_device_memory_mb'))} |"
+                f"{fmt_number(mem.get('rss_peak_mb'))} | {fmt_number(mem.get('rss_session_mb'))} | "
+                f"{fmt_number(mem.get('gpu_peak_mb'))} | "
+                f"{fmt_number(gpu_session)} | {fmt_number(mem.get('engine_device_memory_mb'))} |"
             )
             if mem.get("note") or mem.get("gpu_memory_note"):
                 out.append(f"| | | {mem.get('note') or mem.get('gpu_memory_note')} | | | | | | |")
@@ -169,7 +162,7 @@ def _engine_section(metrics: dict[str, Any]) -> list[str]:
         check = e["precision_check"]
         out.append(
             f"| {name} | {compute} | {every} | {check['status']}: {check['reason']} | {e['build_s']:.1f} | "
-            f"{_f(e.get('plan_bytes', 0) / 1e6, 4)} | {_f(e.get('plan_ratio'), 3)} | `{e['path']}` |"
+            f"{fmt_number(e.get('plan_bytes', 0) / 1e6, 4)} | {fmt_number(e.get('plan_ratio'), 3)} | `{e['path']}` |"
         )
     return out
 
@@ -193,8 +186,8 @@ def _fallback_section(fallback: dict[str, Any]) -> list[str]:
             result = "passed" if t["passed"] else "failed: " + "; ".join(t["failed_gates"])
             out.append(
                 f"| {t['trial']}{' ✓' if t['trial'] == fb['chosen_trial'] else ''} | {t['excluded_count']} "
-                f"{shown} | {_f(acc.get('cosine_mean'))} | {_f(acc.get('cosine_min'))} | "
-                f"{_f(t.get('p50_speedup'), 3)} | {t['seconds']:.1f} | {result} |"
+                f"{shown} | {fmt_number(acc.get('cosine_mean'))} | {fmt_number(acc.get('cosine_min'))} | "
+                f"{fmt_number(t.get('p50_speedup'), 3)} | {t['seconds']:.1f} | {result} |"
             )
         out.append("")
     return out

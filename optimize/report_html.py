@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimize.errors import first_line
+from optimize.results import fmt_number
 
 if TYPE_CHECKING:
     import numpy as np
@@ -198,15 +199,6 @@ def fmt_size_change(ratio: float) -> str:
 def fmt_mb(n_bytes: float) -> str:
     """52646 → "0.0526 MB"."""
     return f"{n_bytes / 1e6:.3g} MB"
-
-
-def fmt_g(x: Any, digits: int = 6) -> str:
-    """A number with `digits` significant digits, "–" for none."""
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}g}"
-    return str(x)
 
 
 def _num(text: str, key: str, value: Any) -> str:
@@ -578,8 +570,8 @@ def _accuracy(run: RunFiles, colour: Any, figures: _Figures) -> list[str]:
                         number_cell(_num(fmt_cosine(s["cosine_min"]), f"{v}/{t}/{output}/cosine_min", s["cosine_min"]))
                         if "cosine_min" in s
                         else "–",
-                        number_cell(fmt_g(s.get("max_abs_error"), 3)),
-                        number_cell(fmt_g(s.get("mean_abs_error"), 3)),
+                        number_cell(fmt_number(s.get("max_abs_error"), 3)),
+                        number_cell(fmt_number(s.get("mean_abs_error"), 3)),
                         number_cell(fmt_share(s["top1_agreement"])) if s.get("top1_agreement") is not None else "–",
                         number_cell(fmt_share(s["neighbour_agreement"]))
                         if s.get("neighbour_agreement") is not None
@@ -699,7 +691,7 @@ def _size_memory(m: dict[str, Any], v: dict[str, Any], colour: Any, figures: _Fi
                     if "bytes" in size
                     else "–",
                     number_cell(f"{size['ratio']:.3f}") if "ratio" in size else "–",
-                    *(number_cell(fmt_g(mem.get(k), 4)) for k in plots.MEMORY_KEYS),
+                    *(number_cell(fmt_number(mem.get(k), 4)) for k in plots.MEMORY_KEYS),
                 ]
             )
     if sizes:
@@ -762,9 +754,9 @@ def _fallback(m: dict[str, Any]) -> list[str]:
                 [
                     escape(f"{t.get('trial')}{chosen}"),
                     escape(f"{t.get('excluded_count', 0)} {shown}".strip()),
-                    number_cell(fmt_g(acc.get("cosine_mean"))),
-                    number_cell(fmt_g(acc.get("cosine_min"))),
-                    number_cell(fmt_g(t.get("p50_speedup"), 3)),
+                    number_cell(fmt_number(acc.get("cosine_mean"))),
+                    number_cell(fmt_number(acc.get("cosine_min"))),
+                    number_cell(fmt_number(t.get("p50_speedup"), 3)),
                     number_cell(f"{t.get('seconds', 0):.1f}"),
                     escape(result),
                 ]
@@ -788,8 +780,8 @@ def _engines(m: dict[str, Any]) -> list[str]:
                 escape(", ".join(f"{p} {k}" for p, k in hist.get("compute", {}).items()) or "–"),
                 escape(f"{check.get('status')}: {check.get('reason')}"),
                 number_cell(f"{e.get('build_s', 0):.1f}"),
-                number_cell(fmt_g(e.get("plan_bytes", 0) / 1e6, 4)),
-                number_cell(fmt_g(e.get("plan_ratio"), 3)),
+                number_cell(fmt_number(e.get("plan_bytes", 0) / 1e6, 4)),
+                number_cell(fmt_number(e.get("plan_ratio"), 3)),
                 f"<code>{escape(str(e.get('path')))}</code>",
             ]
         )

@@ -26,11 +26,12 @@ _MARK = {"passed": "✅", "failed": "❌", "skipped": "⏭️"}
 _OP_TEXT = {">=": "≥", "<=": "≤", ">": ">", "<": "<"}
 
 
-def _num(v: Any) -> str:
+def fmt_number(v: Any, digits: int = 6) -> str:
+    """A value for a table cell: floats with `digits` significant digits, "–" for none."""
     if v is None:
         return "–"
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.{digits}g}"
     return str(v)
 
 
@@ -41,7 +42,7 @@ def _gate_label(row: dict[str, Any]) -> str:
 
 def _baseline(row: dict[str, Any]) -> str:
     if row.get("baseline_value") is not None:
-        return _num(row["baseline_value"])
+        return fmt_number(row["baseline_value"])
     if row["metric"].endswith(("speedup", "ratio")):
         return "1 (a ratio to it)"
     return "–"
@@ -50,7 +51,7 @@ def _baseline(row: dict[str, Any]) -> str:
 def failure_message(row: dict[str, Any]) -> str:
     """One line: which gate, on which variant and target, the measured value, the threshold, the baseline."""
     value = row.get("value")
-    measured = "not measured" if value is None else f"{row['metric']} = {_num(value)}"
+    measured = "not measured" if value is None else f"{row['metric']} = {fmt_number(value)}"
     return (
         f"{row['variant']} on {row['target']}: {_gate_label(row)} failed: {measured}, needs {row['op']} "
         f"{row['threshold']:g} (fp32 baseline: {_baseline(row)})"
@@ -123,7 +124,7 @@ def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | N
                     ("variant", row["variant"]),
                     ("target", row["target"]),
                     ("gate", _gate_label(row)),
-                    ("value", _num(row.get("value"))),
+                    ("value", fmt_number(row.get("value"))),
                     ("threshold", f"{row['op']} {row['threshold']:g}"),
                     ("baseline (fp32)", _baseline(row)),
                     ("reason", row.get("reason", "")),
@@ -136,7 +137,7 @@ def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | N
             ET.SubElement(case, "skipped", message=f"{row['target']}: {row.get('reason', 'did not run')}")
         else:
             ET.SubElement(case, "system-out").text = (
-                f"{row['metric']} = {_num(row.get('value'))} ({row['op']} {row['threshold']:g}; "
+                f"{row['metric']} = {fmt_number(row.get('value'))} ({row['op']} {row['threshold']:g}; "
                 f"fp32 baseline: {_baseline(row)})"
             )
     return _finish(suites, suite, counts, seconds)
@@ -182,7 +183,7 @@ def gate_rows(verdict: dict[str, Any]) -> list[dict[str, str]]:
                 "variant": row["variant"],
                 "target": row["target"],
                 "gate": _gate_label(row),
-                "value": _num(row.get("value")),
+                "value": fmt_number(row.get("value")),
                 "threshold": f"{_OP_TEXT[row['op']]} {row['threshold']:g}",
                 "baseline": _baseline(row),
                 "delta": delta_text(row.get("value"), base),
