@@ -272,7 +272,8 @@ class StageCache:
                 slot.entry = self._commit(stage, key, description, slot)
             except BaseException as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                if no_space(e) and _on_full_device(e, self.root):
+                full = no_space(e)
+                if full is not None and _on_full_device(full, self.root):
                     raise StageError(
                         f"{stage}: no space left on device under {self.root} while producing cache entry "
                         f"{key[:12]}; free space or run `optimize cache prune --max-size SIZE`"

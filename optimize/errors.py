@@ -74,8 +74,17 @@ class RunInterrupted(OptimizeError):
     exit_code = 130
 
 
-def no_space(e: BaseException) -> bool:
-    """The error is a full disk or an exhausted quota."""
+def no_space(e: BaseException) -> OSError | None:
+    """The full-disk (or exhausted-quota) error behind `e`, if there is one: `e` itself, or an error it was
+    raised from or while handling. Stages wrap a library's failure in a one-line StageError (`from None`
+    hides the chain from the traceback, not from `__context__`), and a full disk is still the cause."""
     import errno
 
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -264,8 +264,9 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
                 f"interrupted; {where} keeps what finished, and the same command again takes every finished "
                 "stage from the stage cache"
             ) from None
-        if no_space(e):
-            raise StageError(_no_space_message(state, e)) from e
+        full = no_space(e)
+        if full is not None:
+            raise StageError(_no_space_message(state, full)) from e
         # A failed registration already names the run directory and ends with the command that retries it.
         if isinstance(e, OptimizeError) and where not in str(e):
             e.args = (f"{e.args[0] if e.args else ''} (run directory: {where})",)

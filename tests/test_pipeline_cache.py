@@ -142,6 +142,35 @@ def test_no_cache_keeps_nothing(tiny_dir: Path) -> None:
     assert not any(p.name.startswith(".") for p in sorted((tiny_dir / "runs" / "tiny").iterdir())[-1].iterdir())
 
 
+def test_a_full_disk_inside_a_wrapped_library_call_is_reported_as_a_full_disk(
+    tiny_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX Runtime's quantiser hits ENOSPC in the run's work folder; the INT8 stage wraps every library
+    failure in one line, and the run still says the disk is full, where, and that a rerun resumes."""
+    import errno
+
+    from optimize.errors import StageError
+    from optimize.precision import int8
+
+    recipe = _recipe(tiny_dir)
+
+    def full_disk(src: Path, dest: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(dest.parent / "augmented.onnx"))
+
+    with monkeypatch.context() as patch, pytest.raises(StageError) as failed:
+        patch.setattr(int8, "_ort_static", full_disk)
+        _run(recipe)
+    message = str(failed.value)
+    assert message.startswith("no space left on device writing "), message
+    assert "augmented.onnx" in message and "run directory " in message and "stage cache " in message
+    assert message.endswith("the same command again resumes from the stage cache")
+    (run_dir,) = (tiny_dir / "runs" / "tiny").iterdir()
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+    manifest, _, verdict = _run(recipe)
+    assert _hits(manifest)["precision:fp16"] is True and _hits(manifest)["precision:int8"] is False
+    assert verdict["status"] == "passed"
+
+
 def test_a_stage_key_holds_the_code_that_stage_runs_and_no_other() -> None:
     """Editing optimize's report or registry keeps every cached stage; editing what a stage runs (its
     modules and what they import, also inside functions) misses it."""
