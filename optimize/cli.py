@@ -73,7 +73,12 @@ def run(
         ),
     ] = None,
     register: Annotated[
-        bool, typer.Option("--register/--no-register", help="Log the run to MLflow and register what passed.")
+        bool,
+        typer.Option(
+            "--register/--no-register",
+            help="Log the run to MLflow and register what passed; a variant the store holds already as the same "
+            "model (bytes and checks) is not registered again.",
+        ),
     ] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     rebench: Annotated[
@@ -139,6 +144,20 @@ def run(
             con.print(
                 f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}"
             )
+    if reg.get("already"):
+        same = ", ".join(f"v{version} ({variant})" for variant, version in reg["already"].items())
+        con.print(
+            escape(f"already registered: {reg['model_name']} {same} (the same model bytes, verified the same way)")
+        )
+        if not reg.get("run_id"):
+            from optimize.registry import retry_command
+
+            recipe_uri = (
+                json.loads((result.run_dir / "recipe.json").read_text()).get("registry", {}).get("tracking_uri")
+            )
+            retry = retry_command(result.run_dir, reg["tracking_uri"], recipe_uri)
+            con.print(escape(f"nothing new logged to MLflow; `{retry}` registers this run as new versions"))
+    if reg.get("versions") or reg.get("already"):
         con.print(f"alias {reg['alias']} → models:/{reg['model_name']}@{reg['alias']}  (store: {reg['tracking_uri']})")
     raise typer.Exit(result.exit_code)
 
@@ -252,7 +271,8 @@ def register(
         ),
     ] = None,
 ) -> None:
-    """Register a finished run whose registration failed (registry down): never a second version for the
+    """Register a finished run: one whose registration failed (registry down), or one that `optimize run`
+    found registered already (same model bytes, same checks), as new versions. Never a second version for the
     same run, never an empty registered model."""
     from optimize.registry import register_run
 

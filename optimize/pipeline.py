@@ -648,9 +648,13 @@ def _execute(state: _Run) -> RunResult:
     registered: dict[str, Any] = {}
     if state.options.register and recipe.registry.enabled:
         with stage("register", f"MLflow at {state.tracking_uri}") as rec, state.log("register"):
-            # The same idempotent publish as `optimize register RUN_DIR`, which retries a failure from here.
+            # The same idempotent publish as `optimize register RUN_DIR`, which retries a failure from here,
+            # except that a variant the store holds already as the same model is not registered again; when
+            # that is every variant of a local store (a rerun), it is known without importing MLflow.
             try:
-                registered = registry.publish(run_dir, state.tracking_uri)
+                registered = registry.already_registered(run_dir, state.tracking_uri) or registry.publish(
+                    run_dir, state.tracking_uri, reuse=True
+                )
             except OptimizeError as e:
                 state.manifest["registry"] = registry.failure_record(state.tracking_uri, e)
                 raise
@@ -659,6 +663,7 @@ def _execute(state: _Run) -> RunResult:
             rec["detail"] = (
                 ", ".join(f"{registered['model_name']} v{v} ({n})" for n, v in versions.items())
                 + f", alias {registered['alias']}"
+                + ("" if registered["run_id"] else "; registered already, nothing logged")
                 if versions
                 else "run logged; nothing passed, nothing registered"
             )

@@ -232,8 +232,10 @@ def register_run(run_dir: Path, tracking_uri: str | None) -> dict[str, Any]:
 
 
 def success_record(reg: dict[str, Any]) -> dict[str, Any]:
-    """The manifest's `registry` entry after a registration: what `publish` returned, `status: registered`."""
-    return {"status": "registered", **reg}
+    """The manifest's `registry` entry after a registration: what `publish` returned, with `status:
+    registered`, or `already registered` when the store held every passing variant already and nothing was
+    logged (`run_id` None)."""
+    return {"status": "registered" if reg.get("run_id") else "already registered", **reg}
 
 
 def failure_record(tracking_uri: str, error: BaseException) -> dict[str, Any]:
@@ -279,8 +281,14 @@ def _quoted(value: str, what: str) -> str:
     return f"'{value}'"
 
 
-def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None) -> dict[str, Any]:
+def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None, *, reuse: bool = False) -> dict[str, Any]:
     """Log the finished run in `run_dir` to MLflow and register the variants that passed, once.
+
+    With `reuse` (the pipeline's registration), a passing variant the store already holds as the same model
+    (`IDENTITY_TAGS`: same bytes, targets and verdict) is not registered again: its newest such version is
+    reported under "already" and gets the aliases. When that holds for every passing variant and the aliases
+    already point there (or later), nothing is logged at all (`run_id` None). Without it (`optimize register`),
+    every passing variant of a run gets its own version.
 
     Reads only files of the run directory, so a failed registration can be retried from it. Idempotent on
     the optimize run id (manifest `run_id`): the MLflow run, LoggedModels and versions of an earlier attempt
@@ -299,7 +307,7 @@ def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None) ->
     try:
         check_reachable(tracking_uri, budget)
         with bounded_http(budget):
-            return _publish(run_dir, tracking_uri, files)
+            return _publish(run_dir, tracking_uri, files, reuse)
     except Exception as e:
         error = _as_registry_error(e, tracking_uri, budget)
         if error is None or isinstance(error, RecipeError):
@@ -357,15 +365,24 @@ def http_status(e: BaseException) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]], reuse: bool) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
     recipe, metrics, verdict, manifest = files["recipe"], files["metrics"], files["verdict"], files["manifest"]
     reg = recipe["registry"]
     model_name = reg.get("model_name") or recipe["name"]
+    alias = reg.get("alias") or "candidate"
     optimize_run_id = manifest["run_id"]
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
+    same: dict[str, int] = {}
+    if reuse and passed:
+        wanted = {v: identity_tags(run_dir, v, metrics, verdict, manifest) for v in passed}
+        versions, aliases = _client_view(client, model_name, {t["sha256"] for t in wanted.values()})
+        same = same_models(wanted, versions)
+        if len(same) == len(passed) and aliases_current(same, passed, aliases, alias):
+            return reused_record(tracking_uri, model_name, alias, same)
     experiment_id = _experiment_id(client, reg.get("experiment") or f"optimize/{recipe['name']}", tracking_uri)
     run_tags = {
         "optimize.run_id": optimize_run_id,
@@ -402,13 +419,14 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]])
     for png in plots:
         client.log_artifact(run_id, str(run_dir / png), artifact_path=PLOTS_DIR)
 
-    passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
     versions: dict[str, int] = {}
     already: dict[str, int] = {}
     created_model = bool(passed) and _create_registered_model(client, model_name, recipe.get("description"))
     try:
         for variant in passed:
             found = _find_version(client, model_name, optimize_run_id, variant)
+            if found is None:
+                found = same.get(variant)
             if found is not None:
                 already[variant] = found
                 continue
@@ -419,7 +437,6 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]])
         if created_model:
             _delete_if_empty(client, model_name)
         raise
-    alias = reg.get("alias") or "candidate"
     numbers = {**already, **versions}
     for i, variant in enumerate(passed):
         _point_alias(client, model_name, f"{alias}-{variant}", numbers[variant])
@@ -435,6 +452,128 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]])
         "versions": versions,
         "already": already,
     }
+
+
+def already_registered(run_dir: Path, tracking_uri: str) -> dict[str, Any] | None:
+    """What `publish(run_dir, tracking_uri, reuse=True)` would return without logging anything, when a local
+    sqlite store already holds every passing variant of the finished run as the same model with the run's
+    aliases there or later (a rerun with nothing changed); else None, also when this cannot be read here
+    (another kind of store, MLflow workspaces, a schema not known): `publish` then decides through MLflow.
+
+    Reads the store's file directly, read-only, without importing MLflow: MLflow's import and the opening of
+    its store are most of a cached rerun's time. Same answer as `publish`'s (one `same_models`)."""
+    db = _sqlite_file(tracking_uri)
+    workspaces = os.environ.get("MLFLOW_WORKSPACE") or os.environ.get("MLFLOW_ENABLE_WORKSPACES")
+    if db is None or not db.is_file() or workspaces:
+        return None
+    files = check_finished_run(run_dir)
+    recipe, metrics, verdict, manifest = files["recipe"], files["metrics"], files["verdict"], files["manifest"]
+    reg = recipe.get("registry", {})
+    model_name, alias = reg.get("model_name") or recipe["name"], reg.get("alias") or "candidate"
+    passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
+    if not passed:
+        return None
+    import sqlite3
+
+    try:
+        versions, aliases = _sqlite_view(db, model_name)
+    except sqlite3.Error:
+        return None
+    wanted = {v: identity_tags(run_dir, v, metrics, verdict, manifest) for v in passed}
+    same = same_models(wanted, versions)
+    if len(same) < len(passed) or not aliases_current(same, passed, aliases, alias):
+        return None
+    return reused_record(tracking_uri, model_name, alias, same)
+
+
+def same_models(wanted: dict[str, dict[str, str]], versions: dict[int, dict[str, str]]) -> dict[str, int]:
+    """Per variant, the newest of the live `versions` (number: tags) with the identity tags in `wanted`
+    (variant: tags); variants with none are left out."""
+    out: dict[str, int] = {}
+    for variant, tags in wanted.items():
+        want = {k: tags.get(k) for k in IDENTITY_TAGS}
+        same = [n for n, have in versions.items() if {k: have.get(k) for k in IDENTITY_TAGS} == want]
+        if same:
+            out[variant] = max(same)
+    return out
+
+
+def aliases_current(found: dict[str, int], passed: list[str], aliases: dict[str, int], alias: str) -> bool:
+    """Whether `alias` (first passing variant) and `alias-<variant>` already point at the found versions or
+    later ones, so that a registration would move none of them."""
+    needed = {alias: found[passed[0]], **{f"{alias}-{v}": found[v] for v in passed}}
+    return all(aliases.get(a, 0) >= n for a, n in needed.items())
+
+
+def reused_record(tracking_uri: str, model_name: str, alias: str, found: dict[str, int]) -> dict[str, Any]:
+    """`publish`'s result when nothing was logged: every passing variant was registered already."""
+    return {
+        "tracking_uri": tracking_uri,
+        "experiment_id": None,
+        "run_id": None,
+        "model_name": model_name,
+        "alias": alias,
+        "versions": {},
+        "already": found,
+    }
+
+
+def _client_view(client: Any, model_name: str, shas: set[str]) -> tuple[dict[int, dict[str, str]], dict[str, int]]:
+    """The live versions of `model_name` with one of the sha256 tags `shas` (number: tags), and the model's
+    aliases (alias: version), through MLflow."""
+    versions: dict[int, dict[str, str]] = {}
+    for sha in sorted(shas):
+        for mv in client.search_model_versions(
+            f"name = {_quoted(model_name, 'registry.model_name')} AND tags.sha256 = {_quoted(sha, 'sha256')}"
+        ):
+            if mv.status == "READY":
+                versions[int(mv.version)] = dict(mv.tags)
+    if not versions:
+        return versions, {}
+    return versions, {a: int(n) for a, n in client.get_registered_model(model_name).aliases.items()}
+
+
+def _sqlite_file(tracking_uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (None for other stores)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    path = tracking_uri.removeprefix("sqlite:///").split("?")[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+def _sqlite_view(db: Path, model_name: str) -> tuple[dict[int, dict[str, str]], dict[str, int]]:
+    """`_client_view` read from MLflow's sqlite file (read-only), for every live version of `model_name`:
+    MLflow's SQL schema (`model_versions`, `model_version_tags`, `registered_model_aliases`; a deleted
+    version keeps its row with stage `Deleted_Internal`; `workspace` columns since 3.x, ours `default`).
+    A store without these tables holds nothing; another schema is a sqlite3.Error."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        columns = {row[1] for row in con.execute("PRAGMA table_info(model_versions)")}
+        if not columns:
+            return {}, {}
+        # With workspace columns, both sides of the join and the model are in the default workspace.
+        same_ws, in_ws = (
+            ("AND t.workspace = v.workspace", "AND v.workspace = 'default'") if "workspace" in columns else ("", "")
+        )
+        keys = ", ".join("?" * len(IDENTITY_TAGS))
+        rows = con.execute(
+            "SELECT v.version, t.key, t.value FROM model_versions v JOIN model_version_tags t "
+            f"ON t.name = v.name AND t.version = v.version {same_ws} "
+            f"WHERE v.name = ? {in_ws} AND v.status = 'READY' AND v.current_stage != 'Deleted_Internal' "
+            f"AND t.key IN ({keys})",
+            (model_name, *IDENTITY_TAGS),
+        ).fetchall()
+        versions: dict[int, dict[str, str]] = {}
+        for number, key, value in rows:
+            versions.setdefault(int(number), {})[key] = value
+        alias_rows = con.execute(
+            f"SELECT alias, version FROM registered_model_aliases v WHERE v.name = ? {in_ws}", (model_name,)
+        ).fetchall()
+    finally:
+        con.close()
+    return versions, {a: int(n) for a, n in alias_rows}
 
 
 def _run_metrics(metrics: dict[str, Any]) -> list[Any]:
@@ -599,17 +738,17 @@ def _register_variant(
     return int(version.version)
 
 
-def version_tags(
-    run_dir: Path,
-    variant: str,
-    metrics: dict[str, Any],
-    verdict: dict[str, Any],
-    manifest: dict[str, Any],
-    mlflow_run_id: str,
+# A version is the same model as another when these tags are equal: the same bytes, verified on the same
+# targets (GPU and TensorRT included) with the same verdict. Which run registered it (optimize and MLflow run
+# ids, the recipe's hash, the git commit) is provenance: a new gate threshold makes no new model.
+IDENTITY_TAGS = ("variant", "sha256", "precision", "target", "recipe", "verdict", "format", "gpu_sm", "gpu", "tensorrt")
+
+
+def identity_tags(
+    run_dir: Path, variant: str, metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]
 ) -> dict[str, str]:
-    """What a model version is found by (`search_model_versions("tags.precision = 'fp16'")`): precision,
-    targets, GPU architecture and TensorRT version where an engine was built, recipe hash, git commit of the
-    recipe's repository, sha256, gate status and the optimize run id."""
+    """The tags of `IDENTITY_TAGS` a version of `variant` gets: sha256, precision, targets, recipe name,
+    verdict, and GPU architecture, GPU and TensorRT version where an engine was built."""
     art = metrics["variants"][variant]
     rows = [r for r in verdict.get("gates", []) if r["variant"] == variant and r["status"] != "skipped"]
     targets = list(dict.fromkeys(r["target"] for r in rows)) or [
@@ -621,10 +760,7 @@ def version_tags(
         "precision": art["precision"],
         "target": ",".join(targets),
         "recipe": manifest["recipe"],
-        "recipe_sha256": manifest["recipe_sha256"],
         "verdict": verdict["variants"][variant]["status"],
-        "optimize_run_id": manifest["run_id"],
-        "mlflow_run_id": mlflow_run_id,
         "format": "onnx",
     }
     engine = art.get("engine")
@@ -639,6 +775,24 @@ def version_tags(
         trt = sidecar.get("tensorrt") or manifest.get("versions", {}).get("tensorrt")
         if trt:
             tags["tensorrt"] = str(trt)
+    return tags
+
+
+def version_tags(
+    run_dir: Path,
+    variant: str,
+    metrics: dict[str, Any],
+    verdict: dict[str, Any],
+    manifest: dict[str, Any],
+    mlflow_run_id: str,
+) -> dict[str, str]:
+    """What a model version is found by (`search_model_versions("tags.precision = 'fp16'")`): its identity
+    (`identity_tags`) and its provenance: recipe hash, git commit of the recipe's repository and the optimize
+    and MLflow run ids."""
+    tags = identity_tags(run_dir, variant, metrics, verdict, manifest)
+    tags.update(
+        recipe_sha256=manifest["recipe_sha256"], optimize_run_id=manifest["run_id"], mlflow_run_id=mlflow_run_id
+    )
     commit = manifest.get("git_commit") or (
         git_commit(Path(manifest["recipe_file"]).parent) if manifest.get("recipe_file") else None
     )

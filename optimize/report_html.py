@@ -863,10 +863,14 @@ def _environment(m: dict[str, Any], man: dict[str, Any]) -> list[str]:
         )
     reg = man.get("registry")
     if reg:
-        if reg.get("status") == "registered":
+        if reg.get("status") in ("registered", "already registered"):
             versions = {**reg.get("already", {}), **reg.get("versions", {})}
             text = ", ".join(f"{reg.get('model_name')} v{n} ({v})" for v, n in versions.items()) or "nothing registered"
-            text += f"; MLflow run {reg.get('run_id')} in {reg.get('tracking_uri')}"
+            text += (
+                f"; MLflow run {reg.get('run_id')} in {reg.get('tracking_uri')}"
+                if reg.get("run_id")
+                else f"; already in {reg.get('tracking_uri')} (same model bytes, same checks); this run not logged"
+            )
         else:
             text = f"{reg.get('status')}: {reg.get('error', '')}"
         rows.append(["registry", escape(text)])

@@ -1,6 +1,7 @@
 """The shipped recipes, run as a user runs them: `optimize run recipes/fp16.yaml` on all-MiniLM-L6-v2 in a
-subprocess, ending with a registered `candidate` version visible through the MLflow client; and the small
-vision recipe (digits CNN) through the pipeline."""
+subprocess, ending with a registered `candidate` version visible through the MLflow client, then the same
+command again (from the stage cache, registering no copy); and the small vision recipe (digits CNN) through
+the pipeline."""
 
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "mlartifacts").is_dir()
 
     # The same command again takes every stage from the stage cache without building the model or
-    # tokenising: neither torch nor transformers is imported, and the results are the first run's.
+    # tokenising, and registers no copy of the model: neither torch, transformers nor MLflow is imported,
+    # the results are the first run's, and it says which version the model is and how to register it anyway.
     again = subprocess.run(
-        [sys.executable, "-X", "importtime", "-m", "optimize", "run", str(REPO / "recipes" / "fp16.yaml")]
-        + ["--no-register"],
+        [sys.executable, "-X", "importtime", "-m", "optimize", "run", str(REPO / "recipes" / "fp16.yaml")],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -68,13 +69,22 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     lines = again.stderr.splitlines()
     imported = {ln.rsplit("|", 1)[-1].strip() for ln in lines if ln.startswith("import time:")}
-    assert "onnxruntime" in imported and not imported & {"torch", "transformers"}
+    assert "onnxruntime" in imported and not imported & {"torch", "transformers", "mlflow"}
     (rerun_dir,) = set((tmp_path / "runs" / "minilm-fp16").iterdir()) - {run_dir}
     rerun = json.loads((rerun_dir / "manifest.json").read_text())
     assert [u["hit"] for u in rerun["cache"]] == [True] * 5, rerun["cache"]
     assert json.loads((rerun_dir / "metrics.json").read_text()) == metrics
     for f in ("model.onnx", "sample_inputs.npz", "golden_outputs.npz"):
         assert sha256_file(rerun_dir / "registry" / "fp16" / f) == sha256_file(run_dir / "registry" / "fp16" / f), f
+    said = [ln for ln in lines if not ln.startswith("import time:")]
+    assert "already registered: minilm-fp16 v1 (fp16) (the same model bytes, verified the same way)" in said
+    retry = f"optimize register runs/minilm-fp16/{rerun_dir.name}"
+    assert f"nothing new logged to MLflow; `{retry}` registers this run as new versions" in said
+    assert rerun["status"] == "done" and rerun["registry"]["status"] == "already registered"
+    assert rerun["registry"]["already"] == {"fp16": 1} and rerun["registry"]["run_id"] is None
+    assert "(same model bytes, same checks); this run not logged" in (rerun_dir / "report.html").read_text()
+    assert len(client.search_model_versions("name = 'minilm-fp16'")) == 1
+    assert len(client.search_runs([client.get_run(mv.run_id).info.experiment_id])) == 1
 
 
 def test_digits_vision_recipe(tmp_path: Path) -> None:

@@ -53,6 +53,12 @@ def test_run_registers_through_a_real_server(
     assert len(client.search_model_versions("name = 'tiny'")) == 1
     assert len(client.search_runs([exp])) == 1
     assert len(client.search_logged_models(experiment_ids=[exp])) == 1
+    # The same recipe again, through the server (decided by MLflow's client, not the sqlite reader): the
+    # same model, so no copy of it and nothing logged.
+    rerun = run(write_recipe(), RunOptions(runs_dir=tmp_path / "runs", tracking_uri=mlflow_server, quiet=True))
+    assert rerun.exit_code == 0 and rerun.registered["run_id"] is None
+    assert rerun.registered["versions"] == {} and rerun.registered["already"] == {"fp16": 1}
+    assert len(client.search_model_versions("name = 'tiny'")) == 1 and len(client.search_runs([exp])) == 1
 
 
 @pytest.mark.slow

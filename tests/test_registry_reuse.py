@@ -1,0 +1,157 @@
+"""A rerun registers no copy of a model the registry holds: a variant whose bytes, targets and verdict match a
+live version of the registered model (`IDENTITY_TAGS`) is reported as that version. When every passing
+variant is such a copy and the aliases already point there, nothing is logged, and on a local sqlite store
+that is known without importing MLflow (`already_registered`); `publish(reuse=True)` gives the same answer
+through MLflow, and `optimize register RUN_DIR` registers the run anyway. (The user's command run twice, on
+the real model, is in test_e2e.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from optimize import registry
+
+RUN_ID = "20260101-000000-"
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _rerun(finished_run: Path, dest: Path, n: int, change=None) -> Path:
+    """A copy of the shared finished run as another optimize run (`n` in its run id) of the same recipe,
+    with `change(docs)` applied to its manifest, metrics and verdict."""
+    shutil.copytree(finished_run, dest)
+    docs = {name: json.loads((dest / f"{name}.json").read_text()) for name in ("manifest", "metrics", "verdict")}
+    docs["manifest"]["run_id"] = f"{RUN_ID}{n:04d}"
+    if change:
+        change(docs)
+    for name, doc in docs.items():
+        (dest / f"{name}.json").write_text(json.dumps(doc))
+    return dest
+
+
+def _both(run_dir: Path, uri: str) -> tuple[dict | None, dict]:
+    """What the fast reader says, then what `publish(reuse=True)` does, on the same store state."""
+    fast = registry.already_registered(run_dir, uri)
+    return fast, registry.publish(run_dir, uri, reuse=True)
+
+
+def _counts(uri: str) -> tuple[int, int]:
+    """(versions of `tiny`, MLflow runs) in the store."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name("optimize/tiny")
+    return len(client.search_model_versions("name = 'tiny'")), len(client.search_runs([exp.experiment_id]))
+
+
+def test_the_fast_reader_and_publish_agree_on_what_is_registered_already(finished_run: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    first = tmp_path / "first"
+    fast, out = _both(_rerun(finished_run, first, 1), uri)
+    assert fast is None  # no store yet
+    assert out["versions"] == {"fp16": 1, "fp16-fp32io": 2} and out["run_id"]
+
+    # The same model bytes from another run of the recipe: nothing is logged, by either path.
+    same = _rerun(finished_run, tmp_path / "same", 2)
+    fast, out = _both(same, uri)
+    expected = {"fp16": 1, "fp16-fp32io": 2}
+    assert fast == out == registry.reused_record(uri, "tiny", "candidate", expected)
+    assert registry.success_record(out)["status"] == "already registered"
+    assert _counts(uri) == (2, 1)
+
+    # A new gate threshold changes the verdict's rows and the recipe's hash, not the model: still the same.
+    def stricter(docs: dict) -> None:
+        docs["manifest"]["recipe_sha256"] = "1" * 64
+        for row in docs["verdict"]["gates"]:
+            if row["check"] == "accuracy.cosine_min >= 0.99":
+                row["check"], row["threshold"] = "accuracy.cosine_min >= 0.999", 0.999
+
+    fast, out = _both(_rerun(finished_run, tmp_path / "gate", 3, stricter), uri)
+    assert fast is not None and fast == out and _counts(uri) == (2, 1)
+
+    # Other bytes for one variant: that variant gets a version, the other is the one already there, and
+    # the run is logged (it is the evidence of the new version).
+    def other_bytes(docs: dict) -> None:
+        docs["metrics"]["variants"]["fp16"]["sha256"] = "0" * 64
+
+    fast, out = _both(_rerun(finished_run, tmp_path / "other", 4, other_bytes), uri)
+    assert fast is None
+    assert out["versions"] == {"fp16": 3} and out["already"] == {"fp16-fp32io": 2} and out["run_id"]
+    assert _counts(uri) == (3, 2)
+    assert int(_client(uri).get_model_version_by_alias("tiny", "candidate").version) == 3
+
+    # Another target (an engine on a GPU) is another verification, so another model version.
+    def on_tensorrt(docs: dict) -> None:
+        for row in docs["verdict"]["gates"]:
+            row["target"] = "tensorrt"
+
+    fast, out = _both(_rerun(finished_run, tmp_path / "trt", 5, on_tensorrt), uri)
+    assert fast is None and out["versions"] == {"fp16": 4, "fp16-fp32io": 5}
+    assert _client(uri).get_model_version("tiny", "4").tags["target"] == "tensorrt"
+
+
+def test_a_deleted_version_or_a_moved_alias_is_not_taken_as_registered(finished_run: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
+    client = _client(uri)
+
+    # The alias of one variant was removed: the registration would set it again, so it is not skipped;
+    # publish points it at the version there and registers nothing new.
+    client.delete_registered_model_alias("tiny", "candidate-fp16-fp32io")
+    fast, out = _both(_rerun(finished_run, tmp_path / "alias", 2), uri)
+    assert fast is None and out["versions"] == {} and out["already"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert out["run_id"] and int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 2
+
+    # A deleted version is not a model the registry holds: the same bytes are registered again.
+    client.delete_model_version("tiny", "1")
+    fast, out = _both(_rerun(finished_run, tmp_path / "deleted", 3), uri)
+    assert fast is None and out["versions"] == {"fp16": 3} and out["already"] == {"fp16-fp32io": 2}
+    assert registry.already_registered(_rerun(finished_run, tmp_path / "after", 4), uri) == registry.reused_record(
+        uri, "tiny", "candidate", {"fp16": 3, "fp16-fp32io": 2}
+    )
+
+
+def test_the_fast_reader_declines_what_it_cannot_read(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store this reader cannot read (another schema, a locked file), another kind of store, or MLflow
+    workspaces: None, and `publish` decides through MLflow (and still registers no copy)."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
+    again = _rerun(finished_run, tmp_path / "again", 2)
+    assert registry.already_registered(again, uri) is not None
+
+    with monkeypatch.context() as patch:
+        patch.setenv("MLFLOW_WORKSPACE", "team-a")
+        assert registry.already_registered(again, uri) is None
+    assert registry.already_registered(again, "http://127.0.0.1:9") is None
+    assert registry.already_registered(again, f"sqlite:///{tmp_path}/none.db") is None
+
+    db = tmp_path / "m.db"
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE model_version_tags RENAME COLUMN value TO val")
+    assert registry.already_registered(again, uri) is None
+    with sqlite3.connect(db) as con:
+        con.execute("ALTER TABLE model_version_tags RENAME COLUMN val TO value")
+    assert registry.publish(again, uri, reuse=True)["run_id"] is None
+
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()  # an sqlite file without MLflow's tables holds no model
+    assert registry.already_registered(again, f"sqlite:///{empty}") is None
+
+
+def test_optimize_register_registers_a_reused_run_as_new_versions(finished_run: Path, tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path}/m.db"
+    registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
+    again = _rerun(finished_run, tmp_path / "again", 2)
+    assert registry.already_registered(again, uri) is not None
+    out = registry.register_run(again, uri)
+    assert out["versions"] == {"fp16": 3, "fp16-fp32io": 4} and out["run_id"]
+    manifest = json.loads((again / "manifest.json").read_text())
+    assert manifest["registry"]["status"] == "registered"
