@@ -29,7 +29,7 @@ fi
 
 echo "== gpu tests"
 # shellcheck disable=SC2086
-$PY -m pytest -m gpu -rs -q -p no:cacheprovider --junitxml="$CI_OUT/junit/pytest-gpu.xml" ${GPU_TESTS:-tests}
+$PY -m pytest -m gpu -n 0 -rs -q -p no:cacheprovider --junitxml="$CI_OUT/junit/pytest-gpu.xml" ${GPU_TESTS:-tests}
 tests_rc=$?
 
 echo "== benchmark"
