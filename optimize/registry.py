@@ -6,6 +6,7 @@ Publishing is idempotent on the optimize run id and bounded in time, so a regist
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -377,12 +378,10 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]],
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
     same: dict[str, int] = {}
-    if reuse and passed:
-        wanted = {v: identity_tags(run_dir, v, metrics, verdict, manifest) for v in passed}
-        versions, aliases = _client_view(client, model_name, {t["sha256"] for t in wanted.values()})
-        same = same_models(wanted, versions)
-        if len(same) == len(passed) and aliases_current(same, passed, aliases, alias):
-            return reused_record(tracking_uri, model_name, alias, same)
+    if reuse:
+        same, nothing_to_do = _registered_copies(run_dir, files, tracking_uri, functools.partial(_client_view, client))
+        if nothing_to_do:
+            return nothing_to_do
     experiment_id = _experiment_id(client, reg.get("experiment") or f"optimize/{recipe['name']}", tracking_uri)
     run_tags = {
         "optimize.run_id": optimize_run_id,
@@ -461,29 +460,41 @@ def already_registered(run_dir: Path, tracking_uri: str) -> dict[str, Any] | Non
     (another kind of store, MLflow workspaces, a schema not known): `publish` then decides through MLflow.
 
     Reads the store's file directly, read-only, without importing MLflow: MLflow's import and the opening of
-    its store are most of a cached rerun's time. Same answer as `publish`'s (one `same_models`)."""
+    its store are most of a cached rerun's time. The decision is `publish`'s own (`_registered_copies`)."""
     db = _sqlite_file(tracking_uri)
     workspaces = os.environ.get("MLFLOW_WORKSPACE") or os.environ.get("MLFLOW_ENABLE_WORKSPACES")
     if db is None or not db.is_file() or workspaces:
         return None
+    import sqlite3
+
     files = check_finished_run(run_dir)
+    try:
+        return _registered_copies(run_dir, files, tracking_uri, lambda name, _shas: _sqlite_view(db, name))[1]
+    except sqlite3.Error:
+        return None
+
+
+def _registered_copies(
+    run_dir: Path,
+    files: dict[str, dict[str, Any]],
+    tracking_uri: str,
+    view: Callable[[str, set[str]], tuple[dict[int, dict[str, str]], dict[str, int]]],
+) -> tuple[dict[str, int], dict[str, Any] | None]:
+    """Per passing variant of the run, the newest live version that is the same model (`same_models`), from
+    `view(model_name, sha256s)`: the store's versions (number: tags) and aliases. Second, `publish`'s result
+    without logging anything when that covers every passing variant and `aliases_current`; else None."""
     recipe, metrics, verdict, manifest = files["recipe"], files["metrics"], files["verdict"], files["manifest"]
     reg = recipe.get("registry", {})
     model_name, alias = reg.get("model_name") or recipe["name"], reg.get("alias") or "candidate"
     passed = [v for v, s in verdict["variants"].items() if s["status"] == "passed"]
     if not passed:
-        return None
-    import sqlite3
-
-    try:
-        versions, aliases = _sqlite_view(db, model_name)
-    except sqlite3.Error:
-        return None
+        return {}, None
     wanted = {v: identity_tags(run_dir, v, metrics, verdict, manifest) for v in passed}
+    versions, aliases = view(model_name, {t["sha256"] for t in wanted.values()})
     same = same_models(wanted, versions)
     if len(same) < len(passed) or not aliases_current(same, passed, aliases, alias):
-        return None
-    return reused_record(tracking_uri, model_name, alias, same)
+        return same, None
+    return same, reused_record(tracking_uri, model_name, alias, same)
 
 
 def same_models(wanted: dict[str, dict[str, str]], versions: dict[int, dict[str, str]]) -> dict[str, int]:
