@@ -20,6 +20,7 @@ import torch
 import yaml
 from conftest import REPO, merge, tiny_recipe
 from onnx import TensorProto, helper, numpy_helper
+from test_precision_int8 import conv_proto
 
 from optimize import onnx_files
 from optimize.errors import RecipeError
@@ -240,36 +241,11 @@ def test_fusion_and_int8_weights_keep_external_data(forced, tmp_path: Path) -> N
     assert cosine_min(run(src, feeds), run(dest, feeds)) > 0.99
 
 
-def conv_proto(seed: int = 0) -> onnx.ModelProto:
-    """image (N, 4, 8, 8) → Conv 16×4×3×3 → Relu → Conv 16×16×3×3 → Relu → GlobalAveragePool → Flatten."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((16, 4, 3, 3)).astype(np.float32) * 0.3, "c1"),
-        numpy_helper.from_array(rng.standard_normal((16, 16, 3, 3)).astype(np.float32) * 0.1, "c2"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["image", "c1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
-        helper.make_node("Conv", ["ar", "c2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["b"], ["br"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["br"], ["g"], name="pool"),
-        helper.make_node("Flatten", ["g"], ["logits"], name="flatten"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 4, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 16])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-
-
 def test_modelopt_int8_of_an_external_data_model_is_onnx_and_data_and_runs(forced, tmp_path: Path) -> None:
     if int8.modelopt_quantization_available():
         pytest.skip("ModelOpt's ONNX quantisation does not import here")
     src = tmp_path / "art" / "fp32.onnx"
-    save_onnx(conv_proto(), src)
+    save_onnx(conv_proto(channels=4, width=16, scales=(0.3, 0.1)), src)
     assert_external_artifact(src, every_large_tensor=True)
     dest = tmp_path / "out" / "int8.onnx"
     variant = Int8Variant(name="int8", kind="int8", backend="modelopt", calibration="calib", method="max")

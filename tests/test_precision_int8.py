@@ -52,12 +52,13 @@ def mlp_onnx(path: Path, outlier: float = 0.0) -> Path:
     return path
 
 
-def conv_onnx(path: Path) -> Path:
-    """image (N, 1, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits (N, 8)."""
-    rng = np.random.default_rng(0)
+def conv_proto(channels: int, width: int, scales: tuple[float, float], seed: int = 0) -> onnx.ModelProto:
+    """image (N, channels, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits
+    (N, width); the two convolutions' random weights are scaled by `scales`."""
+    rng = np.random.default_rng(seed)
     inits = [
-        numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32) * 0.5, "c1"),
-        numpy_helper.from_array(rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2, "c2"),
+        numpy_helper.from_array(rng.standard_normal((width, channels, 3, 3)).astype(np.float32) * scales[0], "c1"),
+        numpy_helper.from_array(rng.standard_normal((width, width, 3, 3)).astype(np.float32) * scales[1], "c2"),
     ]
     nodes = [
         helper.make_node("Conv", ["image", "c1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
@@ -70,11 +71,16 @@ def conv_onnx(path: Path) -> Path:
     graph = helper.make_graph(
         nodes,
         "cnn",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 1, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def conv_onnx(path: Path) -> Path:
+    """image (N, 1, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits (N, 8)."""
+    model = conv_proto(channels=1, width=8, scales=(0.5, 0.2))
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
