@@ -19,6 +19,7 @@ import numpy as np
 
 from optimize.errors import RecipeError, StageError
 from optimize.files import write_npz
+from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import GPU_TARGETS, shape_key
 from optimize.runtimes.base import DeviceRunner, TensorSpec
 
@@ -147,16 +148,19 @@ def time_interleaved(
     feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
     warmup: int,
     iterations: int,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, list[int]]:
     """Warm up each runner, then run them round-robin `iterations` times; per runner, ns per run.
 
     `feeds` is one input set or several: iteration i (and warm-up run i) uses set i mod their number,
-    the same set for every runner in that iteration.
+    the same set for every runner in that iteration. `progress` advances by one per run (warm-up included),
+    between the timed runs.
     """
     sets = _feed_sets(feeds)
     for runner in runners.values():
         for j in range(warmup):
             runner.run(sets[j % len(sets)])
+        progress.advance(warmup)
     keys = list(runners)
     timings: dict[str, list[int]] = {k: [] for k in keys}
     clock = time.perf_counter_ns
@@ -168,6 +172,7 @@ def time_interleaved(
             t0 = clock()
             run(batch)
             timings[k].append(clock() - t0)
+        progress.advance(len(keys))
     return timings
 
 
@@ -181,7 +186,11 @@ DEVICE_SERIES = ("latency", "gpu_compute", "h2d", "d2h", "enqueue", "wall")
 
 
 def time_device(
-    runners: dict[str, DeviceRunner], feed_sets: list[dict[str, np.ndarray]], warmup: int, iterations: int
+    runners: dict[str, DeviceRunner],
+    feed_sets: list[dict[str, np.ndarray]],
+    warmup: int,
+    iterations: int,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, dict[str, list[float]]]:
     """GPU runners timed as trtexec does, interleaved and rotating the order and the input set as
     `time_interleaved` does.
@@ -197,12 +206,13 @@ def time_device(
     GPU outruns show in `gpu_compute` — as in trtexec, where the enqueue-bound warning points at them.
 
     Returns per runner lists in ms: `latency` (H2D + compute + D2H), `gpu_compute`, `h2d`, `d2h`, `enqueue`,
-    `wall`.
+    `wall`. `progress` advances by one per run (warm-up included), outside the timed spans.
     """
     sets = _feed_sets(feed_sets)
     for runner in runners.values():
         for j in range(warmup):
             runner.run(sets[j % len(sets)])
+        progress.advance(warmup)
     keys = list(runners)
     events = {k: [_timing_event() for _ in range(4)] for k in keys}
     out: dict[str, dict[str, list[float]]] = {k: {s: [] for s in DEVICE_SERIES} for k in keys}
@@ -233,6 +243,7 @@ def time_device(
             series["d2h"].append(e2.elapsed_time(e3))
             series["enqueue"].append((c1 - c0) / 1e6)
             series["wall"].append((t1 - t0) / 1e6)
+        progress.advance(len(keys))
     return out
 
 
@@ -258,6 +269,7 @@ def run_shapes(
     samples: list[dict[str, np.ndarray]] | dict[str, np.ndarray],
     baseline: str,
     series: dict[str, dict[str, np.ndarray]] | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """The benchmark protocol on one target: for each of `spec.shapes`, one input set per sample batch (the
     first MAX_FEED_SETS of `samples`; a single batch may be given as it is), all runners timed interleaved,
@@ -269,7 +281,8 @@ def run_shapes(
     `spec.cv_warn`. `series`, when given, receives every timed iteration's latency (ms, in the order timed)
     as {runner name: {shape key: array}}, for the report's distribution plots.
     On GPU runners, `warnings` also flags a GPU compute CV above the smaller of
-    GPU_CV_WARN (2.5 %) and `spec.cv_warn`.
+    GPU_CV_WARN (2.5 %) and `spec.cv_warn`. `progress` counts the runs of each shape (one bar per shape:
+    warm-up and timed runs of every runner).
     """
     on_device = {name: isinstance(r, DeviceRunner) for name, r in runners.items()}
     if len(set(on_device.values())) > 1:
@@ -290,13 +303,14 @@ def run_shapes(
         where = f"benchmark.shapes[{i}]"
         feed_sets = [make_feeds(inputs, shape, sample, where) for sample in samples[:MAX_FEED_SETS]]
         batch = len(next(iter(feed_sets[0].values())))
+        progress.start(len(runners) * (spec.warmup + spec.iterations), f"{shape_key(shape)}: {', '.join(runners)}")
         if device:
-            timed = time_device(runners, feed_sets, spec.warmup, spec.iterations)
+            timed = time_device(runners, feed_sets, spec.warmup, spec.iterations, progress)
             cv_warn = min(GPU_CV_WARN, spec.cv_warn)
             per_runner = {name: device_latency_stats(timed[name], batch, cv_warn) for name in runners}
             latencies = {name: np.asarray(timed[name]["latency"], dtype=np.float64) for name in runners}
         else:
-            timings = time_interleaved(runners, feed_sets, spec.warmup, spec.iterations)
+            timings = time_interleaved(runners, feed_sets, spec.warmup, spec.iterations, progress)
             per_runner = {name: latency_stats(timings[name], batch) for name in runners}
             latencies = {name: np.asarray(timings[name], dtype=np.float64) / 1e6 for name in runners}
         if series is not None:

@@ -1,4 +1,5 @@
-"""Terminal output: a live stage display on stderr, and capture of noisy library output into log files."""
+"""Terminal output: a live stage display on stderr (with progress bars on a terminal), and capture of noisy
+library output into log files."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
+from rich import progress as bars
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
+
+from optimize import progress as progress_api
 
 _console: Console | None = None
 
@@ -58,12 +63,72 @@ def capture_output(log_path: Path) -> Iterator[None]:
             os.close(saved[1])
 
 
+class _Only(bars.ProgressColumn):
+    """A column shown only on the stage's line (`bar=False`) or only on its bars (`bar=True`)."""
+
+    def __init__(self, column: bars.ProgressColumn, bar: bool) -> None:
+        super().__init__()
+        self.column, self.bar = column, bar
+
+    def render(self, task: bars.Task) -> Any:
+        return self.column.render(task) if task.fields.get("bar", False) == self.bar else Text("")
+
+
+class _Bar:
+    """One bar under the running stage (an `optimize.progress.Progress`), made on its first `start`."""
+
+    def __init__(self, display: bars.Progress) -> None:
+        self._display = display
+        self._task: bars.TaskID | None = None
+
+    def start(self, total: int, what: str) -> None:
+        if self._task is None:
+            self._task = self._display.add_task(f"  {what}", total=total, bar=True)
+        else:
+            self._display.reset(self._task, total=total, completed=0, description=f"  {what}")
+
+    def advance(self, n: int = 1) -> None:
+        if self._task is not None:
+            self._display.advance(self._task, n)
+
+
 class Progress:
-    """Shows the running stage with a spinner and prints one line per finished stage with its time."""
+    """Shows the running stage (a spinner; on a terminal, with the bars its loops report under it) and prints
+    one line per finished stage with its time. Under -q nothing is shown; off a terminal (a CI log) only the
+    one line per stage."""
 
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
         self.timings: list[dict[str, object]] = []
+        self._display: bars.Progress | None = None  # the running stage's, on a terminal
+
+    def bar(self) -> progress_api.Progress:
+        """A new bar under the running stage for a stage function to report to; one that shows nothing under
+        -q, off a terminal, or outside a stage."""
+        return _Bar(self._display) if self._display is not None else progress_api.NO_PROGRESS
+
+    @contextmanager
+    def _bars(self, con: Console, name: str, what: str) -> Iterator[None]:
+        """The stage's line and its bars, live on a terminal; gone when the stage ends (its ✓ line stays).
+        Output of libraries is not redirected into the display: it goes to the stage's log."""
+        display = bars.Progress(
+            _Only(bars.SpinnerColumn("dots"), bar=False),
+            bars.TextColumn("{task.description}", markup=False),
+            _Only(bars.BarColumn(), bar=True),
+            _Only(bars.MofNCompleteColumn(), bar=True),
+            bars.TimeElapsedColumn(),
+            console=con,
+            transient=True,
+            redirect_stdout=False,
+            redirect_stderr=False,
+        )
+        display.add_task(f"{name}: {what}", total=None)
+        self._display = display
+        try:
+            with display:
+                yield
+        finally:
+            self._display = None
 
     @contextmanager
     def stage(self, name: str, what: str) -> Iterator[dict[str, object]]:
@@ -74,6 +139,9 @@ class Progress:
         try:
             if self.quiet:
                 yield record
+            elif con.is_terminal:
+                with self._bars(con, name, what):
+                    yield record
             else:
                 with con.status(f"[bold]{name}[/]: {escape(what)}", spinner="dots"):
                     yield record

@@ -5,13 +5,16 @@ Precision lives in the ONNX (AutoCast FP16, Q/DQ INT8): the network is strongly 
 compiles what the ONNX says. TensorRT 11 removed the FP16/INT8 builder flags; TensorRT 10 needs the
 STRONGLY_TYPED creation flag for the same behaviour. Features are detected by trying, not by version.
 
-The build runs in a child process (`python -m optimize.engine build ARGS.json`): a build can take many
-minutes, and only a child can be stopped at `engine.build_timeout_s` and gives its GPU memory back.
+The build runs in a child process (`python -m optimize.engine build ARGS.json RESULT.json [PROGRESS_FD]`): a
+build can take many minutes, and only a child can be stopped at `engine.build_timeout_s` and gives its GPU
+memory back. TensorRT's IProgressMonitor in the child writes its phases as JSON lines on a pipe the parent
+reads, so the parent can show the build's progress.
 TensorRT is imported lazily; a machine without it gets exit 4 with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import importlib
@@ -19,7 +22,9 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,7 @@ from typing import Any
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError, first_line
 from optimize.files import file_lock, sha256_file, write_bytes, write_json, write_text
 from optimize.onnx_files import onnx_sha256
+from optimize.progress import NO_PROGRESS, Progress
 from optimize.runtimes.base import TensorSpec
 
 # Variant precision → the layer precisions that count as carrying it.
@@ -219,9 +225,43 @@ def make_logger(trt: Any, lines: list[str]) -> Any:
     return _Logger()
 
 
-def build_engine(request: BuildRequest, device: Device | None = None) -> dict[str, Any]:
+def make_progress_monitor(trt: Any, emit: Callable[[dict[str, Any]], None]) -> Any:
+    """A TensorRT IProgressMonitor that hands each phase event to `emit` as a dict: `start` (phase, parent,
+    steps), `step` (phase, step: the 0-based step just completed), `finish` (phase). TensorRT calls it from its
+    own threads, so events are serialised under a lock; an error in `emit` is dropped, never raised into
+    TensorRT. It never asks TensorRT to cancel (the parent's timeout stops a build)."""
+    lock = threading.Lock()
+
+    def send(event: dict[str, Any]) -> None:
+        try:
+            with lock:
+                emit(event)
+        except Exception:  # a closed pipe (the parent gave up) must not break the build
+            pass
+
+    class _Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+            send({"event": "start", "phase": phase_name, "parent": parent_phase, "steps": int(num_steps)})
+
+        def step_complete(self, phase_name: str, step: int) -> bool:
+            send({"event": "step", "phase": phase_name, "step": int(step)})
+            return True  # go on
+
+        def phase_finish(self, phase_name: str) -> None:
+            send({"event": "finish", "phase": phase_name})
+
+    return _Monitor()
+
+
+def build_engine(
+    request: BuildRequest, device: Device | None = None, phases: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
     """Parse the ONNX, build a strongly typed engine with one optimization profile, share the timing cache,
-    write the plan and its sidecar atomically, and read back the engine's per-layer precisions.
+    write the plan and its sidecar atomically, and read back the engine's per-layer precisions. `phases`, when
+    given, receives TensorRT's progress events during the build (see `make_progress_monitor`).
 
     Returns the sidecar (what the `.json` beside the plan holds)."""
     trt = tensorrt()
@@ -230,8 +270,9 @@ def build_engine(request: BuildRequest, device: Device | None = None) -> dict[st
     lines: list[str] = []
     log_path = Path(request.log_path)
     started = time.perf_counter()
+    monitor = make_progress_monitor(trt, phases) if phases is not None else None
     try:
-        sidecar = _build(trt, request, device, version, lines)
+        sidecar = _build(trt, request, device, version, lines, monitor)
     finally:
         write_text(log_path, "\n".join(lines) + ("\n" if lines else ""))
     sidecar["build_s"] = round(time.perf_counter() - started, 3)
@@ -239,7 +280,9 @@ def build_engine(request: BuildRequest, device: Device | None = None) -> dict[st
     return sidecar
 
 
-def _build(trt: Any, req: BuildRequest, device: Device, version: str, lines: list[str]) -> dict[str, Any]:
+def _build(
+    trt: Any, req: BuildRequest, device: Device, version: str, lines: list[str], monitor: Any = None
+) -> dict[str, Any]:
     logger = make_logger(trt, lines)
     inputs = [TensorSpec(d["name"], d["dtype"], tuple(d["shape"])) for d in req.inputs]
     profiles = input_profiles(inputs, req.profile)
@@ -276,6 +319,8 @@ def _build(trt: Any, req: BuildRequest, device: Device, version: str, lines: lis
         lines.append(f"[optimize] timing cache {cache_path} was rejected by TensorRT; starting a new one")
         cache_loaded = False
         config.set_timing_cache(config.create_timing_cache(b""), False)
+    if monitor is not None:  # the caller keeps it alive past the build, as TensorRT requires
+        config.progress_monitor = monitor
 
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
@@ -525,32 +570,97 @@ def check_compatible(sidecar: dict[str, Any], device: Device, trt_version: str, 
 # --- the stage, in the parent process ----------------------------------------------------------------
 
 
-def build_in_child(request: BuildRequest, timeout_s: float) -> dict[str, Any]:
-    """Run `build_engine` in a child process; map its outcome back to our exit codes."""
+class BuildPhases:
+    """TensorRT's progress events (from the build child) as one bar on `progress`: the innermost phase
+    running, its steps done, described with the phases around it (`engine fp16: Building › Tactic selection`).
+    When that phase finishes, the bar goes back to the phase around it, at the steps it had done."""
+
+    def __init__(self, progress: Progress, variant: str) -> None:
+        self.progress, self.variant = progress, variant
+        self.running: list[dict[str, Any]] = []  # phases started and not finished, oldest first
+
+    def event(self, event: dict[str, Any]) -> None:
+        """One event of `make_progress_monitor`."""
+        kind, name = event.get("event"), event.get("phase")
+        if kind == "start":
+            self.running.append({"phase": name, "steps": max(int(event.get("steps") or 0), 0), "done": 0})
+            self._show()
+        elif kind == "step":
+            for phase in self.running:
+                done = min(int(event.get("step", -1)) + 1, phase["steps"])
+                if phase["phase"] == name and done > phase["done"]:
+                    if phase is self.running[-1]:
+                        self.progress.advance(done - phase["done"])
+                    phase["done"] = done
+        elif kind == "finish":
+            innermost = bool(self.running) and self.running[-1]["phase"] == name
+            self.running = [p for p in self.running if p["phase"] != name]
+            if innermost and self.running:
+                self._show()
+
+    def _show(self) -> None:
+        phase = self.running[-1]
+        path = " › ".join(str(p["phase"]) for p in self.running)
+        self.progress.start(phase["steps"], f"engine {self.variant}: {path}")
+        if phase["done"]:
+            self.progress.advance(phase["done"])
+
+
+def _relay_phases(fd: int, phases: BuildPhases) -> None:
+    """Read the child's JSON lines from `fd` until every writer has closed it, handing each event to `phases`."""
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as pipe:
+        for line in pipe:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                phases.event(event)
+
+
+def build_in_child(request: BuildRequest, timeout_s: float, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
+    """Run `build_engine` in a child process; map its outcome back to our exit codes. TensorRT's build
+    phases come back on a pipe and move `progress` (see `BuildPhases`)."""
     args_path = Path(request.out_dir) / f".{request.variant}-build.json"
     result_path = args_path.with_suffix(".result.json")
     write_json(args_path, request.__dict__)
     result_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    read_fd, write_fd = os.pipe()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "optimize.engine", "build", str(args_path), str(result_path)],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout_s,
-        )
-    except subprocess.TimeoutExpired:
-        raise StageError(
-            f"engine {request.variant}: the build took over {timeout_s:g} s (engine.build_timeout_s); narrow "
-            "engine.profile or lower engine.optimization_level"
-        ) from None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "optimize.engine", "build", str(args_path), str(result_path), str(write_fd)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+                pass_fds=(write_fd,),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds its own copy: the pipe closes when the child ends
+        phases = BuildPhases(progress, request.variant)
+        relay = threading.Thread(target=_relay_phases, args=(read_fd, phases), daemon=True)
+        relay.start()
+        try:
+            _, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()  # not communicate(): a grandchild may hold the pipes open
+            raise StageError(
+                f"engine {request.variant}: the build took over {timeout_s:g} s (engine.build_timeout_s); narrow "
+                "engine.profile or lower engine.optimization_level"
+            ) from None
+        relay.join(timeout=10)
     finally:
         args_path.unlink(missing_ok=True)
     try:
         outcome = json.loads(result_path.read_text())
     except (OSError, ValueError):
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        tail = (stderr.strip().splitlines() or ["no output"])[-1]
         raise StageError(f"engine {request.variant}: the build process died (exit {proc.returncode}): {tail}") from None
     finally:
         result_path.unlink(missing_ok=True)
@@ -560,16 +670,32 @@ def build_in_child(request: BuildRequest, timeout_s: float) -> dict[str, Any]:
     return outcome["sidecar"]
 
 
-def _child(args_path: str, result_path: str) -> int:
+def _child(args_path: str, result_path: str, progress_fd: int | None = None) -> int:
     request = BuildRequest(**json.loads(Path(args_path).read_text()))
+    pipe = os.fdopen(progress_fd, "w", buffering=1, encoding="utf-8") if progress_fd is not None else None
+
+    def phases(event: dict[str, Any]) -> None:
+        assert pipe is not None
+        pipe.write(json.dumps(event) + "\n")
+
     try:
-        outcome: dict[str, Any] = {"sidecar": build_engine(request)}
+        outcome: dict[str, Any] = {"sidecar": build_engine(request, phases=phases if pipe else None)}
     except OptimizeError as e:
         outcome = {"error": str(e), "kind": type(e).__name__}
     except Exception as e:  # TensorRT raises plain exceptions; keep their message
         outcome = {"error": f"engine {request.variant}: {type(e).__name__}: {first_line(e)}", "kind": "StageError"}
     write_json(Path(result_path), outcome)
+    if pipe is not None:
+        with contextlib.suppress(OSError):
+            pipe.close()
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """`python -m optimize.engine build ARGS.json RESULT.json [PROGRESS_FD]`: the build child."""
+    if len(argv) not in (3, 4) or argv[0] != "build":
+        raise SystemExit("usage: python -m optimize.engine build ARGS.json RESULT.json [PROGRESS_FD]")
+    return _child(argv[1], argv[2], int(argv[3]) if len(argv) == 4 else None)
 
 
 def _volume(values: Any) -> int:
@@ -580,6 +706,4 @@ def _volume(values: Any) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4 or sys.argv[1] != "build":
-        raise SystemExit("usage: python -m optimize.engine build ARGS.json RESULT.json")
-    raise SystemExit(_child(sys.argv[2], sys.argv[3]))
+    raise SystemExit(main(sys.argv[1:]))

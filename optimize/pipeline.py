@@ -34,6 +34,8 @@ from optimize.console import Progress, capture_output, console
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_files, onnx_sha256, onnx_size_bytes
+from optimize.progress import NO_PROGRESS
+from optimize.progress import Progress as Bar
 from optimize.recipe import Int8Variant, OnnxModel, Recipe, load_recipe, recipe_hash, to_plain
 from optimize.runtimes import unavailable_reason
 
@@ -589,7 +591,13 @@ def _execute(state: _Run) -> RunResult:
                     # input sets rotated, so no single one is cached into flattering numbers
                     timed: dict[str, dict[str, np.ndarray]] = {}
                     measured = _benchmark_target(
-                        target, artifacts[target], b, eval_ds.batches[:4], eval_ds.batches[0], timed
+                        target,
+                        artifacts[target],
+                        b,
+                        eval_ds.batches[:4],
+                        eval_ds.batches[0],
+                        timed,
+                        state.progress.bar(),
                     )
                     series = {f"{n}/{shape}": ms for n, by_shape in timed.items() for shape, ms in by_shape.items()}
                     write_npz(slot.dir / "latency.npz", series)
@@ -758,7 +766,9 @@ def _build_engines(
             else:
                 if not state.options.quiet:
                     console().print(f"  engine {name}: building (log: logs/engine-{name}.log)", highlight=False)
-                sidecars[name] = engine.build_in_child(request, recipe.engine.build_timeout_s)
+                sidecars[name] = engine.build_in_child(
+                    request, recipe.engine.build_timeout_s, progress=state.progress.bar()
+                )
                 plan_path = Path(sidecars[name]["plan_path"])
                 _store(slot, plan_path)
                 sidecar = {k: v for k, v in sidecars[name].items() if k != "plan_path"}
@@ -922,17 +932,24 @@ def _machine_identity(state: _Run, target: str) -> str:
 
 
 def _benchmark_target(
-    target: str, artifacts: dict[str, Any], b: Any, samples: list[Any], first_batch: Any, series: dict[str, Any]
+    target: str,
+    artifacts: dict[str, Any],
+    b: Any,
+    samples: list[Any],
+    first_batch: Any,
+    series: dict[str, Any],
+    progress: Bar = NO_PROGRESS,
 ) -> dict[str, Any]:
     """Latency and throughput per shape (every variant interleaved on one target), then peak memory; every
-    timed iteration's latency goes into `series` ({variant: {shape key: ms}})."""
+    timed iteration's latency goes into `series` ({variant: {shape key: ms}}). `progress` (a bar) counts the
+    runs of each shape, then the memory probes."""
     from optimize import bench
     from optimize.runtimes import open_runner
 
     runners = {name: open_runner(target, a, b.threads) for name, a in artifacts.items()}
     try:
         inputs = runners["fp32"].inputs
-        per_shape = bench.run_shapes(runners, b, samples, baseline="fp32", series=series)
+        per_shape = bench.run_shapes(runners, b, samples, baseline="fp32", series=series, progress=progress)
         largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
         feeds = bench.make_feeds(inputs, largest, first_batch, "benchmark.shapes")
         if target == "torch-cuda":
@@ -941,6 +958,7 @@ def _benchmark_target(
         for r in runners.values():
             r.close()
     memory = {}
+    progress.start(len(artifacts), f"peak memory on {target}")
     for name, artifact in artifacts.items():
         if target == "torch-cuda":
             mem = cuda_memory[name]
@@ -949,6 +967,7 @@ def _benchmark_target(
         else:
             mem = bench.measure_memory(target, artifact, feeds, b.threads)
         memory[name] = {**mem, "shape": bench.shape_key(largest)}
+        progress.advance()
     return {"shapes": per_shape, "memory": memory}
 
 
@@ -1061,7 +1080,7 @@ def _build_int8(
     if off_reason:
         if fb_ds is None and checks and variant.fallback.enabled and not state.options.quiet:
             console().print(f"  note: {variant.name}: accuracy-aware fallback off, {off_reason}", highlight=False)
-        result = int8.quantize(src, dest, variant, calib, work, where)
+        result = int8.quantize(src, dest, variant, calib, work, where, progress=state.progress.bar())
         result.fusion = fusion
         shutil.rmtree(work, ignore_errors=True)
         return {**result.record(), "fallback": {"enabled": False, "reason": off_reason}}, result.nodes_excluded
@@ -1080,10 +1099,12 @@ def _build_int8(
     speed_feeds = bench.make_feeds(inputs, largest, batches[0], "benchmark.shapes")
     results_by_trial: dict[int, Any] = {}
     cpu_only = {"onnxruntime-cpu": {"status": "ran"}}
+    # Bars under the stage: the trials against their budget, and the calibration the first trial runs.
+    trials, calibration = state.progress.bar(), state.progress.bar()
 
     def build(i: int, excluded: list[str]) -> Path:
         path = work / f"trial{i}.onnx"
-        results_by_trial[i] = int8.quantize(src, path, variant, calib, work, where, excluded)
+        results_by_trial[i] = int8.quantize(src, path, variant, calib, work, where, excluded, progress=calibration)
         return path
 
     def judge(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -1135,7 +1156,9 @@ def _build_int8(
         )
         if not state.options.quiet:
             console().print(f"  fallback {variant.name}: ranking {len(candidates)} quantised nodes", highlight=False)
-        return fallback.rank_isolated(candidates, quantise_only, outputs_of, rank_reference)
+        return fallback.rank_isolated(
+            candidates, quantise_only, outputs_of, rank_reference, progress=state.progress.bar()
+        )
 
     def shown(trial: fallback.Trial) -> None:
         if not state.options.quiet:
@@ -1147,7 +1170,7 @@ def _build_int8(
                 highlight=False,
             )
 
-    outcome = fallback.search(variant.fallback, build, judge, speed, rank, on_trial=shown)
+    outcome = fallback.search(variant.fallback, build, judge, speed, rank, on_trial=shown, progress=trials)
     copy_onnx(outcome.chosen.path, dest, link=True)  # the trial's data file becomes <variant>.onnx.data
     result = results_by_trial[outcome.chosen.index]
     result.fusion = fusion

@@ -139,6 +139,14 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
 
     trt.ILogger = ILogger
 
+    class IProgressMonitor:
+        """Subclassed by our monitor, as the real one is (phase_start, step_complete, phase_finish)."""
+
+        def __init__(self) -> None:
+            pass
+
+    trt.IProgressMonitor = IProgressMonitor
+
     @rec
     class ParserError(_Recorded):
         def __init__(self, node: int, name: str, op: str, desc: str) -> None:
@@ -223,6 +231,7 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
             self.profiling_verbosity = trt.ProfilingVerbosity.LAYER_NAMES_ONLY
             self.profiles: list[IOptimizationProfile] = []
             self.cache: ITimingCache | None = None
+            self.progress_monitor: IProgressMonitor | None = None
 
         def set_memory_pool_limit(self, pool: Any, size: int) -> None:
             self.pools[pool.name] = size
@@ -278,6 +287,7 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
                 return None
             strongly_typed = major >= 11 or bool(network.flags & (1 << 1))  # STRONGLY_TYPED is 1
             layers = _layers(network.model, strongly_typed, config.profiling_verbosity.name == "DETAILED")
+            _report_phases(config.progress_monitor, len(layers))
             if config.cache is not None:
                 config.cache.entries |= {f"{layer['LayerType']}:{layer['Name']}" for layer in layers}
             io = _io(network.model)
@@ -340,6 +350,27 @@ def make(version: str = "10.16.0.72") -> types.ModuleType:
     for cls in (Builder, OnnxParser, Runtime):
         setattr(trt, cls.__name__, cls)
     return trt
+
+
+# The double's own phases (names made up here; the real builder reports its own), nested as TensorRT nests
+# them: a top phase of two steps, each step a child phase; the first has one step per layer.
+DOUBLE_PHASES = ("Building (double)", "Layers (double)", "Writing (double)")
+
+
+def _report_phases(monitor: Any, layers: int) -> None:
+    """Call the monitor as TensorRT's builder does: phase_start(name, parent or None, steps), step_complete
+    (name, 0-based step) for each step, phase_finish(name); a phase's steps in order."""
+    if monitor is None:
+        return
+    top, first, second = DOUBLE_PHASES
+    monitor.phase_start(top, None, 2)
+    for step, (child, steps) in enumerate(((first, max(layers, 1)), (second, 1))):
+        monitor.phase_start(child, top, steps)
+        for k in range(steps):
+            monitor.step_complete(child, k)
+        monitor.phase_finish(child)
+        monitor.step_complete(top, step)
+    monitor.phase_finish(top)
 
 
 def _dtype_map(model: onnx.ModelProto) -> dict[str, int]:

@@ -19,6 +19,7 @@ from test_engine import H100
 
 from optimize import engine, pipeline
 from optimize.cache import StageCache
+from optimize.console import Progress
 from optimize.errors import StageError
 from optimize.export import export_onnx
 from optimize.models import LoadedModel
@@ -97,7 +98,9 @@ def built(tmp_path: Path, monkeypatch) -> dict:
         tmp_path / "fp32.onnx", tmp_path / "fp16.onnx", Fp16Variant(name="fp16", kind="fp16", backend="onnxruntime")
     )
     tensorrt_double.install(monkeypatch)
-    monkeypatch.setattr(engine, "build_in_child", lambda request, timeout_s: engine.build_engine(request, device=H100))
+    monkeypatch.setattr(
+        engine, "build_in_child", lambda request, timeout_s, progress=None: engine.build_engine(request, device=H100)
+    )
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
     paths = {"fp32": tmp_path / "fp32.onnx", "fp16": tmp_path / "fp16.onnx"}
     specs = {}
@@ -118,6 +121,7 @@ def built(tmp_path: Path, monkeypatch) -> dict:
         options=pipeline.RunOptions(quiet=True),
         manifest={"versions": {}, "hardware": {"gpus": []}, "cache": []},
         cache=StageCache(tmp_path / "cache"),
+        progress=Progress(quiet=True),
     )
     state.cached = types.MethodType(pipeline._Run.cached, state)
     return {"state": state, "paths": paths, "specs": specs}
@@ -142,7 +146,7 @@ def test_engines_come_from_the_stage_cache_until_the_onnx_settings_or_tensorrt_c
     state, precisions = built["state"], {"fp32": "fp32", "fp16": "fp16"}
     builds: list[str] = []
     build = engine.build_in_child
-    monkeypatch.setattr(engine, "build_in_child", lambda req, t: builds.append(req.variant) or build(req, t))
+    monkeypatch.setattr(engine, "build_in_child", lambda req, t, progress: builds.append(req.variant) or build(req, t))
 
     def stage() -> dict:
         state.manifest["cache"].clear()
@@ -254,7 +258,7 @@ def test_tensorrt_target_wiring_through_the_pipeline(write_recipe, tmp_path: Pat
 
     double = tensorrt_double.make()
 
-    def build(request, timeout_s):  # the double is importable only while engines build (torch's export probes)
+    def build(request, timeout_s, progress):  # the double is importable only while engines build (torch's probes)
         with monkeypatch.context() as m:
             m.setitem(sys.modules, "tensorrt", double)
             return engine.build_engine(request, device=H100)

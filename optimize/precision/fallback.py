@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import FallbackSection, Gate
 
 
@@ -91,6 +92,7 @@ def search(
     rank: Callable[[Path], list[tuple[str, float]]],
     clock: Callable[[], float] = time.monotonic,
     on_trial: Callable[[Trial], None] = lambda _: None,
+    progress: Progress = NO_PROGRESS,
 ) -> Outcome:
     """Find the fastest quantisation that passes the accuracy gates within the budget.
 
@@ -102,9 +104,11 @@ def search(
     until a trial passes; then the count is bisected down between the last failing and the passing k, since
     fewer exclusions usually run faster. Every trial is timed; the fastest passing one is chosen. With no
     passing trial, the last (most excluded) one is kept and the gates fail later with every trial reported.
+    `progress` counts trials against the trial budget.
     """
     start = clock()
     trials: list[Trial] = []
+    progress.start(settings.max_trials, "fallback trials")
 
     def out_of_budget() -> str | None:
         if len(trials) >= settings.max_trials:
@@ -121,6 +125,7 @@ def search(
         trial.p50_speedup = speed(path)
         trial.seconds = clock() - t0
         trials.append(trial)
+        progress.advance()
         on_trial(trial)
         return trial
 
@@ -201,6 +206,7 @@ def rank_isolated(
     quantise_only: Callable[[str], Path | None],
     outputs_of: Callable[[Path], dict[str, np.ndarray]],
     reference: dict[str, np.ndarray],
+    progress: Progress = NO_PROGRESS,
 ) -> list[tuple[str, float]]:
     """Rank nodes by the error of the model's outputs when only that node is quantised (most harmful first).
 
@@ -208,9 +214,12 @@ def rank_isolated(
     fallback acts on; a node's own local error does not: on MiniLM the attention-score MatMuls had the largest
     local error and almost no effect on the embedding, the FFN down-projections the reverse.
     `quantise_only(name)` returns None when that node cannot be quantised alone (it then ranks last).
+    `progress` counts the nodes ranked.
     """
     scores = []
+    progress.start(len(candidates), "ranking quantised nodes")
     for name in candidates:
         path = quantise_only(name)
         scores.append((name, output_error(reference, outputs_of(path)) if path is not None else 0.0))
+        progress.advance()
     return sorted(scores, key=lambda kv: (-kv[1], kv[0]))

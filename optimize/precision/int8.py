@@ -38,6 +38,7 @@ from optimize.onnx_files import (
     uses_external_data,
     write_onnx_with,
 )
+from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import Int8Variant
 
 MODELOPT_INSTALL = "pip install 'optimize[modelopt]'"
@@ -98,13 +99,17 @@ def _reader_class() -> type:
     from onnxruntime.quantization import CalibrationDataReader
 
     class BatchReader(CalibrationDataReader):
-        """ONNX Runtime / ModelOpt calibration reader over in-memory batches (rewindable, rangeable)."""
+        """ONNX Runtime / ModelOpt calibration reader over in-memory batches (rewindable, rangeable). A batch
+        counts as calibrated on `progress` when the calibrator asks for the next one (it runs them in order)."""
 
-        def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
-            self.batches = batches
-            self.start, self.end, self.pos = 0, len(batches), 0
+        def __init__(self, batches: list[dict[str, np.ndarray]], progress: Progress = NO_PROGRESS) -> None:
+            self.batches, self.progress = batches, progress
+            self.start, self.end, self.pos, self.counted = 0, len(batches), 0, 0
 
         def get_next(self) -> dict[str, np.ndarray] | None:
+            if self.pos > self.counted:  # the batch handed out last has been run
+                self.progress.advance(self.pos - self.counted)
+                self.counted = self.pos
             if self.start + self.pos >= self.end:
                 return None
             self.pos += 1
@@ -114,20 +119,21 @@ def _reader_class() -> type:
             return self.batches[self.start]
 
         def rewind(self) -> None:
-            self.pos = 0
+            self.pos = self.counted = 0
 
         def __len__(self) -> int:
             return len(self.batches)
 
         def set_range(self, start_index: int, end_index: int) -> None:
-            self.start, self.end, self.pos = start_index, min(end_index, len(self.batches)), 0
+            self.start, self.end, self.pos, self.counted = start_index, min(end_index, len(self.batches)), 0, 0
 
     return BatchReader
 
 
-def batch_reader(batches: list[dict[str, np.ndarray]]) -> Any:
-    """A calibration data reader over `batches` (an ONNX Runtime CalibrationDataReader)."""
-    return _reader_class()(batches)
+def batch_reader(batches: list[dict[str, np.ndarray]], progress: Progress = NO_PROGRESS) -> Any:
+    """A calibration data reader over `batches` (an ONNX Runtime CalibrationDataReader) that counts the
+    batches calibrated on `progress`."""
+    return _reader_class()(batches, progress)
 
 
 # --- graph facts ----------------------------------------------------------------------------------
@@ -285,12 +291,14 @@ def quantize(
     where: str,
     extra_exclusions: tuple[str, ...] | list[str] = (),
     only: str | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> Int8Result:
     """Quantise `src` (already fused where the recipe asks) to `dest` atomically.
 
     `calibration` holds the calibration batches (empty for onnxruntime-dynamic); `work_dir` keeps what
     trials share (the ONNX Runtime calibration cache). `extra_exclusions` are the fallback's nodes; `only`
-    quantises that one node alone (the fallback's sensitivity ranking).
+    quantises that one node alone (the fallback's sensitivity ranking). `progress` counts the calibration
+    batches where this call calibrates (the `onnxruntime` backend, once per calibration key).
     """
     require_backend(variant, where)
     excluded = list(dict.fromkeys([*variant.nodes_to_exclude, *extra_exclusions]))
@@ -302,7 +310,7 @@ def quantize(
         if variant.backend == "onnxruntime-dynamic":
             _ort_dynamic(src, dest, variant, excluded, only)
         elif variant.backend == "onnxruntime":
-            calib_record = _ort_static(src, dest, variant, calibration, work_dir, excluded, where, only)
+            calib_record = _ort_static(src, dest, variant, calibration, work_dir, excluded, where, only, progress)
         else:
             calib_record = _modelopt(src, dest, variant, calibration, work_dir, excluded, where, only)
     except (RecipeError, StageError, RuntimeMissingError):
@@ -402,9 +410,11 @@ def calibrate_ort(
     calibration: list[dict[str, np.ndarray]],
     work_dir: Path,
     where: str,
+    progress: Progress = NO_PROGRESS,
 ) -> tuple[Path, dict[str, Any]]:
     """Calibrate `src` with ONNX Runtime's calibrator for the variant's method, streaming chunks of batches
-    that fit `memory_budget_gb`; returns the calibration cache (JSON ranges) and what it did."""
+    that fit `memory_budget_gb`; returns the calibration cache (JSON ranges) and what it did. `progress`
+    counts the batches calibrated."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     cache = work_dir / "calibration.json"
@@ -440,7 +450,8 @@ def calibrate_ort(
             where,
             variant.calibration or "?",
         )
-        reader = batch_reader(calibration)
+        progress.start(len(calibration), f"calibration ({method})")
+        reader = batch_reader(calibration, progress)
         for start, end in chunk_ranges(calibration, chunk):
             reader.set_range(start, end)
             calibrator.collect_data(reader)
@@ -491,6 +502,7 @@ def _ort_static(
     excluded: list[str],
     where: str,
     only: str | None,
+    progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, quantize_static
 
@@ -500,7 +512,7 @@ def _ort_static(
     if cache.is_file() and record_path.is_file():
         record = {**json.loads(record_path.read_text()), "reused": True}
     else:
-        ranges_path, record = calibrate_ort(src, variant, calibration, work_dir, where)
+        ranges_path, record = calibrate_ort(src, variant, calibration, work_dir, where, progress)
         os.replace(ranges_path, cache)
         write_json(record_path, record)
 
