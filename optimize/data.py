@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
-import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,10 +14,16 @@ import numpy as np
 
 from optimize.errors import RecipeError, first_line
 from optimize.files import sha256_file
+from optimize.preflight import (
+    check_channels,
+    check_feed_specs,
+    check_sample_count,
+    hw,
+    image_files,
+    image_input,
+    read_text_lines,
+)
 from optimize.recipe import EntryPointDataset, ImageFolderDataset, NpzDataset, TextDataset
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -121,8 +125,7 @@ def check_disjoint(a: Batches, b: Batches) -> None:
 def _select(total: int, samples: int | None, seed: int, where: str, source: str | Path) -> np.ndarray:
     if samples is None:
         return np.arange(total)
-    if samples > total:
-        raise RecipeError(f"{where}.samples: asked for {samples}, {source} has {total}; lower `samples` or add data")
+    check_sample_count(where, samples, total, source)
     return np.sort(np.random.default_rng(seed).choice(total, size=samples, replace=False))
 
 
@@ -210,20 +213,6 @@ def _array_batches(
 
 
 # --- text ------------------------------------------------------------------------------------------
-
-
-def read_text_lines(path: Path, where: str) -> list[str]:
-    """Non-blank lines of a UTF-8 text file."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{where}.path: {path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{where}.path: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise RecipeError(f"{where}.path: {path}: no text lines")
-    return lines
 
 
 def load_text(
@@ -320,62 +309,6 @@ def load_entry_point(name: str, spec: EntryPointDataset, input_names: list[str])
 # --- images ----------------------------------------------------------------------------------------
 
 
-def _image_input(where: str, spec: ImageFolderDataset, input_names: list[str]) -> str:
-    if spec.input is None:
-        if len(input_names) != 1:
-            raise RecipeError(
-                f"{where}.input: the model has {len(input_names)} inputs ({', '.join(input_names)}); "
-                "set `input` to the one the images feed"
-            )
-        return input_names[0]
-    if spec.input not in input_names:
-        near = difflib.get_close_matches(spec.input, input_names, n=1)
-        hint = f"did you mean {near[0]!r}?" if near else f"its inputs: {', '.join(input_names) or '(none)'}"
-        raise RecipeError(f"{where}.input: the model has no input {spec.input!r}; {hint}")
-    return spec.input
-
-
-def _image_files(where: str, spec: ImageFolderDataset) -> tuple[list[Path], list[str], list[int]]:
-    """Image files under the folder sorted by relative path, class names and each file's class index.
-    Hidden files and folders (names starting with '.') are skipped."""
-    root = spec.path
-    if not root.exists():
-        raise RecipeError(f"{where}.path: {root}: folder not found")
-    if not root.is_dir():
-        raise RecipeError(f"{where}.path: {root}: not a folder; an `images` dataset reads a folder of image files")
-    found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for f in filenames:
-            if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS):
-                p = Path(dirpath, f)
-                found.append((p.relative_to(root).as_posix(), p))
-    found.sort()
-    files = [p for _, p in found]
-    if not spec.labels_from_folders:
-        if not files:
-            raise RecipeError(f"{where}.path: {root}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
-        return files, [], []
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = [rel for rel, _ in found if "/" not in rel]
-    if loose:
-        raise RecipeError(
-            f"{where}.path: {root / loose[0]} lies directly in the folder; with `labels_from_folders` "
-            "every image must be in a class subfolder (or turn `labels_from_folders` off)"
-        )
-    if not classes:
-        raise RecipeError(f"{where}.path: {root}: no class subfolders (`labels_from_folders` is on)")
-    label_of = {c: k for k, c in enumerate(classes)}
-    class_of = [label_of[rel.split("/", 1)[0]] for rel, _ in found]
-    empty = sorted(set(range(len(classes))) - set(class_of))
-    if empty:
-        raise RecipeError(
-            f"{where}.path: class folder {classes[empty[0]]!r} holds no image files "
-            f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
-        )
-    return files, classes, class_of
-
-
 def _listing_sha256(root: Path, files: list[Path]) -> str:
     """sha256 of a `sha256sum` listing of the files, as `cd root && sha256sum <files in sorted order> | sha256sum`."""
     listing = "".join(f"{sha256_file(p)}  {p.relative_to(root).as_posix()}\n" for p in files)
@@ -383,16 +316,8 @@ def _listing_sha256(root: Path, files: list[Path]) -> str:
 
 
 def _per_channel(where: str, field: str, values: list[float], channels: int, mode: str) -> np.ndarray:
-    if len(values) not in (1, channels):
-        raise RecipeError(
-            f"{where}.{field}: has {len(values)} values, the images have {channels} channel(s) (mode {mode}); "
-            f"give one value or {channels}"
-        )
+    check_channels(where, field, values, channels, mode)
     return np.asarray(values, dtype=np.float64)
-
-
-def _hw(size: list[int]) -> tuple[int, int]:
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def _preprocess(where: str, spec: ImageFolderDataset, path: Path, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -418,7 +343,7 @@ def _preprocess(where: str, spec: ImageFolderDataset, path: Path, mean: np.ndarr
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if spec.crop is not None:
-        ch, cw = _hw(spec.crop)
+        ch, cw = hw(spec.crop)
         h, w = arr.shape[:2]
         if ch > h or cw > w:
             raise RecipeError(
@@ -437,11 +362,11 @@ def load_images(name: str, spec: ImageFolderDataset, input_names: list[str]) -> 
     """Image files decoded with Pillow and preprocessed into one input: convert(mode), resize, centre crop,
     × scale, (x − mean) / std, layout, dtype. Labels from class subfolders when `labels_from_folders`."""
     where = f"data.{name}"
-    input_name = _image_input(where, spec, input_names)
+    input_name = image_input(where, spec, input_names)
     channels = 1 if spec.mode == "L" else 3
     mean = _per_channel(where, "mean", spec.mean, channels, spec.mode)
     std = _per_channel(where, "std", spec.std, channels, spec.mode)
-    files, classes, class_of = _image_files(where, spec)
+    files, classes, class_of = image_files(where, spec)
     index = _select(len(files), spec.samples, spec.seed, where, spec.path)
     images = []
     for i in index:
@@ -500,31 +425,5 @@ def check_against_inputs(ds: Batches, inputs: list[Any]) -> None:
 
 def check_feeds(name: str, batches: Feeds, inputs: list[Any]) -> None:
     """`check_against_inputs` on a dataset's batches (the first batch stands for all)."""
-    where = f"data.{name}"
     first = batches[0]
-    for spec in inputs:
-        if spec.name not in first:
-            raise RecipeError(
-                f"{where}: gives no array for the model's input {spec.name!r} (it gives {', '.join(first)}); "
-                "every model input needs data"
-            )
-        arr = first[spec.name]
-        if arr.dtype != np.dtype(spec.dtype):
-            raise RecipeError(
-                f"{where}: array {spec.name!r} has dtype {arr.dtype}, the model's input wants {spec.dtype}; "
-                "convert the data"
-            )
-        if arr.ndim != len(spec.shape):
-            raise RecipeError(
-                f"{where}: array {spec.name!r} has shape {list(arr.shape)} (batch first), the model's input "
-                f"has rank {len(spec.shape)} {list(spec.shape)}"
-            )
-        for axis, (have, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
-            if isinstance(want, int) and want > 0 and have != want:
-                hint = ""
-                if axis == 0:
-                    hint = f"; set {where}.batch_size to {want} or give the model a dynamic batch axis"
-                raise RecipeError(
-                    f"{where}: array {spec.name!r} has shape {list(arr.shape)}, the model's input wants "
-                    f"{list(spec.shape)} (axis {axis}: {have} != {want}){hint}"
-                )
+    check_feed_specs(name, {k: (str(v.dtype), v.shape) for k, v in first.items()}, inputs)
