@@ -174,7 +174,10 @@ def validate(
         ),
     ] = False,
 ) -> None:
-    """Check recipes without running them (no torch, ONNX Runtime or MLflow import)."""
+    """Check recipes and the files they name without running them: model and data files, npz keys, dtypes and
+    shapes against the model's inputs (an ONNX source's read from the file), tokenizer folders (no torch, ONNX
+    Runtime or MLflow import). `optimize run` makes the same checks before its first stage."""
+    from optimize import preflight
     from optimize.errors import RecipeError
     from optimize.recipe import load_recipe
 
@@ -183,6 +186,7 @@ def validate(
     for path in recipes:
         try:
             r = load_recipe(path)
+            preflight.check(r, path)
         except RecipeError as e:
             failed += 1
             described.append({"path": str(path), "ok": False, "errors": str(e).splitlines()})

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from optimize import __version__
+from optimize import __version__, preflight
 from optimize.console import Progress, capture_output, console
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
@@ -251,6 +251,7 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
     """Run a recipe end to end; returns the run's result (exit code 0 passed, 1 a gate failed)."""
     recipe_path = Path(recipe_path)
     recipe = load_recipe(recipe_path)
+    preflight.check(recipe, recipe_path)  # the files, data and tokenizers it names: before any stage, no torch
     state = _Run(recipe, recipe_path, options)
     try:
         result = _execute(state)
@@ -321,7 +322,7 @@ def _execute(state: _Run) -> RunResult:
                 return [i.name for i in state.io_specs(loaded.onnx_path)[0]]
             return loaded.input_names(recipe.export)
 
-        side = sorted(side_datasets(recipe))
+        side = sorted(preflight.side_datasets(recipe))
         datasets = {
             name: data.load_dataset(name, spec, input_names, loaded.tokenizer_dir).checked(
                 lambda name, batches: data.check_feeds(name, batches, state.io_specs(baseline_path)[0])
@@ -1027,17 +1028,6 @@ def _task_metric_sha256(recipe: Recipe) -> str | None:
     )
     source = inspect.getsourcefile(fn)
     return sha256_file(Path(source)) if source else None
-
-
-def side_datasets(recipe: Recipe) -> set[str]:
-    """Datasets a variant is built or tuned on (calibration, fallback, AutoCast reference data)."""
-    out: set[str] = set()
-    for v in recipe.precision.variants:
-        if isinstance(v, Int8Variant):
-            out.update(n for n in (v.calibration, v.fallback.dataset) if n)
-        elif v.reference_data:
-            out.add(v.reference_data)
-    return out
 
 
 def _build_int8(
