@@ -38,8 +38,15 @@ def _int8_recipe(write_recipe, variants: list[dict], gates: list | None = None, 
     })  # fmt: skip
 
 
-STATIC = {"name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib", "method": "percentile"}
-DYNAMIC = {"name": "int8-dyn", "kind": "int8", "backend": "onnxruntime-dynamic"}
+# 7-bit weights (reduce_range): the fused INT8 kernels compute the exact Q/DQ arithmetic on every x86 CPU, with or
+# without VNNI (test_precision_int8's kernel test), so the accuracy gates below judge the same numbers anywhere.
+# Measured: STATIC cosine mean 0.9990, DYNAMIC 0.9999; with 8-bit weights an AVX2 CPU without VNNI gave 0.9932
+# and 0.926 (its u8×s8 sums saturate), so the default gate cosine_mean >= 0.99 failed there.
+STATIC = {
+    "name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib", "method": "percentile",
+    "reduce_range": True,
+}  # fmt: skip
+DYNAMIC = {"name": "int8-dyn", "kind": "int8", "backend": "onnxruntime-dynamic", "reduce_range": True}
 
 
 def test_int8_run_records_calibration_and_its_lock_file_rebuilds_the_same_bytes(write_recipe, tmp_path: Path) -> None:
