@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import StageError
+from optimize.recipe import METRICS
 
 
 def run_all(runner: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -52,26 +53,78 @@ def neighbour_agreement(baseline: np.ndarray, variant: np.ndarray) -> float:
     return float((nearest_neighbours(baseline) == nearest_neighbours(variant)).mean())
 
 
+def values_per_sample(shape: tuple[int | str | None, ...] | list[Any]) -> int | None:
+    """How many numbers one sample of an output holds: the product of its dimensions after the first (the
+    sample axis); None when one of them is not a fixed size (a named dynamic axis)."""
+    n = 1
+    for dim in list(shape)[1:]:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            return None
+        n *= dim
+    return n
+
+
+def unfit_reason(metric: str, per_sample: int | None, last_axis: int | None) -> str | None:
+    """Why accuracy `metric` (e.g. `cosine_min`) is not computed on an output with `per_sample` values per
+    sample and a last axis of `last_axis` (None: not known before it runs), or None when it is. Absolute and
+    relative errors fit every output."""
+    scalar = per_sample is not None and per_sample < 2
+    if metric.startswith("cosine") and scalar:
+        return f"{per_sample} value per sample, and the cosine of one number is only its sign (1, 0 or -1)"
+    if metric == "neighbour_agreement" and scalar:
+        return f"{per_sample} value per sample, and nearest neighbours by cosine need a vector per sample"
+    if metric.startswith("top1") and (scalar or (last_axis is not None and last_axis < 2)):
+        return "fewer than 2 classes on its last axis, and the top-1 of one number never changes"
+    return None
+
+
+def _runtime_unfit(metric: str, value: np.ndarray) -> str | None:
+    per = values_per_sample(value.shape)
+    return unfit_reason(metric, per, value.shape[-1] if value.ndim >= 2 else None)
+
+
+def relative_error(reference: np.ndarray, value: np.ndarray) -> float:
+    """‖value − reference‖₂ / ‖reference‖₂ over every number of an output (all samples): defined for any
+    shape, a scalar per sample included; the absolute L2 error when the reference is all zeros."""
+    num = float(np.sum((value.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    den = float(np.sum(reference.astype(np.float64) ** 2))
+    return (num / den) ** 0.5 if den > 0 else num**0.5
+
+
 def per_sample(
     baseline: dict[str, np.ndarray], variant: dict[str, np.ndarray], top1_outputs: list[str]
 ) -> dict[str, dict[str, np.ndarray]]:
-    """Per output, one value per sample: `cosine` and `abs_error` (the largest |variant − baseline|) against
-    the baseline, and for classifier outputs `argmax` of both (`argmax_reference` is the baseline's) — what
-    the report plots as distributions and a confusion of disagreements."""
+    """Per output, one value per sample: `cosine` (outputs with 2 or more values per sample) and `abs_error`
+    (the largest |variant − baseline|) against the baseline, and for classifier outputs `argmax` of both
+    (`argmax_reference` is the baseline's) — what the report plots as distributions and a confusion of
+    disagreements."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for name, ref in baseline.items():
         got = variant[name].astype(np.float64)
         ref64 = ref.astype(np.float64)
         err = np.abs(got - ref64).reshape(len(ref64), -1)
-        values = {
-            "cosine": per_sample_cosine(got, ref64),
-            "abs_error": err.max(axis=1) if err.shape[1] else np.zeros(len(ref64)),
-        }
-        if name in top1_outputs:
+        values = {"abs_error": err.max(axis=1) if err.shape[1] else np.zeros(len(ref64))}
+        if _runtime_unfit("cosine", ref64) is None:
+            values["cosine"] = per_sample_cosine(got, ref64)
+        if name in top1_outputs and _runtime_unfit("top1", ref64) is None:
             values["argmax"] = got.argmax(axis=-1).astype(np.int64).reshape(len(ref64), -1)[:, 0]
             values["argmax_reference"] = ref64.argmax(axis=-1).astype(np.int64).reshape(len(ref64), -1)[:, 0]
         out[name] = values
     return out
+
+
+# Per-output metrics whose aggregate (what an unscoped gate judges) is the worst over the outputs that have it,
+# in the direction the gate metric of the same name has.
+PER_OUTPUT = (
+    "cosine_mean",
+    "cosine_min",
+    "max_abs_error",
+    "mean_abs_error",
+    "relative_error",
+    "top1_agreement",
+    "top1_agreement_drop",
+    "neighbour_agreement",
+)
 
 
 def compare_outputs(
@@ -80,10 +133,12 @@ def compare_outputs(
     top1_outputs: list[str],
     neighbour_outputs: list[str] | tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Per output: cosine mean/min, max/mean abs error, top-1 agreement for classifier outputs,
-    nearest-neighbour agreement for embedding outputs.
+    """Per output: max/mean absolute error and relative error (always); cosine mean/min where a sample holds
+    2 or more values (the cosine of one number is its sign: 1, 0 or −1); top-1 agreement for classifier
+    outputs, nearest-neighbour agreement for embedding outputs.
 
-    The aggregate keys (`cosine_min`, ...) take the worst output, so one gate covers a multi-output model.
+    The aggregate keys (`cosine_min`, ...) take the worst over the outputs that have the metric, so one gate
+    covers a multi-output model; `outputs` holds each output's own (what a gate with `output:` judges).
     """
     per_output: dict[str, dict[str, float]] = {}
     for name, ref in baseline.items():
@@ -93,35 +148,28 @@ def compare_outputs(
             raise StageError(f"evaluate: output {name!r}: the variant has {have}, the baseline {list(ref.shape)}")
         got = variant[name].astype(np.float64)
         ref64 = ref.astype(np.float64)
-        cos = per_sample_cosine(got, ref64)
         err = np.abs(got - ref64)
-        stats = {
-            "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()),
-            "max_abs_error": float(err.max(initial=0.0)),
-            "mean_abs_error": float(err.mean()) if err.size else 0.0,
-            "samples": int(len(ref)),
-        }
-        if name in top1_outputs:
+        stats: dict[str, float] = {}
+        if _runtime_unfit("cosine", ref64) is None:
+            cos = per_sample_cosine(got, ref64)
+            stats["cosine_mean"] = float(cos.mean())
+            stats["cosine_min"] = float(cos.min())
+        stats["max_abs_error"] = float(err.max(initial=0.0))
+        stats["mean_abs_error"] = float(err.mean()) if err.size else 0.0
+        stats["relative_error"] = relative_error(ref64, got)
+        stats["samples"] = int(len(ref))
+        if name in top1_outputs and _runtime_unfit("top1", ref64) is None:
             agree = float((got.argmax(axis=-1) == ref64.argmax(axis=-1)).mean())
             stats["top1_agreement"] = agree
             stats["top1_agreement_drop"] = 1.0 - agree
-        if name in neighbour_outputs:
+        if name in neighbour_outputs and _runtime_unfit("neighbour_agreement", ref64) is None:
             stats["neighbour_agreement"] = neighbour_agreement(ref64, got)
         per_output[name] = stats
-    agg: dict[str, Any] = {
-        "cosine_mean": min(s["cosine_mean"] for s in per_output.values()),
-        "cosine_min": min(s["cosine_min"] for s in per_output.values()),
-        "max_abs_error": max(s["max_abs_error"] for s in per_output.values()),
-        "mean_abs_error": max(s["mean_abs_error"] for s in per_output.values()),
-    }
-    top1 = [s for s in per_output.values() if "top1_agreement" in s]
-    if top1:
-        agg["top1_agreement"] = min(s["top1_agreement"] for s in top1)
-        agg["top1_agreement_drop"] = max(s["top1_agreement_drop"] for s in top1)
-    nn = [s["neighbour_agreement"] for s in per_output.values() if "neighbour_agreement" in s]
-    if nn:
-        agg["neighbour_agreement"] = min(nn)
+    agg: dict[str, Any] = {}
+    for key in PER_OUTPUT:
+        values = [s[key] for s in per_output.values() if key in s]
+        if values:
+            agg[key] = min(values) if METRICS[f"accuracy.{key}"] == "min" else max(values)
     agg["outputs"] = per_output
     return agg
 

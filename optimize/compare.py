@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import RecipeError, first_line
+from optimize.results import gate_label
 
 # The files `optimize compare` reads; registry.publish logs them with every MLflow run.
 EVIDENCE = ("metrics.json", "verdict.json", "manifest.json")
@@ -247,8 +248,8 @@ def _metric_rows(a: dict[str, Any], b: dict[str, Any]) -> list[MetricRow]:
 
 
 def _gate_rows(a: dict[str, Any], b: dict[str, Any]) -> list[GateRow]:
-    """Gate rows matched by variant, target, metric, comparison and shape, so a gate whose threshold changed is
-    one row (shown with both checks), and its status can flip."""
+    """Gate rows matched by variant, target, metric, comparison, shape and output, so a gate whose threshold
+    changed is one row (shown with both checks), and its status can flip."""
 
     def index(v: dict[str, Any]) -> dict[tuple[str, ...], dict[str, Any]]:
         out: dict[tuple[str, ...], dict[str, Any]] = {}
@@ -260,12 +261,13 @@ def _gate_rows(a: dict[str, Any], b: dict[str, Any]) -> list[GateRow]:
                 metric,
                 row.get("op", ""),
                 str(row.get("shape", "")),
+                str(row.get("output", "")),
             )
             out.setdefault(key, row)
         return out
 
     def label(row: dict[str, Any]) -> str:
-        return row.get("check", "?") + (f" at {row['shape']}" if row.get("shape") else "")
+        return gate_label({"check": "?", **row})
 
     ia, ib = index(a), index(b)
     rows = []

@@ -1,7 +1,9 @@
 """Gates: the recipe's thresholds applied to the measured metrics, giving a verdict per gate, per variant
 and overall. A gate on a target that did not run is `skipped`; a variant passes only when at least one
 of its gates passed and none failed, and is `skipped` when all its gates were. The run passes when no
-variant failed and at least one passed."""
+variant failed and at least one passed. An accuracy gate with an `output` judges that output's value; without
+one, the worst over the outputs that have the metric. `check_outputs` refuses, once the model's outputs are
+known, a gate whose metric does not fit its output's shape."""
 
 from __future__ import annotations
 
@@ -9,15 +11,21 @@ import math
 import operator
 from typing import Any
 
-from optimize.recipe import METRICS, Gate, shape_key
+from optimize.errors import RecipeError
+from optimize.recipe import METRICS, EvaluateSection, Gate, shape_key, unknown_output
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
-def metric_value(result: dict[str, Any], metric: str, shape: str | None = None) -> float | None:
+def metric_value(
+    result: dict[str, Any], metric: str, shape: str | None = None, output: str | None = None
+) -> float | None:
     """The value of a gate metric in one variant×target result; over shapes, the worst one counts
-    (only `shape`, a shape key such as `batch=16,sequence=64`, when given)."""
+    (only `shape`, a shape key such as `batch=16,sequence=64`, when given); an accuracy metric is the worst
+    over outputs (only `output`'s when given)."""
     family, _, key = metric.partition(".")
+    if family == "accuracy" and output is not None:
+        return result.get("accuracy", {}).get("outputs", {}).get(output, {}).get(key)
     worst = min if METRICS[metric] == "min" else max
     if family in ("latency", "throughput"):
         field = (
@@ -58,6 +66,8 @@ def evaluate_gates(
                 }
                 if gate.shape:
                     row["shape"] = shape_key(gate.shape)
+                if gate.output:
+                    row["output"] = gate.output
                 status = targets.get(target, {"status": "skipped", "reason": "target not in benchmark.targets"})
                 if status["status"] != "ran":
                     row.update(status="skipped", reason=status.get("reason", "target did not run"))
@@ -69,20 +79,21 @@ def evaluate_gates(
                     rows.append(row)
                     continue
                 shape = shape_key(gate.shape) if gate.shape else None
-                value = metric_value(result, gate.metric, shape)
-                base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric, shape)
+                value = metric_value(result, gate.metric, shape, gate.output)
+                base = metric_value(results.get(baseline, {}).get(target, {}), gate.metric, shape, gate.output)
                 row["value"] = value
                 row["baseline_value"] = base
+                on = f" on output {gate.output!r}" if gate.output else ""
                 if value is None:
-                    row.update(status="failed", reason=f"{gate.metric} was not measured")
+                    row.update(status="failed", reason=f"{gate.metric} was not measured{on}")
                 elif isinstance(value, float) and math.isnan(value):
-                    row.update(status="failed", reason=f"{gate.metric} is NaN (non-finite outputs?)")
+                    row.update(status="failed", reason=f"{gate.metric}{on} is NaN (non-finite outputs?)")
                 elif OPS[gate.op](value, gate.threshold):
                     row["status"] = "passed"
                 else:
                     row.update(
                         status="failed",
-                        reason=f"{gate.metric} = {value:.6g}, needs {gate.op} {gate.threshold:g}",
+                        reason=f"{gate.metric}{on} = {value:.6g}, needs {gate.op} {gate.threshold:g}",
                     )
                 rows.append(row)
     per_variant: dict[str, Any] = {}
@@ -114,3 +125,62 @@ def evaluate_gates(
     statuses = [v["status"] for v in per_variant.values()]
     overall = "passed" if "passed" in statuses and "failed" not in statuses else "failed"
     return {"status": overall, "variants": per_variant, "gates": rows, "targets": targets}
+
+
+def check_outputs(
+    gates: list[Gate], evaluate: EvaluateSection, outputs: dict[str, tuple[Any, ...]], where: str
+) -> None:
+    """Refuse (RecipeError, exit 2) what the model's outputs show a recipe cannot mean: a gate or an
+    `evaluate` output list naming an output the model does not have, and an accuracy metric that does not fit
+    its output's shape (cosine, top-1 or neighbour agreement of one number per sample). `outputs` maps each
+    output's name to its shape (ints, or names for dynamic axes); `where` is the recipe file. Called once the
+    model is exported (or copied from the ONNX given), before any variant is built. A shape not known until
+    the model runs passes here; the evaluation then reports the metric as not measured on it."""
+    from optimize.accuracy import unfit_reason, values_per_sample
+
+    def unfit(metric: str, name: str) -> str | None:
+        shape = outputs[name]
+        last = shape[-1] if len(shape) >= 2 and isinstance(shape[-1], int) else None
+        return unfit_reason(metric, values_per_sample(shape), last)
+
+    def shown(name: str) -> str:
+        return f"{name!r} (shape [{', '.join(str(d) for d in outputs[name])}])"
+
+    for field in ("top1_outputs", "neighbour_outputs"):
+        metric = "top1" if field == "top1_outputs" else "neighbour_agreement"
+        for name in getattr(evaluate, field):
+            if name not in outputs:
+                raise RecipeError(f"{where}: evaluate.{field}: {unknown_output(name, outputs)}")
+            reason = unfit(metric, name)
+            if reason:
+                raise RecipeError(
+                    f"{where}: evaluate.{field}: output {shown(name)} has {reason}; remove it from the list"
+                )
+    for i, gate in enumerate(gates):
+        family, _, key = gate.metric.partition(".")
+        if family != "accuracy" or key.startswith("task_metric"):
+            continue
+        if gate.output is not None:
+            if gate.output not in outputs:
+                raise RecipeError(f"{where}: gates[{i}].output: {unknown_output(gate.output, outputs)}")
+            reason = unfit(key, gate.output)
+            if reason:
+                raise RecipeError(
+                    f"{where}: gates[{i}]: {gate.metric} does not fit output {shown(gate.output)}: it has "
+                    f"{reason}; gate it with accuracy.max_abs_error or accuracy.relative_error"
+                )
+            continue
+        # unscoped: the worst over the outputs that have the metric, so at least one must
+        candidates = (
+            evaluate.top1_outputs
+            if key.startswith("top1")
+            else evaluate.neighbour_outputs
+            if key == "neighbour_agreement"
+            else list(outputs)
+        )
+        if candidates and all(unfit(key, name) for name in candidates if name in outputs):
+            shapes = ", ".join(shown(n) for n in candidates if n in outputs)
+            raise RecipeError(
+                f"{where}: gates[{i}]: {gate.metric} fits none of the model's outputs ({shapes}): "
+                f"{unfit(key, candidates[0])}; gate accuracy.max_abs_error or accuracy.relative_error instead"
+            )

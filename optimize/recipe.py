@@ -551,6 +551,7 @@ METRICS: dict[str, str] = {
     "accuracy.cosine_min": "min",
     "accuracy.max_abs_error": "max",
     "accuracy.mean_abs_error": "max",
+    "accuracy.relative_error": "max",
     "accuracy.top1_agreement": "min",
     "accuracy.top1_agreement_drop": "max",
     "accuracy.neighbour_agreement": "min",
@@ -580,7 +581,8 @@ _GATE_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
 class Gate(_Strict):
-    """One threshold: `metric op value`, optionally scoped to a target and to variants."""
+    """One threshold: `metric op value`, optionally scoped to a target, to variants, to a benchmark shape
+    (latency/throughput) or to a model output (accuracy)."""
 
     check: str = Field(
         description=f"`metric op value`, op one of {', '.join(GATE_OPS)}. Metrics: {', '.join(METRICS)}.",
@@ -593,6 +595,16 @@ class Gate(_Strict):
         description="Latency/throughput gates only: judge this benchmark shape (one of `benchmark.shapes`) "
         "instead of the worst shape.",
         examples=[{"batch": 16, "sequence": 64}],
+    )
+    output: str | None = Field(
+        default=None,
+        description="Accuracy gates only: judge this model output's value of the metric. Without it, the "
+        "worst value over the outputs that have the metric counts: cosine over outputs with 2 or more values "
+        "per sample (a one-number output has no cosine), top-1 over `evaluate.top1_outputs`, neighbour "
+        "agreement over `evaluate.neighbour_outputs`, absolute and relative errors over every output. "
+        "Task-metric gates judge the whole model and take no output. A metric that does not fit the "
+        "output's shape (cosine on a one-number output) is a recipe error.",
+        examples=["score"],
     )
 
     @model_validator(mode="before")
@@ -723,11 +735,32 @@ class Recipe(_Strict):
                     )
             if gate.metric == "accuracy.neighbour_agreement" and not self.evaluate.neighbour_outputs:
                 raise _FieldError(("gates", i, "check"), "neighbour-agreement gates need `evaluate.neighbour_outputs`")
+            if gate.output is not None:
+                self._check_gate_output(i, gate)
         for field in ("top1_outputs", "neighbour_outputs"):
             for out in getattr(self.evaluate, field):
                 if out not in self.export.output_names and not isinstance(self.model, OnnxModel):
                     raise _FieldError(("evaluate", field), _unknown(out, self.export.output_names, "output"))
         return self
+
+    def _check_gate_output(self, i: int, gate: Gate) -> None:
+        """What a gate's `output:` can be told from the recipe alone; its shape is checked once the model's
+        outputs are known (gates.check_outputs, after the export)."""
+        at = ("gates", i, "output")
+        if not gate.metric.startswith("accuracy."):
+            raise _FieldError(at, f"`output` applies to accuracy gates only ({gate.metric}); remove it")
+        if gate.metric.startswith("accuracy.task_metric"):
+            raise _FieldError(at, "a task metric judges the model as a whole; remove `output`")
+        if not isinstance(self.model, OnnxModel) and gate.output not in self.export.output_names:
+            raise _FieldError(at, unknown_output(gate.output, self.export.output_names))
+        for prefix, field in (("accuracy.top1", "top1_outputs"), ("accuracy.neighbour", "neighbour_outputs")):
+            named = getattr(self.evaluate, field)
+            if gate.metric.startswith(prefix) and gate.output not in named:
+                raise _FieldError(
+                    at,
+                    f"{gate.metric} is measured on `evaluate.{field}` ({', '.join(named)}) only; "
+                    f"add {gate.output!r} there or gate another output",
+                )
 
     def _check_int8(self, i: int, v: Int8Variant) -> None:
         """Backend options that fit together; calibration data that exists, is real and has fixed shapes."""
@@ -785,6 +818,14 @@ def _unknown(value: str, known: Any, what: str) -> str:
     if near:
         return f"unknown {what} {value!r}; did you mean {near[0]!r}?"
     return f"unknown {what} {value!r}; known: {', '.join(known) or '(none)'}"
+
+
+def unknown_output(value: str, known: Any) -> str:
+    """`unknown output 'x'`, a near name if there is one, and every output the model has."""
+    known = list(known)
+    near = difflib.get_close_matches(str(value), known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"unknown output {value!r}{hint} (the model's outputs: {', '.join(known) or '(none)'})"
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -32,28 +32,30 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     out.append("## Accuracy vs FP32")
     out.append("")
     out.append(
-        "| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | top-1 agree "
-        "| neighbour agree |"
+        "| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | relative err "
+        "| top-1 agree | neighbour agree |"
     )
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
     for variant, by_target in metrics["results"].items():
         if variant == "fp32":
             continue
         for target, result in by_target.items():
             if "skipped" in result:
-                out.append(f"| {variant} | {target} | – | not run here: {result['skipped']} | | | | | |")
+                out.append(f"| {variant} | {target} | – | not run here: {result['skipped']} | | | | | | |")
                 continue
             for output, s in result["accuracy"]["outputs"].items():
+                # one number per sample has no cosine ("–"): only its errors say how far it moved
                 out.append(
-                    f"| {variant} | {target} | {output} | {s['cosine_mean']:.6f} | {s['cosine_min']:.6f} | "
-                    f"{s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | {fmt_number(s.get('top1_agreement'))} | "
+                    f"| {variant} | {target} | {output} | {fmt_number(s.get('cosine_mean'))} | "
+                    f"{fmt_number(s.get('cosine_min'))} | {s['max_abs_error']:.3g} | {s['mean_abs_error']:.3g} | "
+                    f"{fmt_number(s.get('relative_error'), 3)} | {fmt_number(s.get('top1_agreement'))} | "
                     f"{fmt_number(s.get('neighbour_agreement'))} |"
                 )
             acc = result["accuracy"]
             if "task_metric" in acc:
                 out.append(
                     f"| {variant} | {target} | task metric | {acc['task_metric']:.4f} "
-                    f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | | |"
+                    f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | | | |"
                 )
     fallback = metrics.get("fallback") or {}
     if fallback:

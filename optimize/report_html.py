@@ -582,7 +582,7 @@ def _accuracy(run: RunFiles, colour: Any, figures: _Figures) -> list[str]:
                     arr = d.get(f"{kind}/{t}/{v}/{output}")
                     if arr is not None and arr.size:
                         series.setdefault(output, {}).setdefault(kind, {})[v] = arr
-                    else:
+                    elif kind != "cosine" or "cosine_min" in s:  # one number per sample has no cosine
                         missing = True
             acc = r.get("accuracy", {})
             if "task_metric" in acc:

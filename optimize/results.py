@@ -35,9 +35,12 @@ def fmt_number(v: Any, digits: int = 6) -> str:
     return str(v)
 
 
-def _gate_label(row: dict[str, Any]) -> str:
+def gate_label(row: dict[str, Any]) -> str:
+    """A gate row's name: its check, the output it judges and the shape, e.g.
+    `accuracy.max_abs_error <= 0.05 on output score` (report, junit, compare)."""
     at = f" at {row['shape']}" if row.get("shape") else ""
-    return f"{row['check']}{at}"
+    on = f" on output {row['output']}" if row.get("output") else ""
+    return f"{row['check']}{on}{at}"
 
 
 def _baseline(row: dict[str, Any]) -> str:
@@ -53,7 +56,7 @@ def failure_message(row: dict[str, Any]) -> str:
     value = row.get("value")
     measured = "not measured" if value is None else f"{row['metric']} = {fmt_number(value)}"
     return (
-        f"{row['variant']} on {row['target']}: {_gate_label(row)} failed: {measured}, needs {row['op']} "
+        f"{row['variant']} on {row['target']}: {gate_label(row)} failed: {measured}, needs {row['op']} "
         f"{row['threshold']:g} (fp32 baseline: {_baseline(row)})"
     )
 
@@ -111,7 +114,7 @@ def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | N
             suite,
             "testcase",
             classname=f"{recipe}.{row['variant']}",
-            name=f"{_gate_label(row)} [{row['target']}]",
+            name=f"{gate_label(row)} [{row['target']}]",
             time="0",
         )
         if row["status"] == "failed":
@@ -123,7 +126,7 @@ def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | N
                     ("recipe", recipe),
                     ("variant", row["variant"]),
                     ("target", row["target"]),
-                    ("gate", _gate_label(row)),
+                    ("gate", gate_label(row)),
                     ("value", fmt_number(row.get("value"))),
                     ("threshold", f"{row['op']} {row['threshold']:g}"),
                     ("baseline (fp32)", _baseline(row)),
@@ -182,7 +185,7 @@ def gate_rows(verdict: dict[str, Any]) -> list[dict[str, str]]:
             {
                 "variant": row["variant"],
                 "target": row["target"],
-                "gate": _gate_label(row),
+                "gate": gate_label(row),
                 "value": fmt_number(row.get("value")),
                 "threshold": f"{_OP_TEXT[row['op']]} {row['threshold']:g}",
                 "baseline": _baseline(row),

@@ -73,15 +73,33 @@ class Outcome:
 
 
 def accuracy_gates(gates: list[Gate], variant: str, ran: list[str] | tuple[str, ...] = ()) -> list[Gate]:
-    """The recipe's accuracy gates that cover `variant` on a target that runs here (what the fallback must
-    satisfy). A gate scoped to a target that is skipped here (TensorRT on a CPU box) is not searched for."""
-    return [
-        g.model_copy(update={"variants": [variant]})  # judged for this variant alone
-        for g in gates
-        if g.metric.startswith("accuracy.")
-        and (g.variants is None or variant in g.variants)
-        and (g.target is None or g.target in ran)
-    ]
+    """The recipe's accuracy gates that cover `variant` on a target that runs here: what the fallback must
+    satisfy, each with its `output` scope as the evaluation will judge it. A gate scoped to a target that is
+    skipped here (TensorRT on a CPU box) is not searched for.
+
+    The trials are measured on ONNX Runtime's CPU provider only, so a gate scoped to another target that runs
+    is judged there too (its target dropped): kept as it was, it would be skipped in every trial, and a trial
+    passing it untested then failed it in the evaluation. Gates that become the same are kept once."""
+    out: list[Gate] = []
+    for g in gates:
+        if not (
+            g.metric.startswith("accuracy.")
+            and (g.variants is None or variant in g.variants)
+            and (g.target is None or g.target in ran)
+        ):
+            continue
+        judged = g.model_copy(update={"variants": [variant], "target": None})  # this variant, on the CPU
+        if judged not in out:
+            out.append(judged)
+    return out
+
+
+def judged_outputs(gates: list[Gate]) -> list[str] | None:
+    """The outputs the accuracy gates judge: the ones they name, or None (every output) when one is not
+    scoped to an output. The sensitivity ranking measures the error there."""
+    if any(g.output is None for g in gates):
+        return None
+    return sorted({g.output for g in gates if g.output is not None})
 
 
 def search(
@@ -194,10 +212,14 @@ def quantised_nodes(source: Any, quantised: Any, op_types: set[str] | frozenset[
     return out
 
 
-def output_error(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> float:
-    """Relative L2 error of a model's outputs against the reference outputs (all outputs together)."""
-    num = sum(float(np.sum((outputs[k].astype(np.float64) - v.astype(np.float64)) ** 2)) for k, v in reference.items())
-    den = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in reference.values())
+def output_error(
+    reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray], only: list[str] | None = None
+) -> float:
+    """Relative L2 error of a model's outputs against the reference outputs (all outputs together, or the
+    outputs in `only`)."""
+    ref = {k: v for k, v in reference.items() if only is None or k in only}
+    num = sum(float(np.sum((outputs[k].astype(np.float64) - v.astype(np.float64)) ** 2)) for k, v in ref.items())
+    den = sum(float(np.sum(v.astype(np.float64) ** 2)) for v in ref.values())
     return (num / den) ** 0.5 if den > 0 else num**0.5
 
 
@@ -207,8 +229,10 @@ def rank_isolated(
     outputs_of: Callable[[Path], dict[str, np.ndarray]],
     reference: dict[str, np.ndarray],
     progress: Progress = NO_PROGRESS,
+    only: list[str] | None = None,
 ) -> list[tuple[str, float]]:
-    """Rank nodes by the error of the model's outputs when only that node is quantised (most harmful first).
+    """Rank nodes by the error of the model's outputs (those in `only`, when given: the outputs the accuracy
+    gates judge) when only that node is quantised (most harmful first).
 
     One quantisation and one short run per node (about 2 s per node on MiniLM). This measures what the
     fallback acts on; a node's own local error does not: on MiniLM the attention-score MatMuls had the largest
@@ -220,6 +244,6 @@ def rank_isolated(
     progress.start(len(candidates), "ranking quantised nodes")
     for name in candidates:
         path = quantise_only(name)
-        scores.append((name, output_error(reference, outputs_of(path)) if path is not None else 0.0))
+        scores.append((name, output_error(reference, outputs_of(path), only) if path is not None else 0.0))
         progress.advance()
     return sorted(scores, key=lambda kv: (-kv[1], kv[0]))
