@@ -361,11 +361,21 @@ def _execute(state: _Run) -> RunResult:
                         _ = ds.batches
                     with open_runner("onnxruntime-cpu", baseline_path) as r:
                         check = export.check_export(loaded, r, eval_ds.batches, recipe.export)
+                        rec["outputs"] = {o.name: list(o.shape) for o in r.outputs}
                     worst = max(check.max_abs_error.values())
                     rec["check"] = check.record()
                     rec["detail"] = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
                     _store(slot, baseline_path)
-                    slot.record = {"check": rec["check"], "detail": rec["detail"]}
+                    slot.record = {"check": rec["check"], "detail": rec["detail"], "outputs": rec["outputs"]}
+    # The model's outputs are known now: a gate (or evaluate list) naming one it lacks, or with a metric that
+    # does not fit its shape (cosine of one number per sample), is the recipe's mistake, refused before any
+    # variant is built. A cached export carries the shapes, so a rerun opens no session for them.
+    gates.check_outputs(
+        recipe.gates,
+        recipe.evaluate,
+        rec.get("outputs") or {o.name: list(o.shape) for o in state.io_specs(baseline_path)[1]},
+        display_path(Path(state.manifest["recipe_file"])),
+    )
 
     paths = {"fp32": baseline_path}
     precisions = {"fp32": "fp32"}
@@ -561,6 +571,8 @@ def _execute(state: _Run) -> RunResult:
                     write_npz(run_dir / "golden" / target / f"{name}.npz", golden[target][name])
         rec["detail"] = "; ".join(
             f"{n} cosine min {results[n][t]['accuracy']['cosine_min']:.6f} on {t}"
+            if "cosine_min" in results[n][t]["accuracy"]
+            else f"{n} relative error {results[n][t]['accuracy']['relative_error']:.3g} on {t}"
             for n in paths
             if n != "fp32"
             for t in ran
@@ -1056,7 +1068,9 @@ def _build_int8(
     checks = fallback.accuracy_gates(recipe.gates, variant.name, ran)
     fb_name = variant.fallback.dataset or variant.calibration
     fb_ds = datasets.get(fb_name) if fb_name else None
+    untuned = []  # gates the trials cannot measure: said, since the evaluation will judge them
     if fb_ds is not None and fb_ds.labels is None:
+        untuned = [g.check for g in checks if g.metric.startswith("accuracy.task_metric")]
         checks = [g for g in checks if not g.metric.startswith("accuracy.task_metric")]
     off_reason = (
         "fallback.enabled is false"
@@ -1075,6 +1089,11 @@ def _build_int8(
         shutil.rmtree(work, ignore_errors=True)
         return {**result.record(), "fallback": {"enabled": False, "reason": off_reason}}, result.nodes_excluded
 
+    if untuned and not state.options.quiet:
+        console().print(
+            f"  note: {variant.name}: the fallback data {fb_name} has no labels; not tuned on {', '.join(untuned)}",
+            highlight=False,
+        )
     batches = fb_ds.batches[: variant.fallback.batches]
     labels = fb_ds.labels[: int8.sample_count(batches)] if fb_ds.labels is not None else None
     metric_fn = None
@@ -1147,7 +1166,12 @@ def _build_int8(
         if not state.options.quiet:
             console().print(f"  fallback {variant.name}: ranking {len(candidates)} quantised nodes", highlight=False)
         return fallback.rank_isolated(
-            candidates, quantise_only, outputs_of, rank_reference, progress=state.progress.bar()
+            candidates,
+            quantise_only,
+            outputs_of,
+            rank_reference,
+            progress=state.progress.bar(),
+            only=fallback.judged_outputs(checks),
         )
 
     def shown(trial: fallback.Trial) -> None:
@@ -1155,7 +1179,8 @@ def _build_int8(
             acc = trial.accuracy
             console().print(
                 f"  fallback {variant.name} trial {trial.index}: {len(trial.excluded)} node(s) high-precision, "
-                f"cosine mean {acc.get('cosine_mean', float('nan')):.4f}, p50 speed-up {trial.p50_speedup:.2f}×, "
+                + (f"cosine mean {acc['cosine_mean']:.4f}, " if "cosine_mean" in acc else "")
+                + f"p50 speed-up {trial.p50_speedup:.2f}×, "
                 + ("passed" if trial.passed else "failed: " + "; ".join(trial.failed_gates)),
                 highlight=False,
             )
@@ -1166,6 +1191,8 @@ def _build_int8(
     result.fusion = fusion
     shutil.rmtree(work, ignore_errors=True)
     record = {**result.record(), "fallback": {"enabled": True, "dataset": fb_name, **outcome.record()}}
+    if untuned:
+        record["fallback"]["not_tuned_on"] = untuned
     return record, result.nodes_excluded
 
 
