@@ -31,6 +31,7 @@ import yaml
 
 from optimize import __version__, preflight
 from optimize.console import Progress, capture_output, console
+from optimize.cpu import isa as cpu_isa
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_files, onnx_sha256, onnx_size_bytes
@@ -154,6 +155,8 @@ def environment() -> dict[str, Any]:
         "versions": versions,
         "hardware": {
             "cpu": cpu,
+            # which kernels run: INT8 accuracy and all timings depend on it, and a model name does not say it
+            "cpu_isa": cpu_isa(),
             "cores": os.cpu_count(),
             "memory_gb": mem_gb,
             "gpu": gpu,
@@ -398,6 +401,8 @@ def _execute(state: _Run) -> RunResult:
                 },
                 config=_precision_config(state, variant),
                 libraries=("onnx", "onnxruntime", "nvidia-modelopt", "numpy"),
+                # the fallback judges INT8 trials on this CPU's kernels: another ISA may keep other nodes
+                device=_isa_identity(state) if isinstance(variant, Int8Variant) else None,
             ) as slot:
                 if slot.hit:
                     _restore(slot.hit, art_dir)
@@ -418,6 +423,8 @@ def _execute(state: _Run) -> RunResult:
             paths[variant.name] = dest
             precisions[variant.name] = variant.kind
         rec["variants"] = records
+        for w in _saturation_warnings(recipe, state.manifest["hardware"]["cpu_isa"]):
+            console().print(f"[yellow]warning[/]: {w}", markup=True, highlight=False)
         rec["detail"] = ", ".join(
             f"{n} via {r['backend']}"
             + (f", {len(r['nodes_excluded'])} node(s) kept high-precision" if r.get("nodes_excluded") else "")
@@ -929,16 +936,23 @@ def _data_identity(recipe: Recipe, loaded: Any, name: str, ds: Any) -> str:
 
 
 def _device_identity(state: _Run, target: str) -> str | None:
-    """What a GPU target's outputs depend on: the GPU model and architecture (None on the CPU)."""
+    """What a target's outputs depend on: the GPU model and architecture, or on the CPU its instruction sets
+    (which INT8 and matrix kernels run)."""
     if target in ("onnxruntime-cpu", "torch-cpu"):
-        return None
+        return _isa_identity(state)
     return json.dumps([[g.get("name"), g.get("compute_capability")] for g in state.manifest["hardware"]["gpus"]])
 
 
+def _isa_identity(state: _Run) -> str:
+    """The CPU's instruction sets, as a cache key's device: what INT8 kernels (and so accuracy) depend on."""
+    return json.dumps({"cpu_isa": state.manifest["hardware"]["cpu_isa"]}, sort_keys=True)
+
+
 def _machine_identity(state: _Run, target: str) -> str:
-    """What timings depend on: the CPU, its cores and memory, and on GPU targets the GPUs and driver."""
+    """What timings depend on: the CPU, its instruction sets, cores and memory, and on GPU targets the GPUs and
+    driver."""
     hw = state.manifest["hardware"]
-    machine = {"cpu": hw["cpu"], "cores": hw["cores"], "memory_gb": hw["memory_gb"]}
+    machine = {"cpu": hw["cpu"], "isa": hw["cpu_isa"], "cores": hw["cores"], "memory_gb": hw["memory_gb"]}
     if target not in ("onnxruntime-cpu", "torch-cpu"):
         machine["gpus"] = hw["gpus"]
     return json.dumps(machine, sort_keys=True)
@@ -1000,6 +1014,25 @@ def _build_variant(
             write_npz(reference_dir / f"batch{k:04d}.npz", batch)
     result = fp16.convert_fp16(baseline_path, dest, variant, reference_dir)
     return {**result.record(), "reference_data": variant.reference_data if reference_dir else None}, None
+
+
+def _saturation_warnings(recipe: Recipe, isa: dict[str, Any]) -> list[str]:
+    """ONNX Runtime INT8 variants with 8-bit signed weights, judged here on a CPU whose u8×s8 kernels saturate
+    (x86 without VNNI): their accuracy on this machine is lower than on a VNNI CPU, and differs from it."""
+    from optimize.cpu import saturating
+
+    if not saturating(isa):
+        return []
+    return [
+        f"precision.variants[{i}] ({v.name}): this CPU ({isa['int8_dot']}) saturates 8-bit weight products, so "
+        "its accuracy here is lower than on a CPU with VNNI; `reduce_range: true` (7-bit weights) gives the "
+        "same results on both"
+        for i, v in enumerate(recipe.precision.variants)
+        if isinstance(v, Int8Variant)
+        and v.backend.startswith("onnxruntime")
+        and not v.reduce_range
+        and v.weight_type == "int8"
+    ]
 
 
 def _variant_datasets(variant: Any) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from optimize import cpu
 from optimize.results import fmt_number, gate_table
 
 
@@ -135,6 +136,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     out.append("")
     hw = manifest["hardware"]
     out.append(f"- host: {hw.get('cpu')} × {hw.get('cores')} cores, {hw.get('memory_gb')} GB; {manifest['os']}")
+    out.append(f"- CPU instruction sets: {cpu.describe(hw.get('cpu_isa'))}")
     out.append(f"- GPU: {hw.get('gpu') or 'none'}")
     out.append("- versions: " + ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))
     out.append(f"- recipe sha256: `{manifest['recipe_sha256']}`; model content sha256: `{manifest['model']['sha256']}`")

@@ -23,6 +23,7 @@ from html import escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimize import cpu
 from optimize.errors import first_line
 from optimize.results import fmt_number
 
@@ -836,6 +837,7 @@ def _environment(m: dict[str, Any], man: dict[str, Any]) -> list[str]:
     hw = man.get("hardware", {})
     rows = [
         ["host", escape(f"{hw.get('cpu')} × {hw.get('cores')} cores, {hw.get('memory_gb')} GB")],
+        ["CPU instruction sets", escape(cpu.describe(hw.get("cpu_isa")))],
         ["GPU", escape(str(hw.get("gpu") or "none"))],
         ["OS", escape(str(man.get("os", "–")))],
         ["recipe", escape(f"{man.get('recipe')} ({man.get('recipe_file', '')})")],

@@ -76,6 +76,12 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
 
 
+# These tests are about where INT8 weights live, not INT8 accuracy: weights read wrongly from the data file give
+# a cosine near 0, so a bound far below what any CPU's INT8 kernels give is enough (test_precision_int8 and
+# test_pipeline_int8 judge the accuracy).
+INT8_RUNS = 0.9
+
+
 def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
@@ -209,7 +215,8 @@ def test_int8_of_an_external_data_model_is_onnx_and_data_and_runs(exported, tmp_
     dest = tmp_path / "out" / "int8.onnx"
     work = tmp_path / "work"
     options = {"calibration": "calib"} if backend == "onnxruntime" else {}
-    variant = Int8Variant(name="int8", kind="int8", backend=backend, **options)
+    # 7-bit weights: the same numbers on every x86 CPU (an AVX2 CPU without VNNI saturates 8-bit products)
+    variant = Int8Variant(name="int8", kind="int8", backend=backend, reduce_range=True, **options)
     calib = batches() if backend == "onnxruntime" else []
     result = int8.quantize(src, dest, variant, calib, work, WHERE)
     assert result.quant_ops
@@ -220,7 +227,7 @@ def test_int8_of_an_external_data_model_is_onnx_and_data_and_runs(exported, tmp_
         leftovers = [p.name for p in work.iterdir() if not p.name.startswith("calibration-")]
         assert leftovers == [], leftovers  # the augmented model and its data file are gone
     feeds = batches(16, 16, seed=7)[0]
-    assert cosine_min(run(src, feeds), run(dest, feeds)) > 0.99
+    assert cosine_min(run(src, feeds), run(dest, feeds)) > INT8_RUNS
 
 
 def test_fusion_and_int8_weights_keep_external_data(forced, tmp_path: Path) -> None:
@@ -232,13 +239,18 @@ def test_fusion_and_int8_weights_keep_external_data(forced, tmp_path: Path) -> N
     assert_external_artifact(fused)
     dest = tmp_path / "out" / "int8.onnx"
     variant = Int8Variant(
-        name="int8", kind="int8", backend="onnxruntime-dynamic", nodes_to_exclude=["fc2"], exclude_as="int8-weights"
+        name="int8",
+        kind="int8",
+        backend="onnxruntime-dynamic",
+        nodes_to_exclude=["fc2"],
+        exclude_as="int8-weights",
+        reduce_range=True,
     )
     result = int8.quantize(fused, dest, variant, [], tmp_path / "work", WHERE)
     assert result.quant_ops.get("MatMulNBits") == 1
     assert_external_artifact(dest)
     feeds = batches(16, 16, seed=7)[0]
-    assert cosine_min(run(src, feeds), run(dest, feeds)) > 0.99
+    assert cosine_min(run(src, feeds), run(dest, feeds)) > INT8_RUNS
 
 
 def test_modelopt_int8_of_an_external_data_model_is_onnx_and_data_and_runs(forced, tmp_path: Path) -> None:
@@ -255,7 +267,7 @@ def test_modelopt_int8_of_an_external_data_model_is_onnx_and_data_and_runs(force
     assert listing(dest.parent) == ["int8.onnx", "int8.onnx.data"]  # ModelOpt's own file names are gone
     assert_external_artifact(dest)
     feeds = {"image": np.random.default_rng(7).random((8, 4, 8, 8)).astype(np.float32)}
-    assert cosine_min(run(src, feeds), run(dest, feeds)) > 0.99
+    assert cosine_min(run(src, feeds), run(dest, feeds)) > INT8_RUNS
 
 
 # --- the mechanism: save, crash, copy, list, hash -----------------------------------------------------

@@ -205,7 +205,7 @@ def test_torch_cpu_target_runs_the_source_model_and_skips_int8_there(write_recip
             "precision": {
                 "variants": [
                     {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-                    {"name": "int8", "kind": "int8", "backend": "onnxruntime-dynamic", "per_channel": True},
+                    {"name": "int8", "kind": "int8", "backend": "onnxruntime-dynamic", "reduce_range": True},
                 ]
             },
             "benchmark": {"targets": ["onnxruntime-cpu", "torch-cpu"]},
