@@ -78,6 +78,8 @@ def test_the_scan_sees_the_calls_that_matter() -> None:
         "NetworkDefinitionCreationFlag.STRONGLY_TYPED",
         "LayerInformationFormat.JSON",
         "TensorIOMode.INPUT",
+        "IProgressMonitor",  # the build child's progress monitor, and where the builder takes it
+        "IBuilderConfig.progress_monitor",
     ):
         assert expected in names, expected
     assert len(names) >= 35
