@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -15,6 +17,7 @@ from optimize import __version__
 from optimize.errors import OptimizeError
 
 if TYPE_CHECKING:
+    from optimize.api import RunResult
     from optimize.cache import PruneResult
 
 app = typer.Typer(
@@ -30,7 +33,8 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_state = {"debug": False}
+# `json_error`: set by a command given --json; builds the JSON object `main` prints on stdout when it fails.
+_state: dict[str, Any] = {"debug": False, "json_error": None}
 
 
 def _version(value: bool) -> None:
@@ -47,6 +51,13 @@ def _main(
     ] = False,
 ) -> None:
     _state["debug"] = debug
+    _state["json_error"] = None
+
+
+_JSON_HELP = (
+    "Print the outcome as one JSON object on stdout, and nothing else there (progress stays on stderr); a "
+    "failure prints one too, with status, exit_code and error."
+)
 
 
 @app.command()
@@ -110,56 +121,108 @@ def run(
             help="Append the Markdown gate table to FILE (e.g. $GITHUB_STEP_SUMMARY), or the error.",
         ),
     ] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, recipe, recipe_file, run_id, run_dir, status (passed, failed, error, "
+            "interrupted), exit_code, error, verdict, variants (name, status, target, p50_speedup, shape, "
+            "cosine_min, reason), registered (variant, model_name, version, uri, already_registered), model_name, "
+            "alias, alias_uri, tracking_uri, mlflow_run_id, report_html, report_md; null or empty where the run "
+            "did not get that far (no run_dir for a bad recipe).",
+        ),
+    ] = False,
 ) -> None:
-    """Build, measure and gate every variant of RECIPE; register those that pass."""
+    """Build, measure and gate every variant of RECIPE; register those that pass. Progress goes to stderr; the
+    outcome (failed and skipped gates, the verdict, the report, what was registered) to stdout."""
+    from optimize import api
+
+    if as_json:
+        _state["json_error"] = lambda e, code, line: api.error_json(recipe, e, code, line)
     required = _required_targets(require_target)
     from optimize.pipeline import RunOptions
-    from optimize.pipeline import run as run_pipeline
 
     options = RunOptions(runs_dir, tracking_uri, required, register, quiet, cache=cache, rebench=rebench)
     try:
-        result = run_pipeline(recipe, options)
+        with _stdout_to_stderr(as_json):
+            result = api.execute(recipe, options)
     except Exception as e:
         _ci_error_files(junit, summary, recipe, e)
         raise
     _ci_files(junit, summary, result.run_dir)
+    if as_json:
+        _state["json_error"] = None
+        typer.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        _print_run(result)
+    raise typer.Exit(result.exit_code)
+
+
+def _print_run(result: RunResult) -> None:
+    """`optimize run`'s outcome on stdout: gates that failed or were skipped, the verdict and the report, what was
+    registered and where the alias points."""
     from rich.markup import escape
 
-    from optimize.console import console
+    from optimize.console import stdout_console
     from optimize.files import display_path
 
-    con = console()
-    colour = "green" if result.status == "passed" else "red"
+    con = stdout_console()
+    colour = "green" if result.passed else "red"
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
     for row in verdict["gates"]:
         if row["status"] != "passed":
             mark = "[red]✗ failed[/] " if row["status"] == "failed" else "[yellow]- skipped[/]"
             con.print(
-                f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}")
+                f"{mark} " + escape(f"{row['variant']} @ {row['target']}: {row['check']} — {row.get('reason', '')}"),
+                soft_wrap=True,
             )
-    con.print(f"[bold {colour}]{result.status.upper()}[/]  report: {display_path(result.run_dir / 'report.html')}")
-    reg = result.registered
-    if reg.get("versions"):
-        for variant, version in reg["versions"].items():
-            con.print(
-                f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}"
-            )
-    if reg.get("already"):
-        same = ", ".join(f"v{version} ({variant})" for variant, version in reg["already"].items())
+    con.print(
+        f"[bold {colour}]{result.status.upper()}[/]  report: {escape(display_path(result.report_html))}", soft_wrap=True
+    )
+    for r in result.registered:
+        if not r.already_registered:
+            con.print(escape(f"registered {r.model_name} version {r.version} ({r.variant}) → {r.uri}"), soft_wrap=True)
+    same = ", ".join(f"v{r.version} ({r.variant})" for r in result.registered if r.already_registered)
+    if same:
         con.print(
-            escape(f"already registered: {reg['model_name']} {same} (the same model bytes, verified the same way)")
+            escape(f"already registered: {result.model_name} {same} (the same model bytes, verified the same way)"),
+            soft_wrap=True,
         )
-        if not reg.get("run_id"):
+        if result.mlflow_run_id is None:
             from optimize.registry import retry_command
 
             recipe_uri = (
                 json.loads((result.run_dir / "recipe.json").read_text()).get("registry", {}).get("tracking_uri")
             )
-            retry = retry_command(result.run_dir, reg["tracking_uri"], recipe_uri)
-            con.print(escape(f"nothing new logged to MLflow; `{retry}` registers this run as new versions"))
-    if reg.get("versions") or reg.get("already"):
-        con.print(f"alias {reg['alias']} → models:/{reg['model_name']}@{reg['alias']}  (store: {reg['tracking_uri']})")
-    raise typer.Exit(result.exit_code)
+            retry = retry_command(result.run_dir, str(result.tracking_uri), recipe_uri)
+            con.print(
+                escape(f"nothing new logged to MLflow; `{retry}` registers this run as new versions"), soft_wrap=True
+            )
+    if result.alias_uri:
+        con.print(escape(f"alias {result.alias} → {result.alias_uri}  (store: {result.tracking_uri})"), soft_wrap=True)
+
+
+@contextmanager
+def _stdout_to_stderr(on: bool) -> Iterator[None]:
+    """With --json, fd 1 and sys.stdout point to stderr while the command works, so that nothing but the JSON
+    object reaches stdout (a library printing between stages included). The CLI owns its process; the Python
+    API never does this."""
+    if not on:
+        yield
+        return
+    import os
+    from contextlib import redirect_stdout
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @app.command()
@@ -300,14 +363,27 @@ def promote(
         str | None, typer.Option("--from", metavar="ALIAS", help="Promote the version this alias points to.")
     ] = None,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, model, alias, uri, version, previous, sha256, unchanged, status (ok, "
+            "failed, error), exit_code, error.",
+        ),
+    ] = False,
 ) -> None:
     """Move ALIAS to a version that passed its gates, after verifying its artifact's sha256; the version
     the alias left is recorded for `optimize rollback`."""
+    if as_json:
+        _state["json_error"] = _json_outcome("promote", model=model, alias=to, uri=f"models:/{model}@{to}")
     if (version is None) == (from_alias is None):
         raise _usage("promote: give exactly one of --version N and --from ALIAS")
     from optimize.promotion import promote as do_promote
 
     done = do_promote(model, to, version=version, from_alias=from_alias, tracking_uri=_tracking(tracking_uri))
+    if as_json:
+        _print_json("promote", {"uri": f"models:/{model}@{to}", "unchanged": False, **done})
+        return
     before = f" (was version {done['previous']})" if done.get("previous") else ""
     typer.echo(f"{model}@{to} → version {done['version']}{before}; sha256 verified")
 
@@ -317,11 +393,25 @@ def rollback(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Registered model name.")],
     alias: Annotated[str, typer.Option("--alias", metavar="ALIAS", help="The alias to move back.")],
     tracking_uri: Annotated[str | None, _TRACKING] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, model, alias, uri, version (now), previous (before this call), sha256, "
+            "already_rolled_back, rolled_back_from, status (ok, error), exit_code, error.",
+        ),
+    ] = False,
 ) -> None:
     """Move ALIAS back to the version it pointed to before its last promotion (verified the same way)."""
+    if as_json:
+        _state["json_error"] = _json_outcome("rollback", model=model, alias=alias, uri=f"models:/{model}@{alias}")
     from optimize.promotion import rollback as do_rollback
 
     done = do_rollback(model, alias, tracking_uri=_tracking(tracking_uri))
+    if as_json:
+        extra = {"uri": f"models:/{model}@{alias}", "already_rolled_back": False, "rolled_back_from": None}
+        _print_json("rollback", {**extra, **done})
+        return
     if done.get("already_rolled_back"):
         typer.echo(
             f"{model}@{alias} already rolled back from version {done['rolled_back_from']}; "
@@ -339,12 +429,26 @@ def smoke(
         typer.Option("--target", metavar="TARGET", help="Runtime to load it on (default: the first it was gated on)."),
     ] = None,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, uri, model, version, target, sha256, max_abs_error, worst_output, "
+            "golden_target, p50_ms, budget_ms, budget_source, latency_shape, latency_check, status (passed, "
+            "failed: over the latency budget, error), exit_code, error.",
+        ),
+    ] = False,
 ) -> None:
     """Load a registered model on this machine, run its stored sample inputs, compare with its golden outputs
     within the recorded tolerance and its latency with the recipe's budget; non-zero exit with the reason."""
+    if as_json:
+        _state["json_error"] = _json_outcome("smoke", "passed", uri=uri, target=target)
     from optimize.smoke import smoke as do_smoke
 
     result = do_smoke(uri, tracking_uri=_tracking(tracking_uri), target=target)
+    if as_json:
+        _print_json("smoke", result, ok="passed")
+        return
     typer.echo(
         f"{uri}: ok on {result['target']} — max |diff| {result['max_abs_error']:.3g} within tolerance, "
         f"p50 {result['p50_ms']:.3f} ms"
@@ -403,11 +507,25 @@ def compare(
         ),
     ] = None,
     tracking_uri: Annotated[str | None, _TRACKING] = None,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, before and after (label, detail, recipe, run_id, verdict), metrics "
+            "(variant, target, shape, metric, before, after, delta, change, better), gates (variant, target, gate, "
+            "before_status, before_value, after_status, after_value, flipped), differences (section, key, before, "
+            "after), html, status (ok, error), exit_code, error. The HTML page is written as without --json.",
+        ),
+    ] = False,
 ) -> None:
     """What changed between two runs: metrics per variant, target and shape (p50, p99, throughput, speed-up,
     cosine min, top-1, size, memory) with delta and % change, gates that flipped, hashes, library versions,
     hardware, recipe. Deltas go from the first to the second: RUN_A → RUN_B, and with --vs from the registered
     version to RUN_A (what RUN_A changes against, say, production). Prints tables and writes an HTML page."""
+    if as_json:
+        _state["json_error"] = _json_outcome(
+            "compare", run_a=str(run_a), run_b=str(run_b) if run_b is not None else None, vs=vs
+        )
     if (run_b is None) == (vs is None):
         raise _usage("compare: give either RUN_B or --vs models:/NAME@ALIAS")
     from contextlib import ExitStack
@@ -424,10 +542,14 @@ def compare(
             before = stack.enter_context(cmp.registered(vs, _tracking(tracking_uri)))  # type: ignore[arg-type]
             other = str(vs)
         result = cmp.compare(before, after)
-    cmp.print_table(result)
+    if not as_json:
+        cmp.print_table(result)
     page = html or run_a / cmp.default_html_name(other)
     write_text(page, cmp.html(result))
-    typer.echo(f"html: {display_path(page)}")
+    if as_json:
+        _print_json("compare", {**cmp.as_json(result), "html": str(page.resolve())})
+    else:
+        typer.echo(f"html: {display_path(page)}")
 
 
 @app.command()
@@ -440,7 +562,7 @@ def runs(
         typer.Option(
             "--json",
             help="Print one JSON list: per run its run_id, recipe, path, started, status, verdict, variants "
-            "(name, status, target, p50_speedup, shape, cosine_min), report_html, report_md and error.",
+            "(name, status, target, p50_speedup, shape, cosine_min, reason), report_html, report_md and error.",
         ),
     ] = False,
 ) -> None:
@@ -591,12 +713,9 @@ def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, erro
 
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:
     """`--require-target` values, each a known target (exit 2 otherwise)."""
-    from optimize.recipe import TARGETS
+    from optimize.api import required_targets
 
-    for t in values or []:
-        if t not in TARGETS:
-            raise _usage(f"--require-target: unknown target {t!r}; known: {', '.join(TARGETS)}")
-    return tuple(values or ())
+    return required_targets(values, "--require-target")
 
 
 def _usage(msg: str) -> OptimizeError:
@@ -619,28 +738,71 @@ def main() -> None:
             if len(lines) == 1
             else f"{lines[0]} (and {len(lines) - 1} more problem(s); see `optimize validate`)"
         )
-        print(f"error: {head}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(e.exit_code, head, e)
     except typer.Exit as e:
         sys.exit(e.exit_code)
-    except typer.Abort:
-        print("error: aborted", file=sys.stderr)
-        sys.exit(130)
-    except (KeyboardInterrupt, EOFError):
-        print("error: interrupted; the run directory keeps what was finished", file=sys.stderr)
-        sys.exit(130)
+    except typer.Abort as e:
+        _fail(130, "aborted", e)
+    except (KeyboardInterrupt, EOFError) as e:
+        _fail(130, "interrupted; the run directory keeps what was finished", e)
     except Exception as e:  # click usage errors and anything unexpected
         # recent typer vendors click as typer._click; typer.BadParameter's module is the click in use
         click_exceptions = sys.modules[typer.BadParameter.__module__]
         if isinstance(e, click_exceptions.UsageError):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2)
+            _fail(2, e.format_message(), e)
         if isinstance(e, click_exceptions.ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            _fail(e.exit_code, e.format_message(), e)
         if debug:
             traceback.print_exc()
         hint = "" if debug else " (rerun with --debug for the traceback)"
-        print(f"error: internal error {type(e).__name__}: {e}{hint}", file=sys.stderr)
-        sys.exit(3)
+        _fail(3, f"internal error {type(e).__name__}: {e}{hint}", e)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+# The commands that take --json for their outcome: a failure prints a JSON object too.
+_JSON_COMMANDS = ("run", "promote", "rollback", "smoke", "compare")
+
+
+def _fail(code: int, line: str, error: BaseException) -> NoReturn:
+    """End with exit `code`: with --json, the command's JSON object for the failure on stdout; then `error: LINE`
+    on stderr."""
+    build = _state["json_error"] or _usage_error_json()
+    if build is not None:
+        print(json.dumps(build(error, code, line), indent=2), flush=True)
+    print(f"error: {line}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _print_json(command: str, outcome: dict[str, Any], ok: str = "ok") -> None:
+    """A --json command's outcome on stdout: the command, `outcome`, and status, exit_code 0, error null."""
+    _state["json_error"] = None
+    payload = {"command": command, **outcome, "status": ok, "exit_code": 0, "error": None}
+    typer.echo(json.dumps(payload, indent=2))
+
+
+def _usage_error_json() -> Callable[[BaseException | None, int, str], dict] | None:
+    """For a failure before the command's body ran (a usage error such as an unknown option): the JSON builder
+    of a command that was given --json, else None."""
+    args = sys.argv[1:]
+    command = next((a for a in args if not a.startswith("-")), None)
+    if command not in _JSON_COMMANDS or "--json" not in args:
+        return None
+    if command == "run":
+        from optimize.api import error_json
+
+        return lambda e, code, line: error_json(None, e, code, line)
+    return _json_outcome(command)
+
+
+def _json_outcome(command: str, ok: str = "ok", **context: Any) -> Callable[[BaseException | None, int, str], dict]:
+    """The JSON object of a failed --json command (other than run): the command, what it was given (`context`),
+    status, exit_code and error."""
+    from optimize.api import status_of
+
+    return lambda _e, code, line: {
+        "command": command,
+        **context,
+        "status": status_of(code, ok),
+        "exit_code": code,
+        "error": line,
+    }

@@ -11,7 +11,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -365,6 +365,28 @@ def default_html_name(other: str) -> str:
     stem = other.removeprefix("models:/").rstrip("/")
     stem = re.sub(r"[^A-Za-z0-9._@-]+", "-", stem).strip("-.") or "other"
     return f"compare-{stem}.html"
+
+
+def as_json(c: Comparison) -> dict[str, Any]:
+    """The comparison as `optimize compare --json` prints it: each side's label, detail, recipe, run id and
+    verdict, then every metric row, every gate row (with `flipped`) and every difference."""
+
+    def side(s: Side) -> dict[str, Any]:
+        return {
+            "label": s.label,
+            "detail": s.detail,
+            "recipe": s.manifest.get("recipe"),
+            "run_id": s.manifest.get("run_id"),
+            "verdict": s.verdict.get("status"),
+        }
+
+    return {
+        "before": side(c.before),
+        "after": side(c.after),
+        "metrics": [asdict(r) for r in c.metrics],
+        "gates": [{**asdict(g), "flipped": g.flipped} for g in c.gates],
+        "differences": [asdict(d) for d in c.differences],
+    }
 
 
 def print_table(c: Comparison) -> None:

@@ -3,6 +3,7 @@ library output into log files."""
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -61,6 +62,69 @@ def capture_output(log_path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+# The logs of the stages running now under `capture_python_output`, innermost last.
+_stage_logs: list[IO[str]] = []
+
+
+class _StageStream(io.TextIOBase):
+    """sys.stdout or sys.stderr while a stage runs under `capture_python_output`: writes go to the log of the stage
+    running now, and outside stages to the stream this one replaced. A library that keeps a reference (a logging
+    handler made while a stage imported it binds sys.stderr) thus writes to the log of the stage it runs in, and
+    after the run where it would have written, never to a closed file."""
+
+    def __init__(self, replaced: IO[str]) -> None:
+        super().__init__()
+        self._replaced = replaced
+
+    def _target(self) -> IO[str]:
+        return _stage_logs[-1] if _stage_logs else self._replaced
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def fileno(self) -> int:
+        return self._target().fileno()
+
+    def isatty(self) -> bool:
+        return self._target().isatty()
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return getattr(self._target(), "encoding", None) or "utf-8"
+
+
+@contextmanager
+def capture_python_output(log_path: Path) -> Iterator[None]:
+    """Send what Python code writes to sys.stdout and sys.stderr to `log_path` for the block, leaving fds 1 and
+    2 alone (the Python API: the caller's descriptors are the caller's; native code prints where it would)."""
+    from contextlib import redirect_stderr, redirect_stdout
+
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        _stage_logs.append(log)
+        try:
+            with redirect_stdout(_StageStream(sys.stdout)), redirect_stderr(_StageStream(sys.stderr)):
+                yield
+        finally:
+            _stage_logs.remove(log)
+
+
+@contextmanager
+def console_to(stream: IO[str] | None) -> Iterator[Console]:
+    """For the block, progress and warnings go to `stream` (the Python API: the caller's sys.stderr as it is
+    when the call starts), not to the duplicate of fd 2 that `console()` makes; the console before is put back."""
+    global _console
+    saved = _console
+    _console = Console(file=stream, highlight=False, soft_wrap=True)
+    try:
+        yield _console
+    finally:
+        _console = saved
 
 
 class _Only(bars.ProgressColumn):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 
 def first_line(e: BaseException, limit: int = 300) -> str:
@@ -18,9 +19,11 @@ def first_line(e: BaseException, limit: int = 300) -> str:
 
 
 class OptimizeError(Exception):
-    """Base of every error the CLI reports as one line. `exit_code` is the process exit status."""
+    """Base of every error the CLI reports as one line. `exit_code` is the process exit status; `run_dir` is the
+    run directory of the `optimize run` that failed, where it had one (set by the pipeline)."""
 
     exit_code = 3
+    run_dir: Path | None = None
 
 
 class RecipeError(OptimizeError):

@@ -30,7 +30,7 @@ import numpy as np
 import yaml
 
 from optimize import __version__, preflight
-from optimize.console import Progress, capture_output, console
+from optimize.console import Progress, capture_output, capture_python_output, console
 from optimize.cpu import isa as cpu_isa
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
@@ -56,7 +56,9 @@ LIBRARIES = (
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What the command line adds to a recipe."""
+    """What the command line adds to a recipe. `capture_fds`: while a stage runs, fds 1 and 2 go to its log, so
+    native libraries' output lands there too (the CLI, which owns its process); False leaves the descriptors
+    alone and sends only Python's sys.stdout and sys.stderr there (the Python API, `optimize.run`)."""
 
     runs_dir: Path = Path("runs")
     tracking_uri: str | None = None
@@ -65,6 +67,7 @@ class RunOptions:
     quiet: bool = False
     cache: bool = True
     rebench: bool = False
+    capture_fds: bool = True
 
 
 @dataclass(frozen=True)
@@ -217,7 +220,8 @@ class _Run:
         return self._io_specs[path]
 
     def log(self, stage: str) -> Any:
-        return capture_output(self.run_dir / "logs" / f"{stage}.log")
+        capture = capture_output if self.options.capture_fds else capture_python_output
+        return capture(self.run_dir / "logs" / f"{stage}.log")
 
     @contextmanager
     def cached(
@@ -256,6 +260,17 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
     recipe = load_recipe(recipe_path)
     preflight.check(recipe, recipe_path)  # the files, data and tokenizers it names: before any stage, no torch
     state = _Run(recipe, recipe_path, options)
+    try:
+        return _run_stages(state)
+    except BaseException as e:
+        # Where the run's files are, for `optimize run --json` and the Python API (`OptimizeError.run_dir`).
+        with contextlib.suppress(AttributeError):
+            e.run_dir = state.run_dir  # type: ignore[attr-defined]
+        raise
+
+
+def _run_stages(state: _Run) -> RunResult:
+    """The stages; a failure is recorded in the manifest and reported in one line that names the run directory."""
     try:
         result = _execute(state)
     except BaseException as e:

@@ -14,7 +14,8 @@ MANIFEST = "manifest.json"
 
 @dataclass(frozen=True)
 class VariantLine:
-    """A variant's verdict and key numbers, on the first target that ran it."""
+    """A variant's verdict and key numbers, on the first target that ran it; `reason` says why (the failed
+    gates, or how many passed)."""
 
     name: str
     status: str
@@ -22,6 +23,7 @@ class VariantLine:
     p50_speedup: float | None
     shape: str | None
     cosine_min: float | None
+    reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def describe(run_dir: Path) -> RunLine:
     if metrics is not None and verdict is not None:
         try:
             variants = [
-                VariantLine(h.variant, h.status, h.target, h.p50_speedup, h.shape, h.cosine_min)
+                VariantLine(h.variant, h.status, h.target, h.p50_speedup, h.shape, h.cosine_min, h.reason)
                 for h in headlines(metrics, verdict)
             ]
         except Exception:  # a damaged metrics.json shows as a run without numbers

@@ -332,12 +332,32 @@ def test_run_prints_failed_and_skipped_gates_and_exits_1(write_recipe, tmp_path:
     )
     proc = cli("run", "--no-register", recipe, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr
-    assert "✗ failed  fp16 @ onnxruntime-cpu: size.bytes <= 10 — size.bytes = " in proc.stderr
+    # The outcome is on stdout, the progress on stderr.
+    assert "✗ failed  fp16 @ onnxruntime-cpu: size.bytes <= 10 — size.bytes = " in proc.stdout
     # Bracketed text (an install hint) survives the terminal's markup.
-    assert "- skipped fp16 @ tensorrt: latency.p50_speedup >= 2 — TensorRT is not installed" in proc.stderr
-    assert "'optimize[gpu]'" in proc.stderr
-    assert "FAILED  report: runs/tiny/" in proc.stderr
+    assert "- skipped fp16 @ tensorrt: latency.p50_speedup >= 2 — TensorRT is not installed" in proc.stdout
+    assert "'optimize[gpu]'" in proc.stdout
+    assert proc.stdout.splitlines()[-1].startswith("FAILED  report: runs/tiny/")
+    assert "✓ gate" in proc.stderr and "✓" not in proc.stdout
+    assert "report: " not in proc.stderr and "✗ failed" not in proc.stderr
     assert "Traceback" not in proc.stderr
+    (first,) = (tmp_path / "runs" / "tiny").iterdir()
+
+    # The same run for a script (every stage from the cache): one JSON object is all of stdout.
+    proc = cli("run", "--no-register", "--json", recipe, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    out = json.loads(proc.stdout)
+    (run_dir,) = set((tmp_path / "runs" / "tiny").iterdir()) - {first}
+    assert (out["command"], out["status"], out["exit_code"], out["error"], out["verdict"]) == (
+        "run", "failed", 1, None, "failed"
+    )  # fmt: skip
+    assert (out["recipe"], out["recipe_file"], out["run_dir"]) == ("tiny", str(recipe.resolve()), str(run_dir))
+    (fp16,) = out["variants"]
+    assert (fp16["name"], fp16["status"], fp16["target"]) == ("fp16", "failed", "onnxruntime-cpu")
+    assert "size.bytes" in fp16["reason"] and fp16["cosine_min"] > 0.99
+    assert (out["registered"], out["alias_uri"], out["mlflow_run_id"]) == ([], None, None)
+    assert out["report_html"] == str(run_dir / "report.html") and Path(out["report_html"]).is_file()
+    assert "✓ gate" in proc.stderr
 
 
 def test_run_passes_registers_and_names_the_version(write_recipe, tmp_path: Path) -> None:
@@ -345,6 +365,136 @@ def test_run_passes_registers_and_names_the_version(write_recipe, tmp_path: Path
     assert proc.returncode == 0, proc.stderr
     for stage in ("load", "export", "precision", "evaluate", "benchmark", "gate", "register"):
         assert f"✓ {stage}" in proc.stderr
-    assert "registered tiny version 1 (fp16) → models:/tiny/1" in proc.stderr
-    assert "alias candidate → models:/tiny@candidate" in proc.stderr
+    said = proc.stdout.splitlines()
+    assert said[0].startswith("PASSED  report: runs/tiny/")
+    assert "registered tiny version 1 (fp16) → models:/tiny/1" in said
+    assert said[-1].startswith("alias candidate → models:/tiny@candidate  (store: sqlite:///")
+    assert "registered tiny" not in proc.stderr and "alias candidate →" not in proc.stderr
     assert (tmp_path / "mlflow.db").is_file()
+
+    # Again, piped into a JSON reader as a script would: the version is found registered already.
+    read = "import json, sys; out = json.load(sys.stdin); print(out['status'], json.dumps(out['registered']))"
+    command = f"set -o pipefail; {sys.executable} -m optimize run --json recipe.yaml | {sys.executable} -c {read!r}"
+    proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    status, registered = proc.stdout.strip().split(" ", 1)
+    assert status == "passed"
+    assert json.loads(registered) == [
+        {"variant": "fp16", "model_name": "tiny", "version": 1, "uri": "models:/tiny/1", "already_registered": True}
+    ]
+
+
+def test_run_json_without_a_run_directory(write_recipe, tmp_path: Path) -> None:
+    """A bad recipe or usage (exit 2) still prints the JSON object, with no run directory."""
+    write_recipe({"precison": {}})
+    for args, error in [
+        (("recipe.yaml",), "recipe.yaml: precison: unknown key; did you mean 'precision'?"),
+        (("--bogus", "recipe.yaml"), "No such option: --bogus"),
+    ]:
+        proc = cli("run", "--json", *args, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr
+        assert one_error_line(proc) == f"error: {error}"
+        out = json.loads(proc.stdout)
+        assert (out["status"], out["exit_code"], out["error"]) == ("error", 2, error)
+        assert (out["run_dir"], out["run_id"], out["verdict"], out["variants"]) == (None, None, None, [])
+    assert not (tmp_path / "runs").exists()
+
+
+def test_run_json_when_a_stage_fails_names_the_run_directory(write_recipe, tmp_path: Path) -> None:
+    write_recipe({"model": {"entry_point": "tinynet:overflow"}})  # FP16 overflows: the precision stage fails
+    proc = cli("run", "--json", "--quiet", "--no-register", "recipe.yaml", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    line = one_error_line(proc)
+    out = json.loads(proc.stdout)
+    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
+    assert (out["status"], out["exit_code"], out["error"]) == ("error", 3, line.removeprefix("error: "))
+    assert (out["recipe"], out["run_id"], out["run_dir"]) == ("tiny", run_dir.name, str(run_dir))
+    assert "precision.fp16" in out["error"] and "NaN/Inf" in out["error"]
+    assert (out["verdict"], out["variants"], out["report_html"]) == (None, [], None)
+    assert json.loads((run_dir / "manifest.json").read_text())["status"] == "failed"
+
+
+# --- --json for the registry commands and compare (in this process: MLflow is imported once) -------------------
+
+
+def _main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:
+    """`optimize ARGS` through the console entry point: (exit code, the JSON object on stdout, stderr)."""
+    from optimize import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["optimize", *args])
+    with pytest.raises(SystemExit) as e:
+        cli_module.main()
+    out, err = capsys.readouterr()
+    return int(e.value.code or 0), json.loads(out), err
+
+
+def test_registry_commands_print_json(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from optimize import registry
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert registry.publish(run_dir, store)["versions"] == {"fp16": 1, "fp16-fp32io": 2}
+    capsys.readouterr()  # MLflow's log of creating the store
+    uri = ("--tracking-uri", store, "--json")
+
+    code, out, err = _main(monkeypatch, capsys, "promote", "tiny", "--to", "canary", "--version", "1", *uri)
+    assert (code, err) == (0, "")
+    sha256 = out.pop("sha256")
+    assert len(sha256) == 64
+    assert out == {
+        "command": "promote", "uri": "models:/tiny@canary", "unchanged": False, "model": "tiny", "alias": "canary",
+        "version": 1, "previous": None, "status": "ok", "exit_code": 0, "error": None,
+    }  # fmt: skip
+    move = ("promote", "tiny", "--to", "canary", "--from", "candidate-fp16-fp32io")
+    code, out, _ = _main(monkeypatch, capsys, *move, *uri)
+    assert (code, out["version"], out["previous"]) == (0, 2, 1)
+    code, out, _ = _main(monkeypatch, capsys, "rollback", "tiny", "--alias", "canary", *uri)
+    assert (code, out["command"], out["version"], out["previous"], out["already_rolled_back"]) == (
+        0, "rollback", 1, 2, False
+    )  # fmt: skip
+    code, out, _ = _main(monkeypatch, capsys, "smoke", "models:/tiny@canary", *uri)
+    assert (code, out["status"], out["version"], out["target"], out["sha256"]) == (
+        0, "passed", 1, "onnxruntime-cpu", sha256
+    )  # fmt: skip
+    assert out["max_abs_error"] >= 0 and out["p50_ms"] > 0
+
+    # Failures: the same JSON shape, with the error line that stderr has.
+    for args, code_expected in [
+        (("promote", "tiny", "--to", "canary", "--version", "99"), 2),
+        (("promote", "tiny", "--to", "canary"), 2),  # neither --version nor --from
+        (("promote", "tiny"), 2),  # click: --to missing, before the command runs
+        (("rollback", "tiny", "--alias", "production"), 2),
+        (("smoke", "models:/tiny@nowhere"), 2),
+    ]:
+        code, out, err = _main(monkeypatch, capsys, *args, *uri)
+        (line,) = err.strip().splitlines()
+        assert (code, out["command"], out["status"], out["exit_code"]) == (code_expected, args[0], "error", code)
+        assert out["error"] == line.removeprefix("error: "), args
+
+
+def test_compare_prints_json(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_a, other = tmp_path / "a", tmp_path / "other"  # copies: compare writes its page into RUN_A
+    shutil.copytree(finished_run, run_a)
+    shutil.copytree(finished_run, other)
+    metrics = json.loads((other / "metrics.json").read_text())
+    for by_target in metrics["results"]["fp16"].values():
+        for shape in by_target.get("shapes", {}).values():
+            shape["p50_ms"] *= 2
+    (other / "metrics.json").write_text(json.dumps(metrics))
+
+    code, out, err = _main(monkeypatch, capsys, "compare", str(run_a), str(other), "--json")
+    assert (code, err, out["status"], out["error"]) == (0, "", "ok", None)
+    assert Path(out["html"]).is_file() and Path(out["html"]).parent == run_a.resolve()
+    assert out["before"]["verdict"] == out["after"]["verdict"] == "passed"
+    slower = [m for m in out["metrics"] if m["variant"] == "fp16" and m["metric"] == "p50 ms"]
+    assert slower and all(m["after"] == 2 * m["before"] and m["better"] is False for m in slower)
+    assert out["gates"] and not any(g["flipped"] for g in out["gates"])
+
+    code, out, err = _main(monkeypatch, capsys, "compare", str(tmp_path / "nothing"), str(other), "--json")
+    assert (code, out["status"], out["run_a"]) == (2, "error", str(tmp_path / "nothing"))
+    assert out["error"] == err.strip().removeprefix("error: ")

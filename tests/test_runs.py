@@ -96,7 +96,7 @@ def test_optimize_runs_json_and_table(runs_dir: Path, tmp_path: Path) -> None:
     assert [r["run_id"] for r in listed][:4] == ["running", "crashed", "gates-failed", "passed"]
     passed = next(r for r in listed if r["run_id"] == "passed")
     assert passed["report_html"] == "runs/tiny/passed/report.html"
-    assert set(passed["variants"][0]) == {"name", "status", "target", "p50_speedup", "shape", "cosine_min"}
+    assert set(passed["variants"][0]) == {"name", "status", "target", "p50_speedup", "shape", "cosine_min", "reason"}
 
     proc = cli("runs", "--runs-dir", "runs", cwd=tmp_path, env={"COLUMNS": "220"})
     assert proc.returncode == 0, proc.stderr
