@@ -53,15 +53,19 @@ class Batches:
     check: Callable[[str, Feeds], None] | None = None
 
     @cached_property
+    def made(self) -> Feeds:
+        """The batches, made on first use, before `check` has run on them."""
+        return self.source() if callable(self.source) else self.source
+
+    @cached_property
     def batches(self) -> Feeds:
-        batches = self.source() if callable(self.source) else self.source
         if self.check is not None:
-            self.check(self.name, batches)
-        return batches
+            self.check(self.name, self.made)
+        return self.made
 
     def checked(self, check: Callable[[str, Feeds], None]) -> Batches:
         """This dataset with `check(name, batches)` run once its batches are made (its batches kept if made)."""
-        return dataclasses.replace(self, source=self.__dict__.get("batches", self.source), check=check)
+        return dataclasses.replace(self, source=self.__dict__.get("made", self.source), check=check)
 
     def record(self) -> dict[str, Any]:
         """What the manifest keeps of this dataset."""

@@ -374,6 +374,9 @@ def _execute(state: _Run) -> RunResult:
                 else:
                     from optimize import export
 
+                    examples = preflight.example_inputs(loaded, recipe.export)
+                    for ds in datasets.values():  # data that cannot fit the model is refused before the export
+                        data.check_feeds(ds.name, ds.made, examples)
                     export.export_onnx(loaded, recipe.export, baseline_path)
                     for ds in datasets.values():  # a wrong dtype or name is the user's, before the check
                         _ = ds.batches

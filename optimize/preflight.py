@@ -119,7 +119,20 @@ def _model_io(recipe: Recipe) -> tuple[list[ModelInput] | None, str]:
         rank = 1 + len(model.input_shape)
         return [ModelInput(n, "float32", axes(n, rank)) for n in names], known_as
     assert isinstance(model, EntryPointModel)
-    return [ModelInput(n) for n in names], known_as  # dtypes: the example tensors, checked before export
+    return [ModelInput(n) for n in names], known_as  # dtypes: the example tensors (example_inputs)
+
+
+def example_inputs(loaded: Any, export: Any) -> list[ModelInput]:
+    """A torch model's inputs as its export will have them: names, dtypes and ranks of the example tensors
+    (the dynamic axes named as `export.dynamic_axes` says; static sizes are left to the check after the
+    export). For checking the data before the export, where a wrong dtype would otherwise surface after it."""
+    out = []
+    for name in loaded.input_names(export):
+        tensor = loaded.example_inputs[name]
+        dynamic = export.dynamic_axes.get(name, {})
+        shape = tuple(dynamic.get(i, "?") for i in range(tensor.dim()))
+        out.append(ModelInput(name, str(tensor.dtype).removeprefix("torch."), shape))
+    return out
 
 
 def _model_tokenizer_dir(recipe: Recipe) -> Path | None:

@@ -366,3 +366,20 @@ def test_run_fails_fast_before_torch_and_before_a_run_directory(onnx_recipe, tin
         "float32; convert the data"
     ]
     assert not (tiny_dir / "runs").exists()
+
+
+def test_a_torch_models_data_of_the_wrong_dtype_is_refused_before_the_export(write_recipe, tiny_dir: Path) -> None:
+    """An entry point's input dtypes are its example tensors': known once the module is built, and checked
+    against the data then, before the export (the export used to run first, and the same error came after)."""
+    from optimize.pipeline import RunOptions, run
+
+    np.savez(tiny_dir / "tiny.npz", x=np.zeros((64, 8), np.float64), label=np.zeros(64, np.int64))
+    recipe = write_recipe()
+    passes(recipe)  # the recipe alone does not tell the model's dtype
+    with pytest.raises(RecipeError) as e:
+        run(recipe, RunOptions(runs_dir=tiny_dir / "runs", register=False, quiet=True, cache=False))
+    assert str(e.value).startswith(
+        "data.eval: array 'x' has dtype float64, the model's input wants float32; convert the data"
+    ), str(e.value)
+    (run_dir,) = (tiny_dir / "runs" / "tiny").iterdir()
+    assert not (run_dir / "artifacts" / "fp32.onnx").exists()
