@@ -725,7 +725,8 @@ def _usage(msg: str) -> OptimizeError:
 
 
 def main() -> None:
-    """Console entry point: run the app; an OptimizeError becomes one line on stderr and its exit code."""
+    """Console entry point: run the app; an OptimizeError becomes one line on stderr and its exit code (and, for a
+    command given --json, its JSON object on stdout)."""
     debug = "--debug" in sys.argv[1:]
     try:
         rc = app(standalone_mode=False)
@@ -767,6 +768,7 @@ def _fail(code: int, line: str, error: BaseException) -> NoReturn:
     """End with exit `code`: with --json, the command's JSON object for the failure on stdout; then `error: LINE`
     on stderr."""
     build = _state["json_error"] or _usage_error_json()
+    _state["json_error"] = None
     if build is not None:
         print(json.dumps(build(error, code, line), indent=2), flush=True)
     print(f"error: {line}", file=sys.stderr)
