@@ -169,14 +169,13 @@ def test_onnx_model_source_skips_export(write_recipe, tmp_path: Path) -> None:
     assert sha256_file(result.run_dir / "artifacts" / "fp32.onnx") == sha256_file(onnx_file)
 
 
-def test_missing_dataset_file_is_exit_2_and_marks_the_run_failed(write_recipe, tmp_path: Path) -> None:
+def test_missing_dataset_file_is_exit_2_before_a_run_directory(write_recipe, tmp_path: Path) -> None:
+    """A data file the recipe names and that is not there is a recipe error, found before any stage runs (as
+    `optimize validate` finds it): no run directory is made and nothing registered."""
     recipe = write_recipe({"data": {"eval": {"path": "nope.npz"}}})
     msg = _raises(recipe, _options(tmp_path), 2)
-    assert "data.eval.path" in msg and "nope.npz" in msg and "not found" in msg
-    (run_dir,) = (tmp_path / "runs" / "tiny").iterdir()
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["status"] == "failed" and "nope.npz" in manifest["error"]
-    assert not (run_dir / "verdict.json").exists()
+    assert msg == "recipe.yaml: data.eval.path: nope.npz: file not found"
+    assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "mlflow.db").exists(), "nothing may be registered"
 
 
