@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import StageError
-from optimize.recipe import METRICS
+from optimize.recipe import METRICS, metric_unfit_reason, values_per_sample
 
 
 def run_all(runner: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -53,34 +53,9 @@ def neighbour_agreement(baseline: np.ndarray, variant: np.ndarray) -> float:
     return float((nearest_neighbours(baseline) == nearest_neighbours(variant)).mean())
 
 
-def values_per_sample(shape: tuple[int | str | None, ...] | list[Any]) -> int | None:
-    """How many numbers one sample of an output holds: the product of its dimensions after the first (the
-    sample axis); None when one of them is not a fixed size (a named dynamic axis)."""
-    n = 1
-    for dim in list(shape)[1:]:
-        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
-            return None
-        n *= dim
-    return n
-
-
-def unfit_reason(metric: str, per_sample: int | None, last_axis: int | None) -> str | None:
-    """Why accuracy `metric` (e.g. `cosine_min`) is not computed on an output with `per_sample` values per
-    sample and a last axis of `last_axis` (None: not known before it runs), or None when it is. Absolute and
-    relative errors fit every output."""
-    scalar = per_sample is not None and per_sample < 2
-    if metric.startswith("cosine") and scalar:
-        return f"{per_sample} value per sample, and the cosine of one number is only its sign (1, 0 or -1)"
-    if metric == "neighbour_agreement" and scalar:
-        return f"{per_sample} value per sample, and nearest neighbours by cosine need a vector per sample"
-    if metric.startswith("top1") and (scalar or (last_axis is not None and last_axis < 2)):
-        return "fewer than 2 classes on its last axis, and the top-1 of one number never changes"
-    return None
-
-
 def _runtime_unfit(metric: str, value: np.ndarray) -> str | None:
     per = values_per_sample(value.shape)
-    return unfit_reason(metric, per, value.shape[-1] if value.ndim >= 2 else None)
+    return metric_unfit_reason(metric, per, value.shape[-1] if value.ndim >= 2 else None)
 
 
 def relative_error(reference: np.ndarray, value: np.ndarray) -> float:

@@ -12,7 +12,15 @@ import operator
 from typing import Any
 
 from optimize.errors import RecipeError
-from optimize.recipe import METRICS, EvaluateSection, Gate, shape_key, unknown_output
+from optimize.recipe import (
+    METRICS,
+    EvaluateSection,
+    Gate,
+    metric_unfit_reason,
+    shape_key,
+    unknown_output,
+    values_per_sample,
+)
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
@@ -127,46 +135,43 @@ def evaluate_gates(
     return {"status": overall, "variants": per_variant, "gates": rows, "targets": targets}
 
 
-def check_outputs(
-    gates: list[Gate], evaluate: EvaluateSection, outputs: dict[str, tuple[Any, ...]], where: str
-) -> None:
+def check_outputs(gates: list[Gate], evaluate: EvaluateSection, outputs: dict[str, Any], where: str = "") -> None:
     """Refuse (RecipeError, exit 2) what the model's outputs show a recipe cannot mean: a gate or an
     `evaluate` output list naming an output the model does not have, and an accuracy metric that does not fit
     its output's shape (cosine, top-1 or neighbour agreement of one number per sample). `outputs` maps each
-    output's name to its shape (ints, or names for dynamic axes); `where` is the recipe file. Called once the
-    model is exported (or copied from the ONNX given), before any variant is built. A shape not known until
-    the model runs passes here; the evaluation then reports the metric as not measured on it."""
-    from optimize.accuracy import unfit_reason, values_per_sample
+    output's name to its shape (ints, or names for dynamic axes; None when not known); `where`, the recipe
+    file, starts each message. The run calls it once the model is exported (or copied from the ONNX given),
+    before any variant is built, and `optimize validate` for an ONNX source, from the file. A shape not known
+    until the model runs passes here; the evaluation then reports the metric as not measured on it."""
+    at = f"{where}: " if where else ""
 
     def unfit(metric: str, name: str) -> str | None:
-        shape = outputs[name]
+        shape = outputs[name] or ()
         last = shape[-1] if len(shape) >= 2 and isinstance(shape[-1], int) else None
-        return unfit_reason(metric, values_per_sample(shape), last)
+        return metric_unfit_reason(metric, values_per_sample(shape), last)
 
     def shown(name: str) -> str:
-        return f"{name!r} (shape [{', '.join(str(d) for d in outputs[name])}])"
+        return f"{name!r} (shape [{', '.join(str(d) for d in outputs[name] or ())}])"
 
     for field in ("top1_outputs", "neighbour_outputs"):
         metric = "top1" if field == "top1_outputs" else "neighbour_agreement"
         for name in getattr(evaluate, field):
             if name not in outputs:
-                raise RecipeError(f"{where}: evaluate.{field}: {unknown_output(name, outputs)}")
+                raise RecipeError(f"{at}evaluate.{field}: {unknown_output(name, outputs)}")
             reason = unfit(metric, name)
             if reason:
-                raise RecipeError(
-                    f"{where}: evaluate.{field}: output {shown(name)} has {reason}; remove it from the list"
-                )
+                raise RecipeError(f"{at}evaluate.{field}: output {shown(name)} has {reason}; remove it from the list")
     for i, gate in enumerate(gates):
         family, _, key = gate.metric.partition(".")
         if family != "accuracy" or key.startswith("task_metric"):
             continue
         if gate.output is not None:
             if gate.output not in outputs:
-                raise RecipeError(f"{where}: gates[{i}].output: {unknown_output(gate.output, outputs)}")
+                raise RecipeError(f"{at}gates[{i}].output: {unknown_output(gate.output, outputs)}")
             reason = unfit(key, gate.output)
             if reason:
                 raise RecipeError(
-                    f"{where}: gates[{i}]: {gate.metric} does not fit output {shown(gate.output)}: it has "
+                    f"{at}gates[{i}]: {gate.metric} does not fit output {shown(gate.output)}: it has "
                     f"{reason}; gate it with accuracy.max_abs_error or accuracy.relative_error"
                 )
             continue
@@ -181,6 +186,6 @@ def check_outputs(
         if candidates and all(unfit(key, name) for name in candidates if name in outputs):
             shapes = ", ".join(shown(n) for n in candidates if n in outputs)
             raise RecipeError(
-                f"{where}: gates[{i}]: {gate.metric} fits none of the model's outputs ({shapes}): "
+                f"{at}gates[{i}]: {gate.metric} fits none of the model's outputs ({shapes}): "
                 f"{unfit(key, candidates[0])}; gate accuracy.max_abs_error or accuracy.relative_error instead"
             )

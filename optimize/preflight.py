@@ -17,6 +17,7 @@ from typing import Any
 
 from optimize.errors import RecipeError, first_line
 from optimize.files import display_path
+from optimize.gates import check_outputs
 from optimize.recipe import (
     EntryPointModel,
     HuggingFaceModel,
@@ -86,6 +87,10 @@ def _check(recipe: Recipe) -> None:
         # an entry point's arrays exist only once its function runs: checked when the run loads it
     if isinstance(recipe.model, OnnxModel) and inputs is not None:
         _check_onnx_axes(recipe, inputs)
+        # the file names its outputs and their shapes: a gate naming another, or cosine on a [batch] score, is
+        # refused here already (the run checks again after copying it, and a torch source after its export)
+        outputs = onnx_outputs(recipe.model.path, "model.path")
+        check_outputs(recipe.gates, recipe.evaluate, {o.name: o.shape for o in outputs})
 
 
 # --- the model -------------------------------------------------------------------------------------
@@ -247,6 +252,15 @@ def _value_info(buf: Any, start: int, end: int) -> ModelInput:
 def onnx_inputs(path: Path, where: str) -> list[ModelInput]:
     """An ONNX file's graph inputs (without initializers, as ONNX Runtime lists them), read without loading
     its weights or external data."""
+    return _onnx_io(path, where)[0]
+
+
+def onnx_outputs(path: Path, where: str) -> list[ModelInput]:
+    """An ONNX file's graph outputs (name, dtype, shape), read as onnx_inputs reads its inputs."""
+    return _onnx_io(path, where)[1]
+
+
+def _onnx_io(path: Path, where: str) -> tuple[list[ModelInput], list[ModelInput]]:
     try:
         with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             graphs = _sub(buf, 0, len(buf), 7)  # ModelProto.graph
@@ -260,11 +274,12 @@ def onnx_inputs(path: Path, where: str) -> list[ModelInput]:
                 for t in _sub(buf, *sp, 1):
                     initializers.update(_text(buf, s) for s in _sub(buf, *t, 8))
             inputs = [_value_info(buf, *v) for v in _sub(buf, *g, 11)]
+            outputs = [_value_info(buf, *v) for v in _sub(buf, *g, 12)]  # GraphProto.output
     except (_WireError, ValueError, IndexError) as e:  # mmap of an empty file is a ValueError too
         raise RecipeError(f"{where}: {display_path(path)} is not an ONNX model ({first_line(e)})") from None
     except OSError as e:
         raise RecipeError(f"{where}: {display_path(path)}: cannot read ({e.strerror})") from None
-    return [i for i in inputs if i.name not in initializers]
+    return [i for i in inputs if i.name not in initializers], outputs
 
 
 def _check_onnx_axes(recipe: Recipe, inputs: list[ModelInput]) -> None:

@@ -580,6 +580,34 @@ METRICS: dict[str, str] = {
 _GATE_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
 
+def values_per_sample(shape: tuple[int | str | None, ...] | list[Any] | None) -> int | None:
+    """How many numbers one sample of an output holds: the product of its dimensions after the first (the
+    sample axis); None when one of them is not a fixed size (a named dynamic axis) or the shape is not known
+    (None, or no axis at all: what ONNX Runtime reports for an output without shape information)."""
+    if not shape:
+        return None
+    n = 1
+    for dim in list(shape)[1:]:
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            return None
+        n *= dim
+    return n
+
+
+def metric_unfit_reason(metric: str, per_sample: int | None, last_axis: int | None) -> str | None:
+    """Why accuracy `metric` (e.g. `cosine_min`) is not computed on an output with `per_sample` values per
+    sample and a last axis of `last_axis` (None: not known before it runs), or None when it is. Absolute and
+    relative errors fit every output."""
+    scalar = per_sample is not None and per_sample < 2
+    if metric.startswith("cosine") and scalar:
+        return f"{per_sample} value per sample, and the cosine of one number is only its sign (1, 0 or -1)"
+    if metric == "neighbour_agreement" and scalar:
+        return f"{per_sample} value per sample, and nearest neighbours by cosine need a vector per sample"
+    if metric.startswith("top1") and (scalar or (last_axis is not None and last_axis < 2)):
+        return "fewer than 2 classes on its last axis, and the top-1 of one number never changes"
+    return None
+
+
 class Gate(_Strict):
     """One threshold: `metric op value`, optionally scoped to a target, to variants, to a benchmark shape
     (latency/throughput) or to a model output (accuracy)."""

@@ -6,7 +6,8 @@ recipe error (exit 2) before any variant is built."""
 from __future__ import annotations
 
 import json
-import shutil
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -17,12 +18,12 @@ import pytest
 import yaml
 from onnx import TensorProto, helper, numpy_helper
 
-from optimize.accuracy import compare_outputs, per_sample, unfit_reason, values_per_sample
+from optimize.accuracy import compare_outputs, per_sample
 from optimize.errors import OptimizeError, RecipeError
 from optimize.gates import check_outputs, evaluate_gates, metric_value
 from optimize.pipeline import RunOptions, run
 from optimize.precision import fallback
-from optimize.recipe import EvaluateSection, Gate, load_recipe
+from optimize.recipe import EvaluateSection, Gate, load_recipe, metric_unfit_reason, values_per_sample
 from optimize.results import gate_table, junit_xml
 
 CPU = "onnxruntime-cpu"
@@ -79,19 +80,27 @@ def test_relative_error_of_an_all_zero_reference_is_the_absolute_l2_error() -> N
 
 @pytest.mark.parametrize(
     ("shape", "per"),
-    [(("batch",), 1), (("batch", 1), 1), (("batch", 16), 16), ((4, 2, 3), 6), (("batch", "seq", 8), None), ((), 1)],
+    [
+        (("batch",), 1),
+        (("batch", 1), 1),
+        (("batch", 16), 16),
+        ((4, 2, 3), 6),
+        (("batch", "seq", 8), None),
+        ((), None),
+        (None, None),
+    ],
 )
 def test_values_per_sample(shape: tuple[Any, ...], per: int | None) -> None:
     assert values_per_sample(shape) == per
 
 
 def test_which_metrics_fit_which_shapes() -> None:
-    assert unfit_reason("cosine_min", 1, None) and unfit_reason("neighbour_agreement", 1, None)
-    assert unfit_reason("top1_agreement", 1, None) and unfit_reason("top1_agreement", 4, 1)
-    assert unfit_reason("cosine_min", None, None) is None  # not known before it runs: judged then
-    assert unfit_reason("top1_agreement", 12, 3) is None and unfit_reason("cosine_mean", 2, 2) is None
+    assert metric_unfit_reason("cosine_min", 1, None) and metric_unfit_reason("neighbour_agreement", 1, None)
+    assert metric_unfit_reason("top1_agreement", 1, None) and metric_unfit_reason("top1_agreement", 4, 1)
+    assert metric_unfit_reason("cosine_min", None, None) is None  # not known before it runs: judged then
+    assert metric_unfit_reason("top1_agreement", 12, 3) is None and metric_unfit_reason("cosine_mean", 2, 2) is None
     for metric in ("max_abs_error", "mean_abs_error", "relative_error"):
-        assert unfit_reason(metric, 1, None) is None
+        assert metric_unfit_reason(metric, 1, None) is None
 
 
 # --- gates: scoped to an output ---------------------------------------------------------------------
@@ -327,18 +336,28 @@ def _refused(recipe: Path, tmp_path: Path) -> str:
 
 
 def test_an_onnx_source_refuses_cosine_on_its_scalar_output_and_unknown_outputs(tmp_path: Path) -> None:
+    # the file's outputs are read from its graph before anything runs: validate and run refuse alike
     gates = ["accuracy.cosine_min >= 0.99", {"check": "accuracy.cosine_min >= 0.99", "output": "score"}]
-    msg = _refused(_onnx_recipe(tmp_path, gates, FP16), tmp_path)
-    assert msg.startswith(
+    recipe = _onnx_recipe(tmp_path, gates, FP16)
+    expected = (
         "two.yaml: gates[1]: accuracy.cosine_min does not fit output 'score' (shape [batch]): it has 1 value per "
         "sample, and the cosine of one number is only its sign (1, 0 or -1); gate it with accuracy.max_abs_error "
-        "or accuracy.relative_error (run directory: runs/two/"
+        "or accuracy.relative_error"
     )
-    shutil.rmtree(tmp_path / "runs")
-    msg = _refused(_onnx_recipe(tmp_path, [{"check": "accuracy.max_abs_error <= 1", "output": "scor"}], FP16), tmp_path)
-    assert msg.startswith(
+    proc = subprocess.run(
+        [sys.executable, "-m", "optimize", "validate", "two.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.strip() == expected and "Traceback" not in proc.stderr
+    with pytest.raises(OptimizeError) as info:
+        run(recipe, _options(tmp_path))
+    assert info.value.exit_code == 2 and str(info.value) == expected
+    assert not (tmp_path / "runs").exists(), "refused before a run directory, let alone a variant"
+    recipe = _onnx_recipe(tmp_path, [{"check": "accuracy.max_abs_error <= 1", "output": "scor"}], FP16)
+    with pytest.raises(OptimizeError) as info:
+        run(recipe, _options(tmp_path))
+    assert str(info.value) == (
         "two.yaml: gates[0].output: unknown output 'scor'; did you mean 'score'? "
-        "(the model's outputs: score, embedding) (run directory: "
+        "(the model's outputs: score, embedding)"
     )
 
 
