@@ -85,7 +85,8 @@ def test_fallback_moves_the_sensitive_node_to_fp32_and_the_lock_keeps_it(tiny_di
         "data": {"eval": {"kind": "npz", "path": "tiny.npz", "batch_size": 16}, **CALIB},
         "evaluate": {"dataset": "eval"},
         "benchmark": {"shapes": [{"batch": 8}], "warmup": 1, "iterations": 5},
-        "gates": ["accuracy.cosine_min >= 0.98"],
+        # 7-bit per-tensor weights: fc1 alone gives cosine min 0.969 on every CPU, fc1 and fc2 -0.15
+        "gates": ["accuracy.cosine_min >= 0.95"],
     }
     path = tiny_dir / "outlier.yaml"
     path.write_text(yaml.safe_dump(recipe))
