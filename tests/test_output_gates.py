@@ -146,6 +146,27 @@ def test_a_scoped_gate_whose_output_lacks_the_metric_fails_naming_the_output() -
     assert row["status"] == "failed" and row["reason"] == "accuracy.cosine_min was not measured on output 'score'"
 
 
+def test_compare_matches_gate_rows_per_output() -> None:
+    from optimize.compare import _gate_rows
+
+    acc = compare_outputs(two_outputs(), two_outputs(seed=1), [])
+    gates = [
+        Gate(check="accuracy.max_abs_error <= 100", output="score"),
+        Gate(check="accuracy.max_abs_error <= 100", output="embedding"),
+    ]
+    before = evaluate_gates(gates, _results(acc), {CPU: {"status": "ran"}})
+    after = evaluate_gates([gates[0], Gate(check="accuracy.max_abs_error <= 0.001", output="embedding")],
+                           _results(acc), {CPU: {"status": "ran"}})  # fmt: skip
+    rows = _gate_rows(before, after)
+    assert [(r.gate, r.flipped) for r in rows] == [
+        ("accuracy.max_abs_error <= 100 on output score", False),
+        (
+            "accuracy.max_abs_error <= 100 on output embedding → accuracy.max_abs_error <= 0.001 on output embedding",
+            True,
+        ),
+    ]
+
+
 # --- recipe errors ------------------------------------------------------------------------------------
 
 
