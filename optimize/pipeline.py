@@ -27,9 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from optimize import __version__, preflight
+from optimize import __version__, preflight, recipe_yaml
 from optimize.console import Progress, capture_output, capture_python_output, console
 from optimize.cpu import isa as cpu_isa
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
@@ -197,7 +196,7 @@ class _Run:
         self.manifest["cache"] = []  # per cached unit: stage, unit, key, hit
         self._io_specs: dict[Path, tuple[list[Any], list[Any]]] = {}
         plain = to_plain(recipe)
-        write_text(self.run_dir / "recipe.yaml", yaml.safe_dump(plain, sort_keys=False))
+        write_text(self.run_dir / "recipe.yaml", recipe_yaml.dump(plain))
         write_json(self.run_dir / "recipe.json", plain)
         self.save_manifest()
 
@@ -448,7 +447,7 @@ def _execute(state: _Run) -> RunResult:
             + (f", {len(r['nodes_excluded'])} node(s) kept high-precision" if r.get("nodes_excluded") else "")
             for n, r in records.items()
         )
-        write_text(run_dir / "recipe.lock.yaml", LOCK_HEADER + yaml.safe_dump(locked, sort_keys=False))
+        write_text(run_dir / "recipe.lock.yaml", LOCK_HEADER + recipe_yaml.dump(locked))
         shutil.rmtree(run_dir / "work", ignore_errors=True)  # INT8 trials and calibration scratch
 
     ran = [t for t, s in state.targets.items() if s["status"] == "ran"]

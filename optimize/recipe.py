@@ -6,13 +6,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
 import re
 import types
 import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from optimize import recipe_yaml
 from optimize.errors import RecipeError
 from optimize.files import display_path
 
@@ -34,6 +35,8 @@ GPU_TARGETS = ("onnxruntime-cuda", "tensorrt", "torch-cuda")
 
 ENTRY_POINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Validation errors listed for one recipe; a recipe wrong everywhere says how many more there are.
+MAX_ERROR_LINES = 50
 
 
 # --- paths relative to the file that wrote them --------------------------------------------------
@@ -859,20 +862,8 @@ def unknown_output(value: str, known: Any) -> str:
 # --- loading -------------------------------------------------------------------------------------
 
 
-def _read_yaml(path: Path, display: str) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecipeError(f"{display}: file not found") from None
-    except OSError as e:
-        raise RecipeError(f"{display}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise RecipeError(f"{display}{where}: invalid YAML: {problem}") from None
+def _read_yaml(path: Path, display: str, budget: recipe_yaml.Budget) -> dict[str, Any]:
+    data = recipe_yaml.read_file(path, display, budget)
     if data is None:
         raise RecipeError(f"{display}: the recipe is empty; it needs at least `name`, `model`, `precision`, ...")
     if not isinstance(data, dict):
@@ -907,39 +898,74 @@ def _merge(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_raw(path: Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a recipe file and its `extends:` chain into one merged mapping (strings tagged with their folder)."""
-    path = Path(path).resolve()
+def load_raw(path: Path, _chain: tuple[Path, ...] = (), _budget: recipe_yaml.Budget | None = None) -> dict[str, Any]:
+    """Read a recipe file and its `extends:` chain into one merged mapping (strings tagged with their folder).
+    The files share the limits of recipe_yaml (size, values, depth) and the chain is at most MAX_EXTENDS_DEPTH
+    files deep and MAX_FILES files in all, so any input loads, or fails, in bounded time and memory."""
+    budget = _budget or recipe_yaml.Budget()
+    path = _resolved(Path(path), display_path(Path(path)))
     display = display_path(path)
+    root = display_path(_chain[0]) if _chain else display
     if path in _chain:
         cycle = " -> ".join(display_path(p) for p in (*_chain, path))
-        raise RecipeError(f"{display_path(_chain[0])}: extends: cycle {cycle}; remove one of these `extends:`")
-    data = _tag_sources(_read_yaml(path, display), path.parent)
+        raise RecipeError(f"{root}: extends: cycle {cycle}; remove one of these `extends:`")
+    if len(_chain) >= recipe_yaml.MAX_EXTENDS_DEPTH:
+        raise RecipeError(
+            f"{root}: extends: chain of more than {recipe_yaml.MAX_EXTENDS_DEPTH} files "
+            f"({' -> '.join(display_path(p) for p in _chain[:3])} -> ... -> {display}); shorten it"
+        )
+    budget.files -= 1
+    if budget.files < 0:
+        raise RecipeError(f"{root}: extends: more than {recipe_yaml.MAX_FILES} files in all (at {display})")
+    data = _tag_sources(_read_yaml(path, display, budget), path.parent)
     parents = data.pop("extends", None)
     if parents is None:
         return data
     if isinstance(parents, str):
         parents = [parents]
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+    if not isinstance(parents, list) or not all(isinstance(p, str) and p.strip() for p in parents):
         raise RecipeError(f"{display}: extends: must be a file name or a list of file names")
     merged: dict[str, Any] = {}
     for parent in parents:
-        parent_path = (path.parent / parent).resolve()
-        if not parent_path.exists():
-            raise RecipeError(f"{display}: extends: {parent}: file not found (relative to {display_path(path.parent)})")
-        merged = _merge(merged, load_raw(parent_path, (*_chain, path)))
+        shown = recipe_yaml.clip(parent)
+        parent_path = _resolved(path.parent / parent, f"{display}: extends: {shown}")
+        if not os.path.exists(parent_path):  # False for a name the system cannot look up, too
+            raise RecipeError(f"{display}: extends: {shown}: file not found (relative to {display_path(path.parent)})")
+        merged = _merge(merged, load_raw(parent_path, (*_chain, path), budget))
     return _merge(merged, data)
 
 
+def _resolved(path: Path, shown: str) -> Path:
+    """`path` made absolute with its links resolved, or a RecipeError for a name no file can have."""
+    try:
+        return path.resolve()
+    except ValueError:  # a NUL in the name
+        raise RecipeError(f"{shown}: not a usable file name") from None
+    except RuntimeError:  # a symbolic link loop (pathlib raises it before Python 3.13)
+        raise RecipeError(f"{shown}: cannot read (a loop of symbolic links)") from None
+    except OSError as e:
+        raise RecipeError(f"{shown}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Load, merge and validate a recipe; raise RecipeError with every problem as `file: field: message`."""
+    """Load, merge and validate a recipe; raise RecipeError with every problem as `file: field: message`.
+    Any input ends in a Recipe or a RecipeError, within the limits of recipe_yaml."""
     path = Path(path)
-    raw = load_raw(path)
+    try:
+        raw = load_raw(path)
+    except RecipeError as e:
+        raise RecipeError(recipe_yaml.printable(str(e))) from None
+    display = display_path(path.resolve())
     try:
         return Recipe.model_validate(raw, context={"base_dir": path.resolve().parent})
     except ValidationError as e:
-        lines = [format_error(display_path(path.resolve()), err) for err in e.errors()]
-        raise RecipeError("\n".join(lines)) from None
+        errors = e.errors()
+        lines = [format_error(display, err) for err in errors[:MAX_ERROR_LINES]]
+        if len(errors) > MAX_ERROR_LINES:
+            lines.append(f"{display}: ... and {len(errors) - MAX_ERROR_LINES} more problems like these")
+        raise RecipeError(recipe_yaml.printable("\n".join(lines))) from None
+    except RecursionError:  # cannot happen within the depth limit; a bad recipe is exit 2 all the same
+        raise RecipeError(recipe_yaml.printable(f"{display}: nested too deeply to validate")) from None
 
 
 def recipe_hash(recipe: Recipe) -> str:
@@ -994,10 +1020,14 @@ def format_error(display: str, err: dict[str, Any]) -> str:
         got = ctx.get("tag", err.get("input"))
         near = difflib.get_close_matches(str(got), choices, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        return f"{where}: {got!r} is not one of {expected}{hint}"
+        return f"{where}: {recipe_yaml.clip(repr(got))} is not one of {expected}{hint}"
     msg = err["msg"].removeprefix("Value error, ")
     got = err.get("input")
-    shown = "" if isinstance(got, (dict, list)) or got is None or repr(got) in msg else f" (got {got!r})"
+    shown = (
+        ""
+        if isinstance(got, (dict, list)) or got is None or repr(got) in msg
+        else f" (got {recipe_yaml.clip(repr(got))})"
+    )
     return f"{where}: {msg}{shown}"
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import json
+import textwrap
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import yaml
 from conftest import RECIPE_SECTIONS, REPO, tiny_recipe
 
+from optimize import recipe_yaml
 from optimize.errors import OptimizeError, RecipeError
 from optimize.recipe import (
     METRICS,
@@ -277,6 +280,90 @@ def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
     assert _error(child).startswith("sub/base.yaml:2:6: invalid YAML:")
 
 
+# --- YAML: what loads is what was written ---------------------------------------------------------
+
+
+def test_duplicate_keys_are_errors_naming_both_lines(tmp_path: Path) -> None:
+    _dump(tmp_path / "base.yaml", _base())
+    path = tmp_path / "recipe.yaml"
+    path.write_text("extends: base.yaml\ngates:\n  - size.ratio <= 0.6\nname: x\ngates: []\n")
+    assert _error(path) == "recipe.yaml:5: duplicate key 'gates' (first at line 2)"
+
+
+def test_yaml_1_1_words_mean_what_was_written(tmp_path: Path) -> None:
+    """YAML 1.2 core values: only true/false are booleans, 1e-4 is a number, 010 is ten, 1:30 and dates are
+    text. A boolean field takes yes/no/on/off as pydantic reads them; a text field keeps them as text."""
+    _dump(tmp_path / "base.yaml", _base())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            extends: base.yaml
+            name: no
+            export:
+              tolerance: {atol: 1e-4, rtol: 1E-3}
+            precision:
+              variants: [{name: fp16, kind: fp16, backend: onnxruntime, keep_io_types: off}]
+            registry: {enabled: yes, model_name: 2024-01-01}
+            model:
+              kwargs: {flag: on, small: 1e-4, octal: 010, hex: 0x10, time: 1:30, day: 2024-01-01, nothing: ~}
+            """
+        )
+    )
+    r = load_recipe(path)
+    assert r.name == "no"
+    assert (r.export.tolerance.atol, r.export.tolerance.rtol) == (1e-4, 1e-3)
+    assert r.precision.variants[0].keep_io_types is False
+    assert r.registry.enabled is True and r.registry.model_name == "2024-01-01"
+    assert r.model.kwargs == {
+        **{"scale": 2.0, "keep": 1},  # from base.yaml
+        **{"flag": "on", "small": 1e-4, "octal": 10, "hex": 16, "time": "1:30", "day": "2024-01-01", "nothing": None},
+    }
+
+
+def test_anchors_aliases_and_merge_keys(tmp_path: Path) -> None:
+    _dump(tmp_path / "base.yaml", _base())
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """\
+            extends: base.yaml
+            data:
+              eval: &eval {kind: npz, path: tiny.npz, labels: label, batch_size: 16}
+              calib: {<<: *eval, batch_size: 4, samples: 8}
+            evaluate: {dataset: eval, top1_outputs: &outputs [logits]}
+            export: {output_names: *outputs}
+            """
+        )
+    )
+    r = load_recipe(path)
+    calib = r.data["calib"]
+    assert isinstance(calib, NpzDataset)
+    assert (calib.batch_size, calib.samples, calib.labels, calib.path) == (4, 8, "label", tmp_path / "tiny.npz")
+    assert r.export.output_names == ["logits"]
+
+
+def test_run_directory_yaml_reads_back_the_same(tmp_path: Path) -> None:
+    """recipe_yaml.dump (a run's recipe.yaml and recipe.lock.yaml) quotes every string that YAML 1.1 or 1.2 would
+    read as something else, so the lock file rebuilds what was run."""
+    data = {
+        "texts": ["", *"yes on no 1e-4 0o17 0x1F 010 1:30 2024-01-01 ~ null << .inf".split()],
+        "values": [1, 1e-05, 0.25, True, None, float("inf"), 10**30],
+        "on": "<<",
+    }
+    (tmp_path / "r.yaml").write_text(recipe_yaml.dump(data))
+    assert recipe_yaml.read_file(tmp_path / "r.yaml", "r.yaml", recipe_yaml.Budget()) == data
+    assert yaml.safe_load((tmp_path / "r.yaml").read_text()) == data
+
+
+def test_byte_order_marks_are_read(tmp_path: Path) -> None:
+    _dump(tmp_path / "base.yaml", _base())
+    text = "extends: base.yaml\nname: marked\n"
+    (tmp_path / "utf8.yaml").write_bytes(codecs.BOM_UTF8 + text.encode())
+    (tmp_path / "utf16.yaml").write_bytes(text.encode("utf-16"))
+    assert load_recipe(tmp_path / "utf8.yaml").name == load_recipe(tmp_path / "utf16.yaml").name == "marked"
+
+
 # --- bad inputs: RecipeError naming the file, the field and the fix --------------------------------
 
 
@@ -293,7 +380,7 @@ def test_invalid_yaml_in_a_parent_names_the_parent(tmp_path: Path) -> None:
             "just a string\n",
             "recipe.yaml: the recipe must be a mapping of sections (name:, model:, ...), got a str",
         ),
-        ("name: x\n  bad: indent\n", "recipe.yaml:2:6: invalid YAML: mapping values are not allowed here"),
+        ("name: x\n  bad: indent\n", "recipe.yaml:2:6: invalid YAML: mapping values are not allowed"),
         ("name: x\nmodel: [source, \n", "recipe.yaml:3:1: invalid YAML:"),
         ("name: 'unterminated\n", "recipe.yaml:2:1: invalid YAML:"),
     ],
