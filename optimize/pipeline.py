@@ -389,11 +389,12 @@ def _execute(state: _Run) -> RunResult:
                     slot.record = {"check": rec["check"], "detail": rec["detail"], "outputs": rec["outputs"]}
     # The model's outputs are known now: a gate (or evaluate list) naming one it lacks, or with a metric that
     # does not fit its shape (cosine of one number per sample), is the recipe's mistake, refused before any
-    # variant is built. A cached export carries the shapes, so a rerun opens no session for them.
+    # variant is built. A cached export carries the shapes; an ONNX source's are read from its graph (as the
+    # preflight did from the file given), so a rerun opens no ONNX Runtime session for them.
     gates.check_outputs(
         recipe.gates,
         recipe.evaluate,
-        rec.get("outputs") or {o.name: list(o.shape) for o in state.io_specs(baseline_path)[1]},
+        rec.get("outputs") or {o.name: o.shape for o in preflight.onnx_outputs(baseline_path, "model.path")},
         display_path(Path(state.manifest["recipe_file"])),
     )
 
