@@ -180,6 +180,11 @@ def _fallback_section(fallback: dict[str, Any]) -> list[str]:
             f"`{variant}` tuned on `{fb.get('dataset')}`: kept trial {fb['chosen_trial']} "
             f"({'passed' if fb['passed'] else 'no trial passed'}; {chosen['excluded_count']} node(s) in high "
             f"precision); search stopped: {fb['stopped']}."
+            + (
+                f" Not tuned on (the tuning data have no labels): {', '.join(f'`{c}`' for c in fb['not_tuned_on'])}."
+                if fb.get("not_tuned_on")
+                else ""
+            )
         )
         out.append("")
         out.append("| trial | nodes kept high-precision | cosine mean | cosine min | p50 speed-up | seconds | result |")

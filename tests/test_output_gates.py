@@ -390,10 +390,21 @@ def test_fallback_tunes_on_the_scoped_gate_and_the_evaluation_agrees(tmp_path: P
         {"check": "accuracy.cosine_min >= 0.9", "output": "embedding"},
     ]
     variant = {**DYNAMIC, "fallback": {"dataset": "tune"}}
-    result = run(_onnx_recipe(tmp_path, gates, variant, outlier=500.0), _options(tmp_path))
+    path = _onnx_recipe(tmp_path, gates, variant, outlier=500.0)
+    # a task metric needs labels, which the tuning data lack: the fallback says it did not tune on that gate
+    (tmp_path / "metric.py").write_text("def mean_score(outputs, labels):\n    return float(outputs['score'].mean())\n")
+    with np.load(tmp_path / "eval.npz") as z:
+        np.savez(tmp_path / "eval.npz", x=z["x"], label=np.zeros(len(z["x"]), np.int64))
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["eval"]["labels"] = "label"
+    recipe["evaluate"].update(task_metric="metric:mean_score", task_metric_python_path=["."])
+    recipe["gates"].append("accuracy.task_metric_drop <= 1000")
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    result = run(path, _options(tmp_path))
     assert result.exit_code == 0, (result.run_dir / "report.md").read_text()
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     fb = metrics["fallback"]["int8"]
+    assert fb["not_tuned_on"] == ["accuracy.task_metric_drop <= 1000"]
     assert [t["passed"] for t in fb["trials"]] == [False, True]
     assert fb["trials"][0]["failed_gates"][0].startswith(
         "accuracy.relative_error <= 0.01: accuracy.relative_error on output 'score' = "
@@ -402,9 +413,15 @@ def test_fallback_tunes_on_the_scoped_gate_and_the_evaluation_agrees(tmp_path: P
     acc = metrics["results"]["int8"][CPU]["accuracy"]["outputs"]
     assert acc["score"]["relative_error"] == 0.0 and "cosine_min" not in acc["score"]
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
-    assert [(r["output"], r["status"]) for r in verdict["gates"]] == [("score", "passed"), ("embedding", "passed")]
+    assert [(r.get("output"), r["status"]) for r in verdict["gates"]] == [
+        ("score", "passed"),
+        ("embedding", "passed"),
+        (None, "passed"),
+    ]
     assert "on output score" in (result.run_dir / "junit.xml").read_text()
-    assert "| int8 | onnxruntime-cpu | score | – | – |" in (result.run_dir / "report.md").read_text()
+    report = (result.run_dir / "report.md").read_text()
+    assert "| int8 | onnxruntime-cpu | score | – | – |" in report
+    assert "Not tuned on (the tuning data have no labels): `accuracy.task_metric_drop <= 1000`." in report
 
 
 TWO_HEADS = textwrap.dedent(
