@@ -698,9 +698,7 @@ def _execute(state: _Run) -> RunResult:
             # except that a variant the store holds already as the same model is not registered again; when
             # that is every variant of a local store (a rerun), it is known without importing MLflow.
             try:
-                registered = registry.already_registered(run_dir, state.tracking_uri) or registry.publish(
-                    run_dir, state.tracking_uri, reuse=True
-                )
+                registered = registry.publish_new(run_dir, state.tracking_uri)
             except OptimizeError as e:
                 state.manifest["registry"] = registry.failure_record(state.tracking_uri, e)
                 raise

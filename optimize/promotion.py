@@ -12,8 +12,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,8 @@ from optimize.errors import (
     IntegrityError,
     OptimizeError,
     RecipeError,
-    RegistryUnreachableError,
     first_line,
 )
-from optimize.files import file_lock
 from optimize.onnx_files import onnx_files, onnx_sha256
 
 # How alias moves are recorded (MLflow aliases are bare pointers: no history, no compare-and-swap).
@@ -62,7 +59,6 @@ HISTORY_MAX_ENTRIES = 30
 HISTORY_MAX_CHARS = 5000  # registered_model_tags.value is VARCHAR(5000) in MLflow's SQL stores
 AUDIT_MAX_ENTRIES = 20
 AUDIT_MAX_CHARS = 10_000  # model_version_tags.value is TEXT (MLflow validates up to 100 000)
-LOCK_TIMEOUT_S = 120
 MERGE_ROUNDS = 12
 MERGE_PAUSE_S = (0.05, 0.3)
 _ALIAS_NAME = re.compile(r"^[\w-]{1,255}$")  # MLflow: alphanumerics, underscores and dashes
@@ -94,7 +90,7 @@ def promote(
             context = f"--version {number}"
         mv = _model_version(client, rm, number, context)
         sha256 = _verify(client, model, mv, tracking_uri)
-        with _store_lock(tracking_uri) as locked:
+        with registry.store_lock(tracking_uri, "registry alias moves") as locked:
             before = _aliases(client.get_registered_model(model)).get(to_alias)
             done = {"model": model, "alias": to_alias, "version": number, "previous": before, "sha256": sha256}
             if before == number:
@@ -119,7 +115,7 @@ def rollback(model: str, alias: str, *, tracking_uri: str) -> dict[str, Any]:
     """
     with registry.session(tracking_uri) as client:
         _registered_model(client, model, tracking_uri)
-        with _store_lock(tracking_uri) as locked:
+        with registry.store_lock(tracking_uri, "registry alias moves") as locked:
             rm = client.get_registered_model(model)
             current = _aliases(rm).get(alias)
             if current is None:
@@ -505,23 +501,6 @@ def _gate_rows(client: Any, run_id: str | None, variant: str | None) -> list[dic
 # --- the registry connection ---------------------------------------------------------------------------
 
 
-@contextmanager
-def _store_lock(tracking_uri: str) -> Iterator[bool]:
-    """Serialise alias moves on a sqlite store with a file lock beside the database (every writer of that file
-    shares its folder); yields whether a lock is held. Other stores have no lock to take."""
-    if not tracking_uri.startswith("sqlite:///"):
-        yield False
-        return
-    db = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-    lock = db.with_name(f".{db.name}.aliases.lock")
-    with ExitStack() as stack:
-        try:
-            stack.enter_context(file_lock(lock, LOCK_TIMEOUT_S, "registry alias moves"))
-        except TimeoutError as e:
-            raise RegistryUnreachableError(f"registry: {e} (another promotion or rollback is running)") from None
-        yield True
-
-
 def _registry_failure(e: BaseException) -> bool:
     """Refused credentials or a lost registry: let `registry.session` report it (exit 7 / 5)."""
-    return registry.http_status(e) is not None or registry.is_connection_error(e)
+    return registry.registry_failure(e) is not None

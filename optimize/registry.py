@@ -10,7 +10,6 @@ import functools
 import json
 import math
 import os
-import re
 import shlex
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +98,7 @@ def check_reachable(tracking_uri: str, timeout_s: float = REACH_TIMEOUT_S) -> No
                 raise RegistryUnreachableError(f"registry: {url} answered HTTP {e.code}") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
-            if isinstance(reason, TimeoutError) or "timed out" in str(reason):
+            if isinstance(reason, TimeoutError):
                 raise RegistryUnreachableError(
                     f"registry: {tracking_uri} did not answer within {timeout_s:g} s"
                     f" (registry.timeout_s or {TIMEOUT_ENV})"
@@ -153,6 +152,31 @@ def session(tracking_uri: str, timeout_s: float | None = None) -> Iterator[Any]:
             if error is None or error is e:
                 raise
             raise error from None
+
+
+STORE_LOCK_TIMEOUT_S = 120
+
+
+@contextmanager
+def store_lock(tracking_uri: str, what: str) -> Iterator[bool]:
+    """Serialise a registry write that reads, then decides, then writes (a registration's check-create-alias
+    step, a promotion's alias move) on a sqlite store, with a file lock beside the database: every writer of
+    that file shares its folder. Yields whether a lock is held: other stores have no lock to take. Exit 5 when
+    it stays taken for STORE_LOCK_TIMEOUT_S."""
+    db = _sqlite_file(tracking_uri)
+    if db is None:
+        yield False
+        return
+    from optimize.files import file_lock
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(file_lock(db.with_name(f".{db.name}.aliases.lock"), STORE_LOCK_TIMEOUT_S, what))
+        except TimeoutError as e:
+            raise RegistryUnreachableError(
+                f"registry: {e} (another registration, promotion or rollback holds it)"
+            ) from None
+        yield True
 
 
 @contextmanager
@@ -322,23 +346,22 @@ def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None, *,
 
 
 def _as_registry_error(e: Exception, tracking_uri: str, timeout_s: float) -> OptimizeError | None:
-    """The OptimizeError a failure at the registry is reported as (None: not a registry failure, re-raise)."""
+    """The OptimizeError a failure at the registry is reported as (None: not a registry failure, re-raise),
+    decided by the types and HTTP statuses in the exception's chain (`registry_failure`), never by its text."""
     if isinstance(e, OptimizeError):
         return e
-    if is_connection_error(e):
-        text = str(e)
-        if "timed out" in text.lower() or "timeout" in text.lower():
-            request = re.search(r"API request to (?:endpoint )?(\S+)", text)
-            path = f" to {urllib.parse.urlsplit(request.group(1)).path}" if request else ""
-            return RegistryUnreachableError(
-                f"registry: {tracking_uri} did not answer a request{path} within {timeout_s:g} s"
-                f" (registry.timeout_s or {TIMEOUT_ENV})"
-            )
+    kind = registry_failure(e)
+    if kind == "timeout":
+        url = _request_url(e)
+        path = f" to {urllib.parse.urlsplit(url).path}" if url else ""
+        return RegistryUnreachableError(
+            f"registry: {tracking_uri} did not answer a request{path} within {timeout_s:g} s"
+            f" (registry.timeout_s or {TIMEOUT_ENV})"
+        )
+    if kind == "unreachable":
         return RegistryUnreachableError(f"registry: lost {tracking_uri} ({first_line(e)})")
-    from mlflow.exceptions import MlflowException
-
-    status = http_status(e)
-    if status in (401, 403):
+    if kind == "refused":
+        status = http_status(e)
         fix = (
             "set MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
             if status == 401
@@ -346,24 +369,107 @@ def _as_registry_error(e: Exception, tracking_uri: str, timeout_s: float) -> Opt
         )
         said = first_line(e, 200)
         return NotAuthorisedError(f"registry: {tracking_uri} refused the request (HTTP {status}: {said}); {fix}")
+    from mlflow.exceptions import MlflowException
+
     if isinstance(e, MlflowException):
         return StageError(f"registry: {tracking_uri}: {first_line(e)}")
     return None
 
 
+# MLflow's error codes for the HTTP statuses it maps them to (mlflow.exceptions.ERROR_CODE_TO_HTTP_STATUS): a
+# REST error carries the server's code, and a non-JSON answer gets the code of its status.
+REFUSED_CODES = {"UNAUTHENTICATED": 401, "CUSTOMER_UNAUTHORIZED": 401, "PERMISSION_DENIED": 403}
+# 503 is also what MLflow's SQL stores answer for a database they cannot use (OperationalError: locked, down).
+UNAVAILABLE_CODES = {"TEMPORARILY_UNAVAILABLE": 503, "DEADLINE_EXCEEDED": 504}
+UNAVAILABLE_STATUSES = (502, 503, 504)
+
+
+def registry_failure(e: BaseException) -> str | None:
+    """What kind of registry failure `e` is, from the exceptions in its chain (MLflow wraps requests' errors):
+    "timeout" (a request got no answer in time), "unreachable" (a refused or lost connection, a server that
+    answers 502/503/504 or only server errors, a database it cannot use), "refused" (HTTP 401/403: the
+    credentials), else None."""
+    chain = list(_chain(e))
+    if any(_is_timeout(x) for x in chain):
+        return "timeout"
+    if http_status(e) is not None:
+        return "refused"
+    if any(_is_lost(x) or _status(x) in UNAVAILABLE_STATUSES for x in chain):
+        return "unreachable"
+    return None
+
+
+def is_connection_error(e: BaseException) -> bool:
+    """A registry that cannot be reached or does not answer (`registry_failure`: timeout or unreachable)."""
+    return registry_failure(e) in ("timeout", "unreachable")
+
+
 def http_status(e: BaseException) -> int | None:
-    """401/403 from MLflow's REST errors or from an artifact download's HTTP error; else None."""
-    response = getattr(e, "response", None)  # requests.HTTPError from an artifact download
-    code = getattr(response, "status_code", None)
-    if code in (401, 403):
-        return int(code)
-    error_code = getattr(e, "error_code", None)
-    if error_code in ("UNAUTHENTICATED", "CUSTOMER_UNAUTHORIZED"):
-        return 401
-    if error_code == "PERMISSION_DENIED":
-        return 403
-    match = re.search(r"\b(?:error code|status code|HTTP) (401|403)\b", str(e))
-    return int(match.group(1)) if match else None
+    """401 or 403 when the registry refused the credentials: from MLflow's error code of a REST answer, or
+    from the status of an HTTP error (an artifact download's requests.HTTPError, urllib's); else None."""
+    for x in _chain(e):
+        status = _status(x)
+        if status in (401, 403):
+            return status
+    return None
+
+
+def _chain(e: BaseException) -> Iterator[BaseException]:
+    """`e`, then what it was raised from or while handling (MLflow re-raises requests' errors inside its own)."""
+    seen: set[int] = set()
+    current: BaseException | None = e
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _status(x: BaseException) -> int | None:
+    """The HTTP status one exception stands for, where it carries one."""
+    if isinstance(x, urllib.error.HTTPError):
+        return int(x.code)
+    code = getattr(getattr(x, "response", None), "status_code", None)  # requests.HTTPError
+    if isinstance(code, int):
+        return code
+    error_code = getattr(x, "error_code", None)  # MlflowException
+    if isinstance(error_code, str):
+        return REFUSED_CODES.get(error_code) or UNAVAILABLE_CODES.get(error_code)
+    return None
+
+
+def _request_url(e: BaseException) -> str | None:
+    """The URL of the request that failed: requests' exceptions carry the request, urllib3's the URL."""
+    for x in _chain(e):
+        url = getattr(getattr(x, "request", None), "url", None) or getattr(x, "url", None)
+        if isinstance(url, str) and url:
+            return url
+    return None
+
+
+def _is_timeout(x: BaseException) -> bool:
+    import requests
+    import urllib3
+
+    timeout = (TimeoutError, requests.exceptions.Timeout, urllib3.exceptions.TimeoutError)
+    # urllib3 2 makes a refused connection (NewConnectionError) a ConnectTimeoutError too, for compatibility.
+    return isinstance(x, timeout) and not isinstance(x, urllib3.exceptions.NewConnectionError)
+
+
+def _is_lost(x: BaseException) -> bool:
+    """A connection refused, reset or lost (requests, urllib3, urllib or the OS), or requests giving up after
+    server errors (RetryError)."""
+    import requests
+    import urllib3
+
+    lost = (
+        ConnectionError,
+        requests.exceptions.ConnectionError,
+        requests.exceptions.RetryError,
+        urllib3.exceptions.ProtocolError,
+        urllib3.exceptions.NewConnectionError,
+        urllib3.exceptions.MaxRetryError,
+    )
+    return isinstance(x, lost) or (isinstance(x, urllib.error.URLError) and not isinstance(x, urllib.error.HTTPError))
 
 
 def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]], reuse: bool) -> dict[str, Any]:
@@ -422,25 +528,34 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]],
     already: dict[str, int] = {}
     created_model = bool(passed) and _create_registered_model(client, model_name, recipe.get("description"))
     try:
-        for variant in passed:
-            found = _find_version(client, model_name, optimize_run_id, variant)
-            if found is None:
-                found = same.get(variant)
-            if found is not None:
-                already[variant] = found
-                continue
-            versions[variant] = _register_variant(
-                client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest, plots
-            )
+        # Check, create and move the aliases as one step: under the store's lock on sqlite; through a server
+        # (no lock), create, then look again and keep the lowest of the copies made at once (`_converge`).
+        with store_lock(tracking_uri, "registration") as locked:
+            if reuse and passed:  # again under the lock: a concurrent run may have registered the same model
+                same = _registered_copies(run_dir, files, tracking_uri, functools.partial(_client_view, client))[0]
+            for variant in passed:
+                found = _find_version(client, model_name, optimize_run_id, variant)
+                if found is None:
+                    found = same.get(variant)
+                if found is not None:
+                    already[variant] = found
+                    continue
+                number, model_id = _register_variant(
+                    client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest, plots
+                )
+                if not locked:
+                    identity = identity_tags(run_dir, variant, metrics, verdict, manifest) if reuse else None
+                    kept = _converge(client, model_name, (number, model_id), identity, optimize_run_id, variant)
+                    if kept != number:
+                        already[variant] = kept
+                        continue
+                versions[variant] = number
+            if passed:
+                _move_aliases(client, model_name, alias_targets({**already, **versions}, passed, alias), locked)
     except BaseException:
         if created_model:
             _delete_if_empty(client, model_name)
         raise
-    numbers = {**already, **versions}
-    for i, variant in enumerate(passed):
-        _point_alias(client, model_name, f"{alias}-{variant}", numbers[variant])
-        if i == 0:
-            _point_alias(client, model_name, alias, numbers[variant])
     client.set_terminated(run_id, "FINISHED")
     return {
         "tracking_uri": tracking_uri,
@@ -451,6 +566,12 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]],
         "versions": versions,
         "already": already,
     }
+
+
+def publish_new(run_dir: Path, tracking_uri: str) -> dict[str, Any]:
+    """The registration of `optimize run`: `publish(reuse=True)`, which registers no copy of a model the store
+    holds, after asking the local sqlite file whether there is anything to do at all (`already_registered`)."""
+    return already_registered(run_dir, tracking_uri) or publish(run_dir, tracking_uri, reuse=True)
 
 
 def already_registered(run_dir: Path, tracking_uri: str) -> dict[str, Any] | None:
@@ -469,6 +590,8 @@ def already_registered(run_dir: Path, tracking_uri: str) -> dict[str, Any] | Non
 
     files = check_finished_run(run_dir)
     try:
+        if sqlite_schema(db) not in SQLITE_SCHEMAS:
+            return None
         return _registered_copies(run_dir, files, tracking_uri, lambda name, _shas: _sqlite_view(db, name))[1]
     except sqlite3.Error:
         return None
@@ -482,7 +605,8 @@ def _registered_copies(
 ) -> tuple[dict[str, int], dict[str, Any] | None]:
     """Per passing variant of the run, the newest live version that is the same model (`same_models`), from
     `view(model_name, sha256s)`: the store's versions (number: tags) and aliases. Second, `publish`'s result
-    without logging anything when that covers every passing variant and `aliases_current`; else None."""
+    without logging anything when that covers every passing variant and no alias would move (`aliases_to_move`);
+    else None."""
     recipe, metrics, verdict, manifest = files["recipe"], files["metrics"], files["verdict"], files["manifest"]
     reg = recipe.get("registry", {})
     model_name, alias = reg.get("model_name") or recipe["name"], reg.get("alias") or "candidate"
@@ -492,7 +616,7 @@ def _registered_copies(
     wanted = {v: identity_tags(run_dir, v, metrics, verdict, manifest) for v in passed}
     versions, aliases = view(model_name, {t["sha256"] for t in wanted.values()})
     same = same_models(wanted, versions)
-    if len(same) < len(passed) or not aliases_current(same, passed, aliases, alias):
+    if len(same) < len(passed) or aliases_to_move(alias_targets(same, passed, alias), aliases):
         return same, None
     return same, reused_record(tracking_uri, model_name, alias, same)
 
@@ -502,18 +626,16 @@ def same_models(wanted: dict[str, dict[str, str]], versions: dict[int, dict[str,
     (variant: tags); variants with none are left out."""
     out: dict[str, int] = {}
     for variant, tags in wanted.items():
-        want = {k: tags.get(k) for k in IDENTITY_TAGS}
-        same = [n for n, have in versions.items() if {k: have.get(k) for k in IDENTITY_TAGS} == want]
+        same = [n for n, have in versions.items() if _identity(have) == _identity(tags)]
         if same:
             out[variant] = max(same)
     return out
 
 
-def aliases_current(found: dict[str, int], passed: list[str], aliases: dict[str, int], alias: str) -> bool:
-    """Whether `alias` (first passing variant) and `alias-<variant>` already point at the found versions or
-    later ones, so that a registration would move none of them."""
-    needed = {alias: found[passed[0]], **{f"{alias}-{v}": found[v] for v in passed}}
-    return all(aliases.get(a, 0) >= n for a, n in needed.items())
+def alias_targets(numbers: dict[str, int], passed: list[str], alias: str) -> dict[str, int]:
+    """Where a registration points its aliases: `alias` at the first passing variant's version and
+    `alias-<variant>` at each variant's (`numbers`: variant: version)."""
+    return {alias: numbers[passed[0]], **{f"{alias}-{v}": numbers[v] for v in passed}}
 
 
 def reused_record(tracking_uri: str, model_name: str, alias: str, found: dict[str, int]) -> dict[str, Any]:
@@ -550,6 +672,25 @@ def _sqlite_file(tracking_uri: str) -> Path | None:
         return None
     path = tracking_uri.removeprefix("sqlite:///").split("?")[0]
     return Path(path) if path and path != ":memory:" else None
+
+
+# The revisions of MLflow's SQL schema (alembic_version.version_num) whose tables `_sqlite_view` was tested on
+# (tests/test_registry_reuse.py): a store at any other revision is read through MLflow's client.
+SQLITE_SCHEMAS = {"dc11669786a5": "MLflow 3.17"}
+
+
+def sqlite_schema(db: Path) -> str | None:
+    """The revision of MLflow's schema in the sqlite file `db` (its `alembic_version` table), None without one."""
+    import sqlite3
+
+    con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=5)
+    try:
+        if not con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'").fetchone():
+            return None
+        row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+    finally:
+        con.close()
+    return str(row[0]) if row else None
 
 
 def _sqlite_view(db: Path, model_name: str) -> tuple[dict[int, dict[str, str]], dict[str, int]]:
@@ -661,16 +802,36 @@ def _find_version(client: Any, model_name: str, optimize_run_id: str, variant: s
     return min(int(v.version) for v in found) if found else None
 
 
-def _point_alias(client: Any, model_name: str, alias: str, version: int) -> None:
-    """Point `alias` at `version` unless it already points at a newer one: aliases have no compare-and-set,
-    and a registration retried late (or finishing after a concurrent one) must not move it backwards."""
+def aliases_to_move(targets: dict[str, int], current: dict[str, int]) -> dict[str, int]:
+    """The aliases of `targets` (alias: version, one registration's) to set so that all of them point at this
+    registration's versions, given where the model's aliases point now (`current`). None moves when one of them
+    already points at a version newer than any of this registration's (a later registration owns them: a retry
+    that comes late must not move them back), so the aliases move together and end on one registration's
+    versions, never mixed."""
+    if max((current.get(a, 0) for a in targets), default=0) > max(targets.values(), default=0):
+        return {}
+    return {a: n for a, n in targets.items() if current.get(a) != n}
 
-    def point() -> None:
-        current = client.get_registered_model(model_name).aliases.get(alias)
-        if current is None or int(current) < version:
-            client.set_registered_model_alias(model_name, alias, str(version))
 
-    retrying_upsert(point)  # two registrations setting the alias's first value at once: the loser reads again
+ALIAS_ROUNDS = 3
+
+
+def _move_aliases(client: Any, model_name: str, targets: dict[str, int], locked: bool) -> None:
+    """Point the aliases of `targets` (alias: version) at this registration's versions, all or none
+    (`aliases_to_move`). Under the store lock one pass is exact. Through a server (no lock, no compare-and-set)
+    they are read back and set again while another registration's writes mixed them, a few rounds."""
+    import random
+
+    for _ in range(1 if locked else ALIAS_ROUNDS):
+        current = {a: int(n) for a, n in client.get_registered_model(model_name).aliases.items()}
+        moves = aliases_to_move(targets, current)
+        if not moves:
+            return
+        for a, n in moves.items():
+            # two registrations setting an alias's first value at once: the loser writes again
+            retrying_upsert(client.set_registered_model_alias, model_name, a, str(n))
+        if not locked:
+            time.sleep(random.uniform(*UPSERT_PAUSE_S))
 
 
 UPSERT_PAUSE_S = (0.05, 0.3)
@@ -685,10 +846,22 @@ def retrying_upsert(write: Callable[..., Any], *args: Any) -> Any:
         try:
             return write(*args)
         except Exception as e:
-            text = str(e).lower()
-            if attempt == 2 or not any(s in text for s in ("unique constraint", "integrityerror", "duplicate")):
+            if attempt == 2 or not _lost_insert_race(e):
                 raise
             time.sleep(random.uniform(*UPSERT_PAUSE_S))
+
+
+def _lost_insert_race(e: BaseException) -> bool:
+    """A write that broke a unique constraint: SQLAlchemy's IntegrityError in a local store, or through a server
+    its answer BAD_REQUEST, which MLflow's SQL stores give every database error but a lost connection (their
+    own validation says INVALID_PARAMETER_VALUE)."""
+    import sqlalchemy.exc
+    from mlflow.exceptions import RestException
+
+    return any(
+        isinstance(x, sqlalchemy.exc.IntegrityError) or (isinstance(x, RestException) and x.error_code == "BAD_REQUEST")
+        for x in _chain(e)
+    )
 
 
 def _find_logged_model(client: Any, experiment_id: str, name: str, optimize_run_id: str) -> Any | None:
@@ -715,7 +888,9 @@ def _register_variant(
     verdict: dict[str, Any],
     manifest: dict[str, Any],
     plots: list[str],
-) -> int:
+) -> tuple[int, str]:
+    """Register `variant` as a new version from its LoggedModel (one made by an earlier attempt, else a new one);
+    returns the version's number and the LoggedModel's id (a ModelVersion read over REST has no model_id)."""
     from mlflow.entities import LoggedModelStatus
 
     tags = version_tags(run_dir, variant, metrics, verdict, manifest, run_id)
@@ -746,7 +921,42 @@ def _register_variant(
             ),
             model_id=logged.model_id,
         )
-    return int(version.version)
+    return int(version.version), logged.model_id
+
+
+def _converge(
+    client: Any,
+    model_name: str,
+    made: tuple[int, str],
+    identity: dict[str, str] | None,
+    optimize_run_id: str,
+    variant: str,
+) -> int:
+    """After creating version `made` (number, LoggedModel id) without a lock: the lowest live version that is the
+    same registration, the same model (`identity`, when copies are reused) or else the same optimize run and
+    variant. When that is another version, `made` is a copy that a concurrent registration made at the same
+    time: it is deleted (with its LoggedModel) and the other one returned. Version numbers grow with creation
+    and each registration looks only after its own version exists, so every registration that made a copy
+    sees the lowest, and all agree."""
+    number, model_id = made
+    if identity is None:
+        lowest = _find_version(client, model_name, optimize_run_id, variant)
+    else:
+        live, _aliases = _client_view(client, model_name, {identity["sha256"]})
+        lowest = min((n for n, tags in live.items() if _identity(tags) == _identity(identity)), default=None)
+    if lowest is None or lowest >= number:
+        return number
+    client.delete_model_version(model_name, str(number))
+    try:
+        client.delete_logged_model(model_id)
+    except Exception:  # the version is what counts; a LoggedModel left behind holds no version
+        pass
+    return lowest
+
+
+def _identity(tags: dict[str, str]) -> tuple[str | None, ...]:
+    """The `IDENTITY_TAGS` values of a version's tags: equal for versions that are the same model."""
+    return tuple(tags.get(k) for k in IDENTITY_TAGS)
 
 
 # A version is the same model as another when these tags are equal: the same bytes, verified on the same
@@ -842,9 +1052,8 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
     lookup but loses the version's link to its LoggedModel, which engines will hang off later.
     """
     import mlflow
-    from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_global = tracking_utils._tracking_uri
+    saved_global = _set_tracking_uri()
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
@@ -855,6 +1064,18 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
+
+
+def _set_tracking_uri() -> str | None:
+    """The tracking URI set process-wide by `mlflow.set_tracking_uri` (None: none set, the environment or the
+    default applies). MLflow keeps it in a private variable; where that is gone or holds something else (another
+    MLflow), None, and the caller's block ends with none set, as before it unless a URI had been set."""
+    try:
+        from mlflow.tracking._tracking_service import utils as tracking_utils
+    except ImportError:
+        return None
+    saved = getattr(tracking_utils, "_tracking_uri", None)
+    return saved if isinstance(saved, str) else None
 
 
 def describe(
@@ -929,9 +1150,3 @@ def run_plots(run_dir: Path) -> list[str]:
 
 def _fmt(v: Any) -> str:
     return "–" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v)
-
-
-def is_connection_error(e: BaseException) -> bool:
-    """A lost, refused or timed-out connection, by what requests and MLflow say."""
-    text = f"{type(e).__name__} {e}".lower()
-    return any(s in text for s in ("connection", "max retries", "timed out", "timeout", "unreachable"))

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from test_cli import cli
 
 from optimize import registry
-from optimize.errors import RecipeError, RegistryUnreachableError, StageError
+from optimize.errors import OptimizeError, RecipeError, RegistryUnreachableError, StageError
 from optimize.files import display_path
 from optimize.pipeline import RunOptions, run
 from optimize.recipe import load_recipe
@@ -127,10 +127,27 @@ def test_silent_server_fails_within_the_budget() -> None:
 
 
 @contextmanager
+def serving(handler: type) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 with `handler` (a BaseHTTPRequestHandler), for the block."""
+    import threading
+    from http.server import ThreadingHTTPServer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextmanager
 def health_only_server() -> Iterator[str]:
     """An HTTP server that answers /health and leaves every MLflow API request unanswered (a hung backend)."""
     import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     release = threading.Event()
 
@@ -149,16 +166,11 @@ def health_only_server() -> Iterator[str]:
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        release.set()
-        server.shutdown()
-        server.server_close()
+    with serving(Handler) as uri:
+        try:
+            yield uri
+        finally:
+            release.set()  # before the server shuts down: its handlers are waiting
 
 
 def test_a_registry_that_stops_answering_fails_each_request_within_the_budget(
@@ -176,6 +188,91 @@ def test_a_registry_that_stops_answering_fails_each_request_within_the_budget(
     assert 2 <= elapsed < 2 + 3
     assert str(e.value).endswith(f"retry: optimize register --tracking-uri {uri} {display_path(finished_run)}")
     assert "MLFLOW_HTTP_REQUEST_TIMEOUT" not in os.environ
+
+
+@contextmanager
+def answering_server(status: int, body: bytes, content_type: str = "text/plain") -> Iterator[str]:
+    """An HTTP server that answers /health and every MLflow API request with `status` and `body` (a proxy in front
+    of a server that is down, an authenticating proxy, a server that fails)."""
+    from http.server import BaseHTTPRequestHandler
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            code, payload = (200, b"OK") if self.path == "/health" else (status, body)
+            self.send_response(code)
+            self.send_header("Content-Type", content_type if code == status else "text/plain")
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.do_GET()
+
+        do_PATCH = do_DELETE = do_POST
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with serving(Handler) as uri:
+        yield uri
+
+
+MLFLOW_ERROR = b'{"error_code": "INTERNAL_ERROR", "message": "connection timed out while unreachable"}'
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "content_type", "exit_code"),
+    [
+        (503, b"Service Unavailable", "text/plain", 5),  # a proxy whose server is down
+        (502, b"Bad Gateway", "text/html", 5),
+        (504, b"Gateway Timeout", "text/html", 5),
+        (401, b"You are not authenticated.", "text/plain", 7),
+        (403, b'{"error_code": "PERMISSION_DENIED", "message": "no"}', "application/json", 7),
+        # MLflow's first request is a GET: with retries off, requests gives up on a 5xx with a RetryError.
+        (500, MLFLOW_ERROR, "application/json", 5),
+    ],
+)
+def test_registry_errors_are_classed_by_status_not_by_their_words(
+    finished_run: Path, status: int, body: bytes, content_type: str, exit_code: int
+) -> None:
+    with answering_server(status, body, content_type) as uri:
+        with pytest.raises(OptimizeError) as e:
+            registry.publish(finished_run, uri, timeout_s=5)
+    assert e.value.exit_code == exit_code, str(e.value)
+    assert uri in str(e.value) and "\n" not in str(e.value)
+
+
+def test_registry_failure_reads_types_and_statuses_in_the_chain() -> None:
+    import requests
+    import urllib3
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED, TEMPORARILY_UNAVAILABLE, UNAUTHENTICATED
+
+    def raised(inner: BaseException) -> MlflowException:
+        """An MlflowException raised while handling `inner`, as MLflow's REST client wraps requests' errors."""
+        try:
+            try:
+                raise inner
+            except BaseException:
+                raise MlflowException("API request to http://h/api/2.0/mlflow/x failed with exception") from None
+        except MlflowException as e:
+            e.__suppress_context__ = False
+            return e
+
+    assert registry.registry_failure(raised(requests.exceptions.ConnectionError("x"))) == "unreachable"
+    assert registry.registry_failure(raised(urllib3.exceptions.NewConnectionError(None, "x"))) == "unreachable"
+    assert registry.registry_failure(raised(requests.exceptions.ReadTimeout("x"))) == "timeout"
+    # What MLflow's SQL store raises for a database it cannot use (sqlite locked), and REST errors' codes.
+    assert registry.registry_failure(MlflowException("locked", error_code=TEMPORARILY_UNAVAILABLE)) == "unreachable"
+    assert registry.registry_failure(MlflowException("x", error_code=UNAUTHENTICATED)) == "refused"
+    assert registry.http_status(MlflowException("x", error_code=PERMISSION_DENIED)) == 403
+    response = requests.Response()
+    response.status_code = 401
+    assert registry.http_status(requests.exceptions.HTTPError("x", response=response)) == 401
+    # Words are not evidence: a message that talks of timeouts and connections classes as nothing.
+    for text in ("Connection string timed out", "HTTP 401 error code 403 max retries unreachable"):
+        assert registry.registry_failure(MlflowException(text)) is None
+        assert registry.http_status(MlflowException(text)) is None
 
 
 def test_unwritable_sqlite_folder_and_bad_uri(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ the real model, is in test_e2e.)"""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -144,6 +145,63 @@ def test_the_fast_reader_declines_what_it_cannot_read(
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()  # an sqlite file without MLflow's tables holds no model
     assert registry.already_registered(again, f"sqlite:///{empty}") is None
+
+
+def test_the_fast_reader_reads_only_schema_revisions_it_was_tested_on(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MLflow's schema revision (`alembic_version`) decides whether the file is read directly: a store at a
+    revision not in SQLITE_SCHEMAS is left to MLflow's client, which gives the same answer."""
+    uri = f"sqlite:///{tmp_path}/m.db"
+    db = tmp_path / "m.db"
+    registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
+    again = _rerun(finished_run, tmp_path / "again", 2)
+    # The installed MLflow writes a revision this reader was tested on (the lock pins MLflow; a new MLflow
+    # with a new revision: compare `_sqlite_view` with its tables, then add the revision).
+    revision = registry.sqlite_schema(db)
+    assert revision in registry.SQLITE_SCHEMAS
+    expected = registry.reused_record(uri, "tiny", "candidate", {"fp16": 1, "fp16-fp32io": 2})
+    assert registry.already_registered(again, uri) == expected
+
+    with sqlite3.connect(db) as con:
+        con.execute("UPDATE alembic_version SET version_num = '0123456789ab'")
+    assert registry.sqlite_schema(db) == "0123456789ab"
+    assert registry.already_registered(again, uri) is None
+    with sqlite3.connect(db) as con:  # MLflow's client refuses a store whose schema is not its own
+        con.execute("UPDATE alembic_version SET version_num = ?", (revision,))
+
+    # A revision the reader does not know: the registration `optimize run` does asks MLflow's client instead.
+    monkeypatch.setattr(registry, "SQLITE_SCHEMAS", {})
+    assert registry.already_registered(again, uri) is None
+    assert registry.publish_new(again, uri) == expected
+    assert _counts(uri) == (2, 1)
+
+
+def test_mlflows_private_tracking_uri_variable_is_read_defensively(
+    finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`publish` saves and puts back MLflow's process-wide tracking URI, which MLflow keeps in a private
+    variable: what is set there is read, and a release without it (or with something else there) reads as
+    none set instead of failing."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    set_before = f"sqlite:///{tmp_path}/set.db"
+    mlflow.set_tracking_uri(set_before)
+    try:
+        assert registry._set_tracking_uri() == set_before
+        registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
+        assert mlflow.get_tracking_uri() == set_before  # put back exactly
+        with monkeypatch.context() as patch:
+            patch.delattr(tracking_utils, "_tracking_uri")
+            assert registry._set_tracking_uri() is None
+        with monkeypatch.context() as patch:
+            patch.setattr(tracking_utils, "_tracking_uri", object())
+            assert registry._set_tracking_uri() is None
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
 
 
 def test_optimize_register_registers_a_reused_run_as_new_versions(finished_run: Path, tmp_path: Path) -> None:
