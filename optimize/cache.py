@@ -19,7 +19,6 @@ import os
 import re
 import secrets
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -265,9 +264,11 @@ class StageCache:
                 slot = Slot(hit=hit, dir=None, entry=hit)
                 yield slot
                 return
-            tmp = self._make_tmp(stage, key)
+            tmp = self._tmp_path(stage, key)
             slot = Slot(hit=None, dir=tmp)
             try:
+                # made inside the try: a Ctrl-C that lands just after the folder exists still removes it
+                tmp.mkdir(mode=0o777)  # entries get the usual permissions (the umask's)
                 yield slot
                 slot.entry = self._commit(stage, key, description, slot)
             except BaseException as e:
@@ -281,14 +282,11 @@ class StageCache:
                 raise
             self.enforce_budget()  # still under the lock: the new entry is in use, pruning skips it
 
-    def _make_tmp(self, stage: str, key: str) -> Path:
+    def _tmp_path(self, stage: str, key: str) -> Path:
+        """A new temporary folder's name for an entry being produced (the folder is not made here)."""
         stage_dir = self.stages / stage
         stage_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=stage_dir))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; entries get the usual permissions
-        return tmp
+        return stage_dir / f".tmp-{key}-{secrets.token_hex(16)}"
 
     def _commit(self, stage: str, key: str, description: dict[str, Any], slot: Slot) -> Entry:
         """Turn the slot's folder into the entry: fsync, entry.json, rename, fsync the parents."""

@@ -17,8 +17,10 @@ import os
 import platform
 import secrets
 import shutil
+import signal
 import subprocess
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -219,6 +221,7 @@ class _Run:
         return self._io_specs[path]
 
     def log(self, stage: str) -> Any:
+        _interrupts.check()
         capture = capture_output if self.options.capture_fds else capture_python_output
         return capture(self.run_dir / "logs" / f"{stage}.log")
 
@@ -240,6 +243,7 @@ class _Run:
         code, and `device`. With caching off (--no-cache) every unit is a miss and nothing is kept."""
         from optimize import cache
 
+        _interrupts.check()
         versions = {lib: self.manifest["versions"].get(lib, "absent") for lib in libraries}
         versions["optimize-code"] = code_sha256(stage)
         desc = cache.key_description(stage, inputs=inputs, config=config, versions=versions, device=device)
@@ -260,12 +264,47 @@ def run(recipe_path: str | Path, options: RunOptions = RunOptions()) -> RunResul
     preflight.check(recipe, recipe_path)  # the files, data and tokenizers it names: before any stage, no torch
     state = _Run(recipe, recipe_path, options)
     try:
-        return _run_stages(state)
+        with _interrupts.watching():
+            return _run_stages(state)
     except BaseException as e:
         # Where the run's files are, for `optimize run --json` and the Python API (`OptimizeError.run_dir`).
         with contextlib.suppress(AttributeError):
             e.run_dir = state.run_dir  # type: ignore[attr-defined]
         raise
+
+
+class _Interrupts:
+    """Ctrl-C stops a run even where Python drops its KeyboardInterrupt: raised while a finaliser (`__del__`)
+    or a library callback runs, it is printed as "Exception ignored" and the run would go on to exit 0. While
+    a run is watched, SIGINT is also recorded, and each stage and cached unit checks the record first."""
+
+    def __init__(self) -> None:
+        self.seen = threading.Event()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.seen.set()
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def watching(self) -> Iterator[None]:
+        self.seen.clear()
+        previous = signal.getsignal(signal.SIGINT)
+        # only the default handler is replaced (not a caller's own), and only from the main thread
+        mine = previous is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+        if mine:
+            signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield
+        finally:
+            if mine:
+                signal.signal(signal.SIGINT, previous)
+
+    def check(self) -> None:
+        if self.seen.is_set():
+            raise KeyboardInterrupt
+
+
+_interrupts = _Interrupts()
 
 
 def _run_stages(state: _Run) -> RunResult:
@@ -881,6 +920,9 @@ def _optimize_imports(path: Path) -> tuple[str, ...]:
     for node in ast.walk(ast.parse(path.read_bytes())):
         if isinstance(node, ast.Import):
             names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module == "optimize":
+            # `from optimize import x` runs module x; the package's own __init__ only loads names lazily
+            names += [f"optimize.{a.name}" for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names += [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
     ours = [n for n in names if n == "optimize" or n.startswith("optimize.")]

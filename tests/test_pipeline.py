@@ -303,3 +303,28 @@ def test_autocast_with_real_reference_data_keeps_the_overflowing_op_in_fp32(writ
     precision = next(s for s in manifest["stages"] if s["stage"] == "precision")
     assert precision["variants"]["fp16"]["reference_data"] == "calib"
     assert len(list((result.run_dir / "artifacts" / "fp16-reference").glob("*.npz"))) == 4  # 64 samples / 16
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the drop this test makes
+def test_a_ctrl_c_that_python_drops_in_a_finaliser_still_stops_the_run() -> None:
+    """A KeyboardInterrupt raised while a `__del__` runs is printed as "Exception ignored" and dropped: the run
+    would go on and exit 0. While a run is watched the signal is recorded too, and the next stage or cached
+    unit raises it; the default handler is back afterwards."""
+    import gc
+    import signal
+
+    from optimize import pipeline
+
+    class InterruptedWhileFinalised:
+        def __del__(self) -> None:
+            signal.raise_signal(signal.SIGINT)
+
+    with pipeline._interrupts.watching():
+        obj = InterruptedWhileFinalised()
+        del obj  # the KeyboardInterrupt goes to sys.unraisablehook, not here
+        gc.collect()
+        with pytest.raises(KeyboardInterrupt):
+            pipeline._interrupts.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pipeline._interrupts.watching():
+        pipeline._interrupts.check()  # a new run starts with no interrupt recorded
