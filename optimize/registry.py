@@ -332,7 +332,7 @@ def publish(run_dir: Path, tracking_uri: str, timeout_s: float | None = None, *,
     try:
         check_reachable(tracking_uri, budget)
         with bounded_http(budget):
-            return _publish(run_dir, tracking_uri, files, reuse)
+            return _publish(run_dir, tracking_uri, files, reuse, budget)
     except Exception as e:
         error = _as_registry_error(e, tracking_uri, budget)
         if error is None or isinstance(error, RecipeError):
@@ -472,7 +472,9 @@ def _is_lost(x: BaseException) -> bool:
     return isinstance(x, lost) or (isinstance(x, urllib.error.URLError) and not isinstance(x, urllib.error.HTTPError))
 
 
-def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]], reuse: bool) -> dict[str, Any]:
+def _publish(
+    run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]], reuse: bool, wait_s: float
+) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
@@ -529,27 +531,32 @@ def _publish(run_dir: Path, tracking_uri: str, files: dict[str, dict[str, Any]],
     created_model = bool(passed) and _create_registered_model(client, model_name, recipe.get("description"))
     try:
         # Check, create and move the aliases as one step: under the store's lock on sqlite; through a server
-        # (no lock), create, then look again and keep the lowest of the copies made at once (`_converge`).
+        # (no lock), create, then look again and keep the lowest of the copies made at once (`_converge`), and
+        # take the other variants from the registration that made the kept copy, once it has finished.
         with store_lock(tracking_uri, "registration") as locked:
+            view = functools.partial(_client_view, client)
             if reuse and passed:  # again under the lock: a concurrent run may have registered the same model
-                same = _registered_copies(run_dir, files, tracking_uri, functools.partial(_client_view, client))[0]
+                same = _registered_copies(run_dir, files, tracking_uri, view)[0]
             for variant in passed:
                 found = _find_version(client, model_name, optimize_run_id, variant)
                 if found is None:
                     found = same.get(variant)
-                if found is not None:
-                    already[variant] = found
-                    continue
-                number, model_id = _register_variant(
-                    client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest, plots
-                )
-                if not locked:
+                if found is None:
+                    number, model_id = _register_variant(
+                        client, run_dir, experiment_id, run_id, model_name, variant, metrics, verdict, manifest, plots
+                    )
                     identity = identity_tags(run_dir, variant, metrics, verdict, manifest) if reuse else None
-                    kept = _converge(client, model_name, (number, model_id), identity, optimize_run_id, variant)
-                    if kept != number:
-                        already[variant] = kept
+                    found = (
+                        number
+                        if locked
+                        else _converge(client, model_name, (number, model_id), identity, optimize_run_id, variant)
+                    )
+                    if found == number:
+                        versions[variant] = number
                         continue
-                versions[variant] = number
+                already[variant] = found
+                if not locked and reuse and _waited_for_its_registration(client, model_name, found, run_id, wait_s):
+                    same = _registered_copies(run_dir, files, tracking_uri, view)[0]
             if passed:
                 _move_aliases(client, model_name, alias_targets({**already, **versions}, passed, alias), locked)
     except BaseException:
@@ -954,6 +961,26 @@ def _converge(
     return lowest
 
 
+IN_FLIGHT_S = 600  # a registration's MLflow run still RUNNING after this long is taken as abandoned
+
+
+def _waited_for_its_registration(client: Any, model_name: str, version: int, own_run_id: str, wait_s: float) -> bool:
+    """Through a server, before taking `version`, a copy of the same model, for one variant: whether another
+    registration made it. When that one is still running (its MLflow run RUNNING, started within IN_FLIGHT_S),
+    first wait up to `wait_s` for it to finish, so that the caller, looking again, takes the other variants from
+    it too instead of making them a second time, and the aliases end on one run's versions."""
+    source_run = client.get_model_version(model_name, str(version)).run_id
+    if not source_run or source_run == own_run_id:
+        return False
+    deadline = time.monotonic() + wait_s
+    while True:
+        info = client.get_run(source_run).info
+        recent = time.time() * 1000 - (info.start_time or 0) < IN_FLIGHT_S * 1000
+        if info.status != "RUNNING" or not recent or time.monotonic() >= deadline:
+            return True
+        time.sleep(0.2)
+
+
 def _identity(tags: dict[str, str]) -> tuple[str | None, ...]:
     """The `IDENTITY_TAGS` values of a version's tags: equal for versions that are the same model."""
     return tuple(tags.get(k) for k in IDENTITY_TAGS)
@@ -1053,7 +1080,7 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
     """
     import mlflow
 
-    saved_global = _set_tracking_uri()
+    saved_global = _global_tracking_uri()
     saved_env = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
     try:
@@ -1066,7 +1093,7 @@ def _process_tracking_uri(uri: str) -> Iterator[None]:
             os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
-def _set_tracking_uri() -> str | None:
+def _global_tracking_uri() -> str | None:
     """The tracking URI set process-wide by `mlflow.set_tracking_uri` (None: none set, the environment or the
     default applies). MLflow keeps it in a private variable; where that is gone or holds something else (another
     MLflow), None, and the caller's block ends with none set, as before it unless a URI had been set."""

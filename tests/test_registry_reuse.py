@@ -190,15 +190,15 @@ def test_mlflows_private_tracking_uri_variable_is_read_defensively(
     set_before = f"sqlite:///{tmp_path}/set.db"
     mlflow.set_tracking_uri(set_before)
     try:
-        assert registry._set_tracking_uri() == set_before
+        assert registry._global_tracking_uri() == set_before
         registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
         assert mlflow.get_tracking_uri() == set_before  # put back exactly
         with monkeypatch.context() as patch:
             patch.delattr(tracking_utils, "_tracking_uri")
-            assert registry._set_tracking_uri() is None
+            assert registry._global_tracking_uri() is None
         with monkeypatch.context() as patch:
             patch.setattr(tracking_utils, "_tracking_uri", object())
-            assert registry._set_tracking_uri() is None
+            assert registry._global_tracking_uri() is None
     finally:
         mlflow.set_tracking_uri(None)
     assert "MLFLOW_TRACKING_URI" not in os.environ
