@@ -319,12 +319,20 @@ def test_a_ctrl_c_that_python_drops_in_a_finaliser_still_stops_the_run() -> None
         def __del__(self) -> None:
             signal.raise_signal(signal.SIGINT)
 
-    with pipeline._interrupts.watching():
-        obj = InterruptedWhileFinalised()
-        del obj  # the KeyboardInterrupt goes to sys.unraisablehook, not here
-        gc.collect()
-        with pytest.raises(KeyboardInterrupt):
-            pipeline._interrupts.check()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    with pipeline._interrupts.watching():
-        pipeline._interrupts.check()  # a new run starts with no interrupt recorded
+    # Python's own handler, as in `optimize run`, and SIGINT delivered: a test worker may have inherited another
+    # disposition or a mask that blocks it
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    try:
+        with pipeline._interrupts.watching():
+            obj = InterruptedWhileFinalised()
+            del obj  # the KeyboardInterrupt goes to sys.unraisablehook, not here
+            gc.collect()
+            with pytest.raises(KeyboardInterrupt):
+                pipeline._interrupts.check()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pipeline._interrupts.watching():
+            pipeline._interrupts.check()  # a new run starts with no interrupt recorded
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)

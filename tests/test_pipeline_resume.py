@@ -24,7 +24,22 @@ pytestmark = pytest.mark.slow
 def _start(recipe: Path, cache: Path, runs: Path) -> subprocess.Popen[str]:
     env = {**os.environ, "OPTIMIZE_CACHE_DIR": str(cache)}
     cmd = [sys.executable, "-m", "optimize", "run", str(recipe), "--no-register", "-q", "--runs-dir", str(runs)]
-    return subprocess.Popen(cmd, cwd=recipe.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        cmd,
+        cwd=recipe.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a shell: SIGINT delivered and handled by default, whatever this test process inherited (a
+        # child started with SIGINT ignored or blocked keeps it so, and Ctrl-C could not be tested)
+        preexec_fn=_default_sigint,
+    )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def _deterministic(run_dir: Path) -> dict[str, Any]:
