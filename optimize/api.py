@@ -151,13 +151,9 @@ class RunResult:
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
     """The run's manifest.json, or {} where it cannot be read (a run that failed while writing it)."""
-    import json
+    from optimize.runs import MANIFEST, json_object
 
-    try:
-        data = json.loads((Path(run_dir) / "manifest.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return json_object(Path(run_dir) / MANIFEST) or {}
 
 
 def _variant_json(v: VariantLine) -> dict[str, Any]:

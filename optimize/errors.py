@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -83,11 +84,17 @@ def no_space(e: BaseException) -> OSError | None:
     hides the chain from the traceback, not from `__context__`), and a full disk is still the cause."""
     import errno
 
+    for cur in exception_chain(e):
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return cur
+    return None
+
+
+def exception_chain(e: BaseException) -> Iterator[BaseException]:
+    """`e`, then what it was raised from or while handling, and so on (each once: a chain can loop)."""
     seen: set[int] = set()
     cur: BaseException | None = e
     while cur is not None and id(cur) not in seen:
-        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
-            return cur
         seen.add(id(cur))
+        yield cur
         cur = cur.__cause__ or cur.__context__
-    return None

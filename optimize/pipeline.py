@@ -33,6 +33,7 @@ import numpy as np
 from optimize import __version__, preflight, recipe_yaml
 from optimize.console import Progress, capture_output, capture_python_output, console
 from optimize.cpu import isa as cpu_isa
+from optimize.cpu import saturating
 from optimize.errors import OptimizeError, RecipeError, RunInterrupted, RuntimeMissingError, StageError, no_space
 from optimize.files import display_path, sha256_file, write_json, write_npz, write_text, write_with
 from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_files, onnx_sha256, onnx_size_bytes
@@ -454,7 +455,7 @@ def _execute(state: _Run) -> RunResult:
                 inputs={
                     "fp32": baseline_sha256,
                     "check_data": data_ids[eval_ds.name],
-                    **{f"data.{n}": data_ids[n] for n in _variant_datasets(variant)},
+                    **{f"data.{n}": data_ids[n] for n in preflight.variant_datasets(variant)},
                 },
                 config=_precision_config(state, variant),
                 libraries=("onnx", "onnxruntime", "nvidia-modelopt", "numpy"),
@@ -1077,8 +1078,6 @@ def _build_variant(
 def _saturation_warnings(recipe: Recipe, isa: dict[str, Any]) -> list[str]:
     """ONNX Runtime INT8 variants with 8-bit signed weights, judged here on a CPU whose u8×s8 kernels saturate
     (x86 without VNNI): their accuracy on this machine is lower than on a VNNI CPU, and differs from it."""
-    from optimize.cpu import saturating
-
     if not saturating(isa):
         return []
     return [
@@ -1091,13 +1090,6 @@ def _saturation_warnings(recipe: Recipe, isa: dict[str, Any]) -> list[str]:
         and not v.reduce_range
         and v.weight_type == "int8"
     ]
-
-
-def _variant_datasets(variant: Any) -> list[str]:
-    """The datasets a variant is built or tuned on."""
-    if isinstance(variant, Int8Variant):
-        return sorted({n for n in (variant.calibration, variant.fallback.dataset) if n})
-    return [variant.reference_data] if variant.reference_data else []
 
 
 def _precision_config(state: _Run, variant: Any) -> dict[str, Any]:

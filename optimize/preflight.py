@@ -62,15 +62,16 @@ def check(recipe: Recipe, recipe_path: Path) -> None:
         raise RecipeError(f"{display_path(Path(recipe_path).resolve())}: {e}") from None
 
 
+def variant_datasets(variant: Any) -> list[str]:
+    """The datasets one variant is built or tuned on (calibration, fallback, AutoCast reference data), sorted."""
+    if isinstance(variant, Int8Variant):
+        return sorted({n for n in (variant.calibration, variant.fallback.dataset) if n})
+    return [variant.reference_data] if variant.reference_data else []
+
+
 def side_datasets(recipe: Recipe) -> set[str]:
-    """Datasets a variant is built or tuned on (calibration, fallback, AutoCast reference data)."""
-    out: set[str] = set()
-    for v in recipe.precision.variants:
-        if isinstance(v, Int8Variant):
-            out.update(n for n in (v.calibration, v.fallback.dataset) if n)
-        elif v.reference_data:
-            out.add(v.reference_data)
-    return out
+    """Datasets some variant is built or tuned on (`variant_datasets` of every variant)."""
+    return {n for v in recipe.precision.variants for n in variant_datasets(v)}
 
 
 def _check(recipe: Recipe) -> None:

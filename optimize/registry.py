@@ -28,6 +28,7 @@ from optimize.errors import (
     RecipeError,
     RegistryUnreachableError,
     StageError,
+    exception_chain,
     first_line,
 )
 from optimize.results import delta_text
@@ -389,7 +390,7 @@ def registry_failure(e: BaseException) -> str | None:
     "timeout" (a request got no answer in time), "unreachable" (a refused or lost connection, a server that
     answers 502/503/504 or only server errors, a database it cannot use), "refused" (HTTP 401/403: the
     credentials), else None."""
-    chain = list(_chain(e))
+    chain = list(exception_chain(e))
     if any(_is_timeout(x) for x in chain):
         return "timeout"
     if http_status(e) is not None:
@@ -407,21 +408,11 @@ def is_connection_error(e: BaseException) -> bool:
 def http_status(e: BaseException) -> int | None:
     """401 or 403 when the registry refused the credentials: from MLflow's error code of a REST answer, or
     from the status of an HTTP error (an artifact download's requests.HTTPError, urllib's); else None."""
-    for x in _chain(e):
+    for x in exception_chain(e):
         status = _status(x)
         if status in (401, 403):
             return status
     return None
-
-
-def _chain(e: BaseException) -> Iterator[BaseException]:
-    """`e`, then what it was raised from or while handling (MLflow re-raises requests' errors inside its own)."""
-    seen: set[int] = set()
-    current: BaseException | None = e
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _status(x: BaseException) -> int | None:
@@ -439,7 +430,7 @@ def _status(x: BaseException) -> int | None:
 
 def _request_url(e: BaseException) -> str | None:
     """The URL of the request that failed: requests' exceptions carry the request, urllib3's the URL."""
-    for x in _chain(e):
+    for x in exception_chain(e):
         url = getattr(getattr(x, "request", None), "url", None) or getattr(x, "url", None)
         if isinstance(url, str) and url:
             return url
@@ -867,7 +858,7 @@ def _lost_insert_race(e: BaseException) -> bool:
 
     return any(
         isinstance(x, sqlalchemy.exc.IntegrityError) or (isinstance(x, RestException) and x.error_code == "BAD_REQUEST")
-        for x in _chain(e)
+        for x in exception_chain(e)
     )
 
 

@@ -47,7 +47,8 @@ class RunLine:
         return asdict(self)
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None where it is missing, unreadable or not an object (a half-written run)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -70,9 +71,9 @@ def describe(run_dir: Path) -> RunLine:
     from optimize.report_html import headlines
 
     run_dir = Path(run_dir)
-    manifest = _json(run_dir / MANIFEST)
-    metrics = _json(run_dir / "metrics.json")
-    verdict = _json(run_dir / "verdict.json")
+    manifest = json_object(run_dir / MANIFEST)
+    metrics = json_object(run_dir / "metrics.json")
+    verdict = json_object(run_dir / "verdict.json")
     variants: list[VariantLine] = []
     if metrics is not None and verdict is not None:
         try:
