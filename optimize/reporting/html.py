@@ -15,29 +15,44 @@ distributions.npz (optional; keys use `/`):
 from __future__ import annotations
 
 import base64
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from html import escape
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import optimize.reporting.plots as plots
 from optimize import cpu
 from optimize.errors import first_line
-from optimize.results import fmt_number
+from optimize.files import write_bytes, write_text
+from optimize.lazy import lazy
+from optimize.reporting.ci import fmt_number, gate_rows
+from optimize.reporting.headlines import (
+    BASELINE,
+    Headline,
+    headlines,
+    result_of,
+    targets_ran,
+    variants_of,
+    worst_speedup,
+)
+from optimize.reporting.plots import Plot
+from optimize.reporting.runs import read_run_json
 
 if TYPE_CHECKING:
     import numpy as np
-
-    from optimize.plots import Plot
+else:
+    np = lazy("numpy")  # importing the reporting modules (`optimize validate`, `import optimize`) imports no numpy
 
 REPORT = "report.html"
 PLOTS_DIR = "plots"
 INPUTS_STAMP = ".inputs.sha256"  # in plots/: what the PNGs there were drawn from
 DISTRIBUTIONS = "distributions.npz"
 RUN_FILES = ("metrics.json", "verdict.json", "manifest.json")
-BASELINE = "fp32"
 REFERENCE_TARGET = "onnxruntime-cpu"  # every target's accuracy is measured against the FP32 ONNX here
 
 
@@ -60,8 +75,6 @@ class RunFiles:
 def load(run_dir: Path) -> RunFiles:
     """Read a run directory's report inputs (RecipeError, exit 2, naming the file when one is missing or is
     not JSON: a run that stopped before its gates has no metrics.json)."""
-    from optimize.runs import read_run_json
-
     run_dir = Path(run_dir)
     docs = read_run_json(
         run_dir,
@@ -75,103 +88,11 @@ def load(run_dir: Path) -> RunFiles:
 def _distributions(path: Path) -> tuple[dict[str, np.ndarray], str | None]:
     if not path.is_file():
         return {}, f"no {DISTRIBUTIONS} in this run directory (a run from before it was written)"
-    import numpy as np
-
     try:
         with np.load(path, allow_pickle=False) as npz:
             return {k: np.asarray(npz[k]) for k in npz.files}, None
     except Exception as e:  # a damaged file costs the plots their detail, never the report
         return {}, f"{DISTRIBUTIONS} cannot be read ({first_line(e)})"
-
-
-# --- what the page says, as data (also read by `optimize runs`) ------------------------------------
-
-
-@dataclass(frozen=True)
-class Headline:
-    """One variant in one line: how much faster (worst shape on its first target), how accurate, how small."""
-
-    variant: str
-    status: str
-    reason: str
-    target: str | None
-    p50_speedup: float | None
-    shape: str | None
-    other_shapes: dict[str, float]
-    cosine_min: float | None
-    top1_agreement: float | None
-    neighbour_agreement: float | None
-    task_metric_drop: float | None
-    size_ratio: float | None
-    size_bytes: int | None
-    baseline_size_bytes: int | None
-
-
-def targets_ran(metrics: dict[str, Any], verdict: dict[str, Any]) -> list[str]:
-    """The targets that ran, in the recipe's order (verdict.json), then any other target with results."""
-    ran = [t for t, s in verdict.get("targets", {}).items() if s.get("status") == "ran"]
-    for by_target in metrics.get("results", {}).values():
-        for t, r in by_target.items():
-            if t not in ran and "skipped" not in r and t not in verdict.get("targets", {}):
-                ran.append(t)
-    return ran
-
-
-def result_of(metrics: dict[str, Any], variant: str, target: str) -> dict[str, Any] | None:
-    """results[variant][target] of metrics.json, or None where it is missing or was skipped."""
-    r = metrics.get("results", {}).get(variant, {}).get(target)
-    return r if isinstance(r, dict) and "skipped" not in r else None
-
-
-def variants_of(metrics: dict[str, Any]) -> list[str]:
-    """The variants other than the FP32 baseline, in recipe order."""
-    base = metrics.get("baseline", BASELINE)
-    names = list(metrics.get("variants", {})) or list(metrics.get("results", {}))
-    return [v for v in names if v != base]
-
-
-def worst_speedup(result: dict[str, Any]) -> tuple[float | None, str | None, dict[str, float]]:
-    """(the lowest p50 speed-up over the shapes, its shape, every shape's speed-up)."""
-    speeds = {k: float(s["p50_speedup"]) for k, s in result.get("shapes", {}).items() if "p50_speedup" in s}
-    if not speeds:
-        return None, None, {}
-    shape = min(speeds, key=speeds.__getitem__)
-    return speeds[shape], shape, speeds
-
-
-def headlines(metrics: dict[str, Any], verdict: dict[str, Any]) -> list[Headline]:
-    """A headline per variant, measured on the first target that ran it."""
-    out = []
-    ran = targets_ran(metrics, verdict)
-    base = metrics.get("baseline", BASELINE)
-    base_size = metrics.get("variants", {}).get(base, {}).get("size_bytes")
-    for v in variants_of(metrics):
-        status = verdict.get("variants", {}).get(v, {})
-        target = next((t for t in ran if result_of(metrics, v, t) is not None), None)
-        r = result_of(metrics, v, target) if target else None
-        speed, shape, speeds = worst_speedup(r) if r else (None, None, {})
-        acc = (r or {}).get("accuracy", {})
-        size = (r or {}).get("size", {})
-        art = metrics.get("variants", {}).get(v, {})
-        out.append(
-            Headline(
-                variant=v,
-                status=status.get("status", "unknown"),
-                reason=status.get("reason", ""),
-                target=target,
-                p50_speedup=speed,
-                shape=shape,
-                other_shapes={k: s for k, s in speeds.items() if k != shape},
-                cosine_min=acc.get("cosine_min"),
-                top1_agreement=acc.get("top1_agreement"),
-                neighbour_agreement=acc.get("neighbour_agreement"),
-                task_metric_drop=acc.get("task_metric_drop"),
-                size_ratio=size.get("ratio"),
-                size_bytes=size.get("bytes", art.get("size_bytes")),
-                baseline_size_bytes=base_size,
-            )
-        )
-    return out
 
 
 # --- number formats (the tests read the page with these) -------------------------------------------
@@ -253,8 +174,6 @@ class _Figures:
     def figure(self, name: str, title: str, draw: Callable[[], Plot], caption: str) -> list[str]:
         """The plot `name` as a <figure>: reused, or drawn by `draw` (whose Plot has this name and title). A plot
         that fails to draw is a note on the page rather than a failed report: every number is in the tables."""
-        from optimize.plots import Plot
-
         png = self.reuse.get(name)
         if png is not None:
             plot = Plot(name, title, png)
@@ -270,8 +189,6 @@ class _Figures:
 def render(run: RunFiles, reuse: dict[str, bytes] | None = None) -> tuple[str, list[Plot]]:
     """The page and its plots (each drawn once; the page embeds the same PNG bytes). `reuse`: PNGs by plot
     name, drawn earlier from the same inputs, taken instead of drawing."""
-    from optimize import plots
-
     m, v, man = run.metrics, run.verdict, run.manifest
     colour = plots.palette([m.get("baseline", BASELINE), *variants_of(m)])
     figures = _Figures(reuse)
@@ -313,8 +230,6 @@ def write(run_dir: Path) -> Path:
     The plots depend on metrics.json, verdict.json and distributions.npz only: when those (and this code) are
     what the PNGs in plots/ were drawn from (`plots/.inputs.sha256`), they are reused, so the second report of
     a run (the pipeline writes one before registering and one after) costs no drawing."""
-    from optimize.files import write_bytes, write_text
-
     run = load(run_dir)
     folder = run.run_dir / PLOTS_DIR
     key = _inputs_sha256(run.run_dir)
@@ -342,15 +257,12 @@ def write(run_dir: Path) -> Path:
 
 def _inputs_sha256(run_dir: Path) -> str:
     """sha256 over what the plots are drawn from: metrics.json, verdict.json, distributions.npz, and the code
-    that draws them (this module, optimize/plots.py, the matplotlib version)."""
-    import hashlib
-    from importlib.metadata import PackageNotFoundError, version
-
+    that draws them (this module, plots.py, headlines.py, the matplotlib version)."""
     h = hashlib.sha256()
     for path in (run_dir / "metrics.json", run_dir / "verdict.json", run_dir / DISTRIBUTIONS):
         h.update(path.name.encode() + b"\0")
         h.update(path.read_bytes() if path.is_file() else b"absent")
-    for code in (Path(__file__), Path(__file__).with_name("plots.py")):
+    for code in (Path(__file__), Path(plots.__file__), Path(__file__).with_name("headlines.py")):
         h.update(code.read_bytes())
     try:
         h.update(version("matplotlib").encode())
@@ -464,8 +376,6 @@ def _headline_html(h: Headline) -> str:
 
 
 def _gates(v: dict[str, Any]) -> list[str]:
-    from optimize.results import gate_rows
-
     rows = gate_rows(v)
     out = ['<section id="gates">', "<h2>Gates</h2>"]
     if not rows:
@@ -491,8 +401,6 @@ def _gates(v: dict[str, Any]) -> list[str]:
 
 
 def _latency(run: RunFiles, colour: Any, figures: _Figures) -> list[str]:
-    from optimize import plots
-
     m, d = run.metrics, run.distributions
     base = m.get("baseline", BASELINE)
     out = ['<section id="latency">', "<h2>Latency</h2>"]
@@ -549,8 +457,6 @@ def _latency_table(m: dict[str, Any], target: str, names: list[str]) -> list[str
 
 
 def _accuracy(run: RunFiles, colour: Any, figures: _Figures) -> list[str]:
-    from optimize import plots
-
     m, d = run.metrics, run.distributions
     out = ['<section id="accuracy">', "<h2>Accuracy vs FP32</h2>"]
     missing = False
@@ -664,8 +570,6 @@ def _confusions(run: RunFiles, target: str) -> list[str]:
 
 
 def _size_memory(m: dict[str, Any], v: dict[str, Any], colour: Any, figures: _Figures) -> list[str]:
-    from optimize import plots
-
     out = ['<section id="size-memory">', "<h2>Size and memory</h2>"]
     names = [m.get("baseline", BASELINE), *variants_of(m)]
     sizes = {n: m["variants"][n]["size_bytes"] / 1e6 for n in names if "size_bytes" in m.get("variants", {}).get(n, {})}
@@ -705,8 +609,6 @@ def _size_memory(m: dict[str, Any], v: dict[str, Any], colour: Any, figures: _Fi
 
 
 def _tradeoff(m: dict[str, Any], v: dict[str, Any], colour: Any, figures: _Figures) -> list[str]:
-    from optimize import plots
-
     base = m.get("baseline", BASELINE)
     points = []
     ran = targets_ran(m, v)

@@ -6,32 +6,48 @@ from __future__ import annotations
 from typing import Any
 
 from optimize import cpu
-from optimize.results import fmt_number, gate_table
+from optimize.reporting.ci import fmt_number, gate_table
 
 
 def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[str, Any]) -> str:
     """The run's report as Markdown."""
     out: list[str] = []
-    status = verdict["status"].upper()
-    out.append(f"# {manifest['recipe']} — {status}")
+    out += _verdict_section(verdict, manifest)
+    out += _precision_section(manifest)
+    out += _accuracy_section(metrics)
+    fallback = metrics.get("fallback") or {}
+    if fallback:
+        out += _fallback_section(fallback)
+    out += _latency_section(metrics)
+    out += _size_memory_section(metrics)
+    out += _engine_section(metrics)
+    out += _stages_section(manifest)
+    out += _environment_section(metrics, manifest)
     out.append("")
+    return "\n".join(out)
+
+
+def _verdict_section(verdict: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """The title with the verdict, the variants' statuses, the gate table and the targets that did not run."""
+    status = verdict["status"].upper()
+    out = [f"# {manifest['recipe']} — {status}", ""]
     out.append(
         f"Run `{manifest['run_id']}` · baseline `fp32` · variants: "
         + ", ".join(f"`{v}` {s['status']}" for v, s in verdict["variants"].items())
     )
-    out.append("")
-    out.append("## Gates")
-    out.append("")
+    out += ["", "## Gates", ""]
     out.extend(gate_table(verdict))
     skipped = {t: s for t, s in verdict["targets"].items() if s["status"] != "ran"}
     if skipped:
         out.append("")
         for target, s in skipped.items():
             out.append(f"- target `{target}` skipped: {s.get('reason', '')}")
-    out.extend(_precision_section(manifest))
-    out.append("")
-    out.append("## Accuracy vs FP32")
-    out.append("")
+    return out
+
+
+def _accuracy_section(metrics: dict[str, Any]) -> list[str]:
+    """Each variant's accuracy against FP32 per target and output, and its task metric where there is one."""
+    out = ["", "## Accuracy vs FP32", ""]
     out.append(
         "| variant | target | output | cosine mean | cosine min | max abs err | mean abs err | relative err "
         "| top-1 agree | neighbour agree |"
@@ -58,12 +74,13 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
                     f"| {variant} | {target} | task metric | {acc['task_metric']:.4f} "
                     f"(FP32 {acc['task_metric_baseline']:.4f}, drop {acc['task_metric_drop']:+.4f}) | | | | | | |"
                 )
-    fallback = metrics.get("fallback") or {}
-    if fallback:
-        out.extend(_fallback_section(fallback))
-    out.append("")
-    out.append("## Latency and throughput")
-    out.append("")
+    return out
+
+
+def _latency_section(metrics: dict[str, Any]) -> list[str]:
+    """Latency and throughput per variant, target and shape; GPU compute time and transfers where measured; the
+    benchmark's warnings."""
+    out = ["", "## Latency and throughput", ""]
     out.append("| variant | target | shape | p50 ms | p90 ms | p99 ms | mean ms | CV | items/s | p50 speed-up |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
     warnings = []
@@ -101,9 +118,12 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     if warnings:
         out.append("")
         out.extend(warnings)
-    out.append("")
-    out.append("## Size and memory")
-    out.append("")
+    return out
+
+
+def _size_memory_section(metrics: dict[str, Any]) -> list[str]:
+    """Each variant's file size and ratio to FP32, and the memory figures recorded on each target."""
+    out = ["", "## Size and memory", ""]
     out.append(
         "| variant | target | size MB | size ratio | peak RSS MB | session RSS MB | GPU peak MB | GPU session MB "
         "| engine device MB |"
@@ -123,17 +143,22 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
             )
             if mem.get("note") or mem.get("gpu_memory_note"):
                 out.append(f"| | | {mem.get('note') or mem.get('gpu_memory_note')} | | | | | | |")
-    out.extend(_engine_section(metrics))
-    out.append("")
-    out.append("## Stages")
-    out.append("")
+    return out
+
+
+def _stages_section(manifest: dict[str, Any]) -> list[str]:
+    """Each stage's time and what it did."""
+    out = ["", "## Stages", ""]
     out.append("| stage | seconds | detail |")
     out.append("|---|---|---|")
     for st in manifest.get("stages", []):
         out.append(f"| {st['stage']} | {st.get('seconds', 0):.2f} | {st.get('detail') or st.get('what', '')} |")
-    out.append("")
-    out.append("## Environment and lineage")
-    out.append("")
+    return out
+
+
+def _environment_section(metrics: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
+    """Host, instruction sets, GPU, library versions, and the hashes of the recipe, model, datasets and artifacts."""
+    out = ["", "## Environment and lineage", ""]
     hw = manifest["hardware"]
     out.append(f"- host: {hw.get('cpu')} × {hw.get('cores')} cores, {hw.get('memory_gb')} GB; {manifest['os']}")
     out.append(f"- CPU instruction sets: {cpu.describe(hw.get('cpu_isa'))}")
@@ -144,8 +169,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
         out.append(f"- dataset `{name}`: {ds['description']}, sha256 `{ds['sha256'][:16]}…`")
     for name, art in metrics["variants"].items():
         out.append(f"- `{name}`: {art['path']} sha256 `{art['sha256']}`")
-    out.append("")
-    return "\n".join(out)
+    return out
 
 
 def _engine_section(metrics: dict[str, Any]) -> list[str]:

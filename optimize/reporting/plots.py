@@ -1,7 +1,8 @@
 """The report's figures, drawn once each with matplotlib's Agg canvas and returned as PNG bytes: the same bytes
 go into report.html (as data: URIs), into `plots/*.png` of the run directory and onto the MLflow run.
 
-matplotlib is imported inside the functions that draw, so importing this module costs nothing. Figures are
+matplotlib (and numpy) are named through optimize.lazy and imported when the first figure is drawn, so importing
+this module costs nothing (a report whose plots are reused draws none and imports no matplotlib). Figures are
 small (dpi 72, a few inches) and closed after drawing: the report must add under 2 s to a run."""
 
 from __future__ import annotations
@@ -11,10 +12,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from optimize.lazy import lazy
+
 if TYPE_CHECKING:
     import numpy as np
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+else:
+    np = lazy("numpy")
+
+mpl_agg = lazy("matplotlib.backends.backend_agg")
+mpl_figure = lazy("matplotlib.figure")
+mpl_ticker = lazy("matplotlib.ticker")
 
 DPI = 72
 BASELINE_COLOUR = "#7f7f7f"
@@ -56,8 +65,6 @@ class Latency:
         if q in self.recorded:
             return self.recorded[q]
         if self.samples_ms is not None and len(self.samples_ms):
-            import numpy as np
-
             return float(np.quantile(self.samples_ms, q))
         return None
 
@@ -96,11 +103,8 @@ def palette(variants: Sequence[str]) -> _Palette:
 
 
 def _figure(width_in: float, height_in: float) -> Figure:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width_in, height_in), dpi=DPI)
-    FigureCanvasAgg(fig)
+    fig = mpl_figure.Figure(figsize=(width_in, height_in), dpi=DPI)
+    mpl_agg.FigureCanvasAgg(fig)
     return fig
 
 
@@ -123,18 +127,14 @@ def _style(ax: Axes) -> None:
 def _log_x(ax: Axes) -> None:
     """A log x axis labelled at 1, 2 and 5 of each decade in plain numbers (matplotlib's default labels every
     minor tick of a short range as 2×10^-1 …, which overlap)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_locator(mpl_ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(mpl_ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(mpl_ticker.NullFormatter())
 
 
 def _curve(lat: Latency) -> tuple[np.ndarray, np.ndarray, bool]:
     """(ms, cumulative share, from samples?) for a latency CDF."""
-    import numpy as np
-
     if lat.samples_ms is not None and len(lat.samples_ms):
         qs = np.linspace(0.0, 1.0, min(CURVE_POINTS, len(lat.samples_ms)))
         return np.quantile(lat.samples_ms, qs), qs, True
@@ -191,9 +191,7 @@ def latency(target: str, shapes: dict[str, Sequence[Latency]], colour: _Palette)
 
 
 def _max_n(n: int) -> Any:
-    from matplotlib.ticker import MaxNLocator
-
-    return MaxNLocator(nbins=n)
+    return mpl_ticker.MaxNLocator(nbins=n)
 
 
 ACCURACY_KINDS = {
@@ -206,8 +204,6 @@ def accuracy(target: str, outputs: dict[str, dict[str, dict[str, np.ndarray]]], 
     """Per-sample accuracy against the FP32 reference on one target: a panel per (output, kind) with one
     histogram per variant. `outputs[output][kind][variant]` is the per-sample array, kind "cosine" or
     "abs_error"."""
-    import numpy as np
-
     panels = [(o, k) for o, by_kind in outputs.items() for k in ACCURACY_KINDS if by_kind.get(k)]
     fig, axes = _grid(len(panels), 2, (4.6, 0.3), (2.5, 0.5))
     for i, ax in enumerate(axes.flat):
@@ -244,8 +240,6 @@ def size_memory(
 ) -> Plot:
     """Bars: the ONNX file size of each model (MB), and each memory figure recorded (MB) per model and
     target. `memory[label][key]` where `variant_of[label]` names the model (for its colour)."""
-    import numpy as np
-
     keys = [k for k in MEMORY_KEYS if any(k in m for m in memory.values())]
     cols = 2 if keys else 1
     fig = _figure(4.4 * cols + 0.3, 3.0)

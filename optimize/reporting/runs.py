@@ -9,6 +9,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+from rich.table import Table
+
+from optimize.console import stdout_console
+from optimize.errors import RecipeError, first_line
+from optimize.files import display_path
+from optimize.reporting.headlines import headlines
+
 MANIFEST = "manifest.json"
 
 
@@ -67,9 +75,6 @@ def run_dirs(runs_dir: Path) -> list[Path]:
 def describe(run_dir: Path) -> RunLine:
     """What a run directory says about itself, from whatever of manifest.json, metrics.json and verdict.json it
     has."""
-    from optimize.files import display_path
-    from optimize.report_html import headlines
-
     run_dir = Path(run_dir)
     manifest = json_object(run_dir / MANIFEST)
     metrics = json_object(run_dir / "metrics.json")
@@ -113,11 +118,6 @@ def list_runs(runs_dir: Path) -> list[RunLine]:
 
 def render(lines: list[RunLine]) -> None:
     """The runs as a table on stdout."""
-    from rich.markup import escape
-    from rich.table import Table
-
-    from optimize.console import stdout_console
-
     table = Table(show_lines=False, pad_edge=False, box=None)
     for col in ("started", "recipe", "run id", "status", "verdict", "variants", "report"):
         # paths and ids stay whole (copyable); the variants column wraps
@@ -154,9 +154,6 @@ def read_run_json(run_dir: Path, names: tuple[str, ...], missing: str) -> dict[s
     """The JSON objects `names` of a run directory, by file name. A run directory that is not there, a file
     that is missing (`missing` says what that means to the caller) or one that is not a JSON object is a
     one-line RecipeError (exit 2) naming it."""
-    from optimize.errors import RecipeError, first_line
-    from optimize.files import display_path
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RecipeError(

@@ -12,9 +12,9 @@ from typing import Any
 from test_cli import cli
 from test_gates import TARGETS, gate, result, results
 
-from optimize import results as ci
 from optimize.errors import StageError
 from optimize.gates import evaluate_gates
+from optimize.reporting import ci
 
 MANIFEST = {"recipe": "bert", "run_id": "20261128-000000-abcd", "started": "2026-11-28T00:00:00+00:00"}
 

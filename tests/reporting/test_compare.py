@@ -14,8 +14,9 @@ import pytest
 from conftest import build_finished_run
 from test_cli import cli, one_error_line
 
-from optimize import compare, registry
+from optimize import registry
 from optimize.errors import RecipeError
+from optimize.reporting import compare
 
 STRICT = {"gates": ["accuracy.cosine_min >= 0.99", "accuracy.top1_agreement >= 1.01"]}  # top-1 cannot reach 1.01
 
@@ -162,7 +163,7 @@ def test_compare_with_a_registered_version(finished_run: Path, strict_run: Path,
     run_a = json.loads((finished_run / "manifest.json").read_text())["run_id"]
     head = " ".join(proc.stdout.split())
     assert head.startswith(
-        f"before: models:/tiny@candidate — version 1 (fp16), MLflow run {published['run_id']}, optimize run {run_a}"
+        f"before: models:/tiny@candidate — version 1 (fp16), MLflow run {published.mlflow_run_id}, optimize run {run_a}"
     )
     assert "Gates: 2 of 4 flipped" in proc.stdout and "Recipe: 3 differ" in proc.stdout  # paths and gates
     page = (tmp_path / "b" / "compare-tiny@candidate.html").read_text()

@@ -18,12 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import chromium
 from test_cli import cli, one_error_line
 
-from optimize import report_html
 from optimize.files import write_npz
+from optimize.reporting import html as report_html
 
-SETUP_HINT = "run `bash ci/setup.sh cpu` (it installs Debian's chromium)"
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 TARGET = "onnxruntime-cpu"
 # Samples whose class the fp16 variant changes in the hand-written argmax arrays: (sample, reference, variant).
@@ -44,7 +44,7 @@ def _edit_json(path: Path, change: Any) -> None:
 
 
 def write_distributions(run_dir: Path, flips: tuple[tuple[int, int, int], ...] = FLIPS) -> dict[str, np.ndarray]:
-    """distributions.npz as the pipeline writes it (see optimize/report_html.py), drawn around the run's own
+    """distributions.npz as the pipeline writes it (see optimize/reporting/html.py), drawn around the run's own
     numbers: latencies per target, model and shape; per-sample cosine and error; argmax where top-1 is gated."""
     metrics = _json(run_dir / "metrics.json")
     rng = np.random.default_rng(0)
@@ -421,7 +421,7 @@ def test_a_gate_that_failed_makes_the_verdict_red(finished_run: Path, tmp_path: 
 def test_a_plot_that_fails_to_draw_is_a_note_not_a_failed_report(
     finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from optimize import plots
+    from optimize.reporting import plots
 
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ValueError("no room for the legend")
@@ -440,7 +440,7 @@ def test_a_plot_that_fails_to_draw_is_a_note_not_a_failed_report(
 def test_a_hand_built_gpu_run_with_skipped_pairs_and_an_engine(tmp_path: Path) -> None:
     """What a CPU box never produces: a GPU target that timed only the variant, a skipped (variant, target)
     pair, an engine, GPU memory; and no distributions.npz, no cache, no registry entry."""
-    from test_report import _docs
+    from test_markdown import _docs
 
     metrics, verdict, manifest = _docs()
     verdict["targets"]["tensorrt"] = {"status": "ran"}
@@ -507,19 +507,11 @@ def test_optimize_report_regenerates_and_prints_the_path(old_run: Path, tmp_path
 # --- a real browser ----------------------------------------------------------------------------------
 
 
-def _chromium() -> str:
-    for name in ("chromium", "chromium-browser"):
-        path = shutil.which(name)
-        if path:
-            return path
-    pytest.fail(f"chromium is not installed: {SETUP_HINT}")
-
-
 def _render(page: Path, shot: Path, width: int, height: int, profile: Path) -> list[str]:
     """Screenshot `page` in headless Chromium; returns the console messages it logged."""
     proc = subprocess.run(
         [
-            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
+            chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run",
             "--force-device-scale-factor=1", f"--window-size={width},{height}", "--enable-logging=stderr", "--v=0",
             f"--user-data-dir={profile}", f"--screenshot={shot}", page.as_uri(),
         ],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optimize.report import markdown
+from optimize.reporting.markdown import markdown
 
 
 def _docs() -> tuple[dict, dict, dict]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from test_cli import _imports_of, cli
 
-from optimize import report_html
-from optimize.runs import list_runs
+from optimize.reporting import html as report_html
+from optimize.reporting.runs import list_runs
 
 
 def _edit(path: Path, change: Any) -> None:
