@@ -17,7 +17,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from optimize import registry
 from optimize.errors import (
     GateFailedError,
     IntegrityError,
@@ -25,7 +24,13 @@ from optimize.errors import (
     RecipeError,
     first_line,
 )
+from optimize.lazy import lazy
 from optimize.onnx_files import onnx_files, onnx_sha256
+from optimize.registry import tags as tag
+from optimize.registry.connection import registry_failure, retrying_upsert, session, store_lock
+
+mlflow_artifacts = lazy("mlflow.artifacts")
+mlflow_exceptions = lazy("mlflow.exceptions")
 
 # How alias moves are recorded (MLflow aliases are bare pointers: no history, no compare-and-swap).
 #
@@ -52,9 +57,6 @@ from optimize.onnx_files import onnx_files, onnx_sha256
 # same `from`.
 
 MODEL_FILE = "model.onnx"  # the file of a version's artifacts whose sha256 is the version tag `sha256`
-HISTORY_TAG = "alias_history.{alias}"
-PREVIOUS_TAG = "previous_{alias}_version"
-AUDIT_TAG = "audit"
 HISTORY_MAX_ENTRIES = 30
 HISTORY_MAX_CHARS = 5000  # registered_model_tags.value is VARCHAR(5000) in MLflow's SQL stores
 AUDIT_MAX_ENTRIES = 20
@@ -78,7 +80,7 @@ def promote(
     _check_target_alias(to_alias)
     if (version is None) == (from_alias is None):
         raise RecipeError("promote: give exactly one of --version N and --from ALIAS")
-    with registry.session(tracking_uri) as client:
+    with session(tracking_uri) as client:
         rm = _registered_model(client, model, tracking_uri)
         if from_alias is not None:
             number = _aliases(rm).get(from_alias)
@@ -90,17 +92,17 @@ def promote(
             context = f"--version {number}"
         mv = _model_version(client, rm, number, context)
         sha256 = _verify(client, model, mv, tracking_uri)
-        with registry.store_lock(tracking_uri, "registry alias moves") as locked:
+        with store_lock(tracking_uri, "registry alias moves") as locked:
             before = _aliases(client.get_registered_model(model)).get(to_alias)
             done = {"model": model, "alias": to_alias, "version": number, "previous": before, "sha256": sha256}
             if before == number:
                 return {**done, "unchanged": True}
-            previous_tag = PREVIOUS_TAG.format(alias=to_alias)
+            previous_tag = tag.previous_version(to_alias)
             if before is not None:
-                registry.retrying_upsert(client.set_model_version_tag, model, str(number), previous_tag, str(before))
+                retrying_upsert(client.set_model_version_tag, model, str(number), previous_tag, str(before))
             elif previous_tag in mv.tags:  # left from an earlier promotion: it would name a wrong predecessor
                 client.delete_model_version_tag(model, str(number), previous_tag)
-            registry.retrying_upsert(client.set_registered_model_alias, model, to_alias, str(number))
+            retrying_upsert(client.set_registered_model_alias, model, to_alias, str(number))
             _record_history(client, model, to_alias, _history_entry("promote", number, before), locked)
             _record_audit(client, model, number, _audit_entry("promote", to_alias, before, number, mv.tags), locked)
         return done
@@ -113,19 +115,19 @@ def rollback(model: str, alias: str, *, tracking_uri: str) -> dict[str, Any]:
     "already_rolled_back": True and "rolled_back_from". Returns {"model", "alias", "version" (now),
     "previous" (before this call), "sha256"}.
     """
-    with registry.session(tracking_uri) as client:
+    with session(tracking_uri) as client:
         _registered_model(client, model, tracking_uri)
-        with registry.store_lock(tracking_uri, "registry alias moves") as locked:
+        with store_lock(tracking_uri, "registry alias moves") as locked:
             rm = client.get_registered_model(model)
             current = _aliases(rm).get(alias)
             if current is None:
                 raise RecipeError(f"rollback: {model} has no alias {alias!r}, nothing to roll back; {_alias_list(rm)}")
-            history = _json_list(rm.tags.get(HISTORY_TAG.format(alias=alias)))
+            history = _json_list(rm.tags.get(tag.alias_history(alias)))
             fix = f"move it with `optimize promote {model} --to {alias} --version N`"
             if not history:
                 raise RecipeError(
                     f"rollback: {model}@{alias} (version {current}) has no move recorded by `optimize promote` "
-                    f"(registered-model tag {HISTORY_TAG.format(alias=alias)}), nothing to roll back to; {fix}"
+                    f"(registered-model tag {tag.alias_history(alias)}), nothing to roll back to; {fix}"
                 )
             last = history[-1]
             if last.get("version") != current:
@@ -153,7 +155,7 @@ def rollback(model: str, alias: str, *, tracking_uri: str) -> dict[str, Any]:
             target_mv = _model_version(client, rm, target, f"rollback of {model}@{alias} to version {target}")
             sha256 = _verify(client, model, target_mv, tracking_uri)
             current_mv = client.get_model_version(model, str(current))
-            registry.retrying_upsert(client.set_registered_model_alias, model, alias, str(target))
+            retrying_upsert(client.set_registered_model_alias, model, alias, str(target))
             _record_history(client, model, alias, _history_entry("rollback", target, current), locked)
             _record_audit(
                 client, model, target, _audit_entry("rollback", alias, current, target, target_mv.tags), locked
@@ -164,28 +166,28 @@ def rollback(model: str, alias: str, *, tracking_uri: str) -> dict[str, Any]:
         return {"model": model, "alias": alias, "version": target, "previous": current, "sha256": sha256}
 
 
-def canary_manifest(model: str, alias: str = "canary", *, tracking_uri: str) -> dict[str, Any]:
+def canary_manifest(model: str, alias: str = tag.CANARY, *, tracking_uri: str) -> dict[str, Any]:
     """What a deployment step needs about the version `alias` points to, as a JSON-able dict: URIs, version,
     sha256, format, precision, targets, GPU architecture and TensorRT version (null when the version has no
     such tags), recipe, gate rows (from the version's MLflow run's verdict.json), `previous_version` (where the
     alias pointed before, from its history; null when unknown) and `rolled_back` (it got here by a rollback).
     Refuses a version whose gates did not pass (exit 1)."""
-    with registry.session(tracking_uri) as client:
+    with session(tracking_uri) as client:
         rm = _registered_model(client, model, tracking_uri)
         number = _aliases(rm).get(alias)
         if number is None:
             raise RecipeError(f"canary-manifest: {model} has no alias {alias!r}; {_alias_list(rm)}")
         mv = client.get_model_version(model, str(number))
         tags = mv.tags
-        if tags.get("verdict") != "passed":
+        if tags.get(tag.VERDICT) != "passed":
             raise GateFailedError(
                 f"canary-manifest: {model}@{alias} is version {number}, whose gate verdict is "
-                f"{tags.get('verdict')!r} (tag verdict), not 'passed': not deployable"
+                f"{tags.get(tag.VERDICT)!r} (tag verdict), not 'passed': not deployable"
             )
-        history = _json_list(rm.tags.get(HISTORY_TAG.format(alias=alias)))
+        history = _json_list(rm.tags.get(tag.alias_history(alias)))
         # Only a history that ends at this version knows what came before (an alias moved by hand has none).
         last = history[-1] if history and history[-1].get("version") == number else None
-        variant = tags.get("variant") or _variant_of(client, mv, tracking_uri)
+        variant = tags.get(tag.VARIANT) or _variant_of(client, mv, tracking_uri)
         return {
             "model": model,
             "alias": alias,
@@ -194,18 +196,18 @@ def canary_manifest(model: str, alias: str = "canary", *, tracking_uri: str) -> 
             "version_uri": f"models:/{model}/{number}",
             "source": mv.source,
             "file": MODEL_FILE,
-            "sha256": tags.get("sha256"),
-            "format": tags.get("format"),
-            "precision": tags.get("precision"),
+            "sha256": tags.get(tag.SHA256),
+            "format": tags.get(tag.FORMAT),
+            "precision": tags.get(tag.PRECISION),
             "variant": variant,
-            "targets": [t for t in (tags.get("target") or "").split(",") if t],
-            "gpu_sm": tags.get("gpu_sm"),
-            "tensorrt": tags.get("tensorrt"),
-            "recipe": {"name": tags.get("recipe"), "sha256": tags.get("recipe_sha256")},
-            "optimize_run_id": tags.get("optimize_run_id"),
-            "mlflow_run_id": tags.get("mlflow_run_id"),
+            "targets": [t for t in (tags.get(tag.TARGET) or "").split(",") if t],
+            "gpu_sm": tags.get(tag.GPU_SM),
+            "tensorrt": tags.get(tag.TENSORRT),
+            "recipe": {"name": tags.get(tag.RECIPE), "sha256": tags.get(tag.RECIPE_SHA256)},
+            "optimize_run_id": tags.get(tag.OPTIMIZE_RUN_ID),
+            "mlflow_run_id": tags.get(tag.MLFLOW_RUN_ID),
             "verdict": "passed",
-            "gates": _gate_rows(client, tags.get("mlflow_run_id"), variant),
+            "gates": _gate_rows(client, tags.get(tag.MLFLOW_RUN_ID), variant),
             "previous_version": last.get("from") if last else None,
             "rolled_back": bool(last and last.get("action") == "rollback"),
         }
@@ -231,24 +233,26 @@ def _verify(client: Any, model: str, mv: Any, tracking_uri: str) -> str:
     """Refuse a version whose gates did not pass (exit 1) or whose downloaded `model.onnx` is not the file
     that was gated (exit 6); return its sha256."""
     number, tags = int(mv.version), mv.tags
-    if tags.get("verdict") != "passed":
+    if tags.get(tag.VERDICT) != "passed":
         raise GateFailedError(
-            f"{model} version {number}: gate verdict is {tags.get('verdict')!r} (tag verdict), not 'passed'; "
+            f"{model} version {number}: gate verdict is {tags.get(tag.VERDICT)!r} (tag verdict), not 'passed'; "
             "only a version that passed its gates can take an alias. No alias moved"
         )
-    expected = tags.get("sha256")
+    expected = tags.get(tag.SHA256)
     if not expected:
         raise IntegrityError(
             f"{model} version {number} has no tag sha256: its {MODEL_FILE} cannot be checked. No alias moved"
         )
-    from mlflow.artifacts import download_artifacts
-
     uri = client.get_model_version_download_uri(model, str(number)).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="optimize-verify-") as tmp:
         try:
-            local = download_artifacts(artifact_uri=f"{uri}/{MODEL_FILE}", dst_path=tmp, tracking_uri=tracking_uri)
+            local = mlflow_artifacts.download_artifacts(
+                artifact_uri=f"{uri}/{MODEL_FILE}", dst_path=tmp, tracking_uri=tracking_uri
+            )
             for data in onnx_files(Path(local), unreadable_ok=True)[1:]:  # model.onnx.data: part of the identity
-                download_artifacts(artifact_uri=f"{uri}/{data.name}", dst_path=tmp, tracking_uri=tracking_uri)
+                mlflow_artifacts.download_artifacts(
+                    artifact_uri=f"{uri}/{data.name}", dst_path=tmp, tracking_uri=tracking_uri
+                )
         except Exception as e:
             if _registry_failure(e):
                 raise
@@ -265,11 +269,9 @@ def _verify(client: Any, model: str, mv: Any, tracking_uri: str) -> str:
 
 
 def _registered_model(client: Any, model: str, tracking_uri: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_registered_model(model)
-    except MlflowException as e:
+    except mlflow_exceptions.MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     names = _model_names(client)
@@ -297,11 +299,9 @@ def _model_names(client: Any, max_pages: int = 5) -> list[str]:
 
 
 def _model_version(client: Any, rm: Any, number: int, context: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version(rm.name, str(number))
-    except MlflowException as e:
+    except mlflow_exceptions.MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
     newest = max((int(v.version) for v in rm.latest_versions or []), default=None)
@@ -333,9 +333,9 @@ def _audit_entry(action: str, alias: str, before: int | None, after: int, tags: 
     entry.update({"from": before, "to": after})
     if os.environ.get("MLFLOW_TRACKING_USERNAME"):
         entry["mlflow_user"] = os.environ["MLFLOW_TRACKING_USERNAME"]
-    for tag in ("optimize_run_id", "mlflow_run_id"):
-        if tags.get(tag):
-            entry[tag] = tags[tag]
+    for name in (tag.OPTIMIZE_RUN_ID, tag.MLFLOW_RUN_ID):
+        if tags.get(name):
+            entry[name] = tags[name]
     build = build_url()
     if build:
         entry["build_url"] = build
@@ -368,7 +368,7 @@ def _now() -> str:
 
 def _record_history(client: Any, model: str, alias: str, entry: dict[str, Any], locked: bool) -> None:
     """Add `entry` to the alias's history so that the history ends at the version the alias points to."""
-    key = HISTORY_TAG.format(alias=alias)
+    key = tag.alias_history(alias)
 
     def read() -> tuple[list[dict[str, Any]], int | None]:
         rm = client.get_registered_model(model)
@@ -387,14 +387,14 @@ def _record_history(client: Any, model: str, alias: str, entry: dict[str, Any], 
         return _bounded(placed, HISTORY_MAX_ENTRIES, HISTORY_MAX_CHARS)
 
     def write(value: str) -> None:
-        registry.retrying_upsert(client.set_registered_model_tag, model, key, value)
+        retrying_upsert(client.set_registered_model_tag, model, key, value)
 
     _merge_tag(read, write, place, locked, key)
 
 
 def _record_audit(client: Any, model: str, version: int, entry: dict[str, Any], locked: bool) -> None:
     def read() -> tuple[list[dict[str, Any]], None]:
-        value = client.get_model_version(model, str(version)).tags.get(AUDIT_TAG)
+        value = client.get_model_version(model, str(version)).tags.get(tag.AUDIT)
         entries = _json_list(value)
         if value and not entries:  # a hand-written tag: keep its text as the oldest line
             entries = [{"note": value[:1000]}]
@@ -406,9 +406,9 @@ def _record_audit(client: Any, model: str, version: int, entry: dict[str, Any], 
         return _bounded([*entries, entry], AUDIT_MAX_ENTRIES, AUDIT_MAX_CHARS)
 
     def write(value: str) -> None:
-        registry.retrying_upsert(client.set_model_version_tag, model, str(version), AUDIT_TAG, value)
+        retrying_upsert(client.set_model_version_tag, model, str(version), tag.AUDIT, value)
 
-    _merge_tag(read, write, place, locked, f"{AUDIT_TAG} of version {version}")
+    _merge_tag(read, write, place, locked, f"{tag.AUDIT} of version {version}")
 
 
 def _merge_tag(
@@ -462,12 +462,12 @@ def _json_list(value: str | None) -> list[dict[str, Any]]:
 
 def _variant_of(client: Any, mv: Any, tracking_uri: str) -> str | None:
     """The recipe variant a version was built from: `optimize.json` among the version's artifacts."""
-    from mlflow.artifacts import download_artifacts
-
     uri = client.get_model_version_download_uri(mv.name, str(mv.version)).rstrip("/")
     with tempfile.TemporaryDirectory(prefix="optimize-manifest-") as tmp:
         try:
-            local = download_artifacts(artifact_uri=f"{uri}/optimize.json", dst_path=tmp, tracking_uri=tracking_uri)
+            local = mlflow_artifacts.download_artifacts(
+                artifact_uri=f"{uri}/optimize.json", dst_path=tmp, tracking_uri=tracking_uri
+            )
             return json.loads(Path(local).read_text()).get("variant")
         except Exception as e:
             if _registry_failure(e):
@@ -502,5 +502,5 @@ def _gate_rows(client: Any, run_id: str | None, variant: str | None) -> list[dic
 
 
 def _registry_failure(e: BaseException) -> bool:
-    """Refused credentials or a lost registry: let `registry.session` report it (exit 7 / 5)."""
-    return registry.registry_failure(e) is not None
+    """Refused credentials or a lost registry: let `session` report it (exit 7 / 5)."""
+    return registry_failure(e) is not None

@@ -27,12 +27,23 @@ from typing import Any
 
 import numpy as np
 
+from optimize import bench
 from optimize.errors import (
     GateFailedError,
     IntegrityError,
     RecipeError,
     RuntimeMissingError,
 )
+from optimize.lazy import lazy
+from optimize.onnx_files import onnx_files, onnx_sha256
+from optimize.recipe import TARGETS
+from optimize.registry import tags as tag
+from optimize.registry.connection import session
+from optimize.runtimes import DeviceRunner, open_runner, unavailable_reason
+
+onnx = lazy("onnx")
+mlflow_artifacts = lazy("mlflow.artifacts")
+mlflow_exceptions = lazy("mlflow.exceptions")
 
 BUDGET_FACTOR = 3.0
 MIN_BUDGET_MS = 1.0
@@ -56,8 +67,6 @@ _VERSION_URI = re.compile(r"^models:/([^/@]+)/([0-9]+)$")
 
 def sample_axis_sizes(model: Path, sample: dict[str, np.ndarray]) -> dict[str, int]:
     """The size the sample batch has along each named (dynamic) axis of the model's inputs."""
-    import onnx
-
     graph = onnx.load(str(model), load_external_data=False).graph
     initializers = {t.name for t in graph.initializer}
     sizes: dict[str, int] = {}
@@ -177,14 +186,11 @@ def smoke(uri: str, *, tracking_uri: str, target: str | None = None) -> dict[str
     Returns {"uri", "model", "version", "target", "sha256", "max_abs_error", "worst_output", "golden_target",
     "p50_ms", "budget_ms", "budget_source", "latency_shape", "latency_check": "passed"|"skipped"}.
     """
-    from optimize import registry
-    from optimize.recipe import TARGETS
-
     name, alias, version = parse_model_uri(uri)
     if target is not None and target not in TARGETS:
         raise RecipeError(f"smoke: --target: unknown target {target!r}; known: {', '.join(TARGETS)}")
     with tempfile.TemporaryDirectory(prefix="optimize-smoke-") as tmp:
-        with registry.session(tracking_uri) as client:
+        with session(tracking_uri) as client:
             mv = resolve_version(client, uri, tracking_uri)
             tags = dict(mv.tags or {})
             chosen = _choose_target(uri, tags, target)
@@ -195,12 +201,10 @@ def smoke(uri: str, *, tracking_uri: str, target: str | None = None) -> dict[str
 def resolve_version(client: Any, uri: str, tracking_uri: str, command: str = "smoke") -> Any:
     """The ModelVersion `uri` (models:/NAME@ALIAS or models:/NAME/VERSION) names; a bad URI or an unknown model,
     alias or version is a one-line RecipeError (exit 2) starting with `command`."""
-    from mlflow.exceptions import MlflowException
-
     name, alias, version = parse_model_uri(uri, command)
     try:
         model = client.get_registered_model(name)
-    except MlflowException as e:
+    except mlflow_exceptions.MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RecipeError(f"{command}: {uri}: no registered model {name!r} in {tracking_uri}") from None
         raise
@@ -212,7 +216,7 @@ def resolve_version(client: Any, uri: str, tracking_uri: str, command: str = "sm
         version = int(aliases[alias])
     try:
         return client.get_model_version(name, str(version))
-    except MlflowException as e:
+    except mlflow_exceptions.MlflowException as e:
         if e.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RecipeError(f"{command}: {uri}: model {name!r} has no version {version}") from None
         raise
@@ -220,10 +224,8 @@ def resolve_version(client: Any, uri: str, tracking_uri: str, command: str = "sm
 
 def _choose_target(uri: str, tags: dict[str, str], asked: str | None) -> str:
     """The target to load the version on: `asked`, else the first of its `target` tag that runs here."""
-    from optimize.runtimes import unavailable_reason
-
-    fmt = tags.get("format", "onnx")
-    gated = [t for t in tags.get("target", "").split(",") if t]
+    fmt = tags.get(tag.FORMAT, "onnx")
+    gated = [t for t in tags.get(tag.TARGET, "").split(",") if t]
     if asked is not None:
         why = _carries_nothing_for(asked, fmt) or unavailable_reason(asked)
         if why:
@@ -253,25 +255,22 @@ def _carries_nothing_for(target: str, fmt: str) -> str | None:
 
 def _download(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Path:
     """Download the version's artifacts (its LoggedModel's folder) into `dest`; returns the local folder."""
-    from mlflow.artifacts import download_artifacts
-
     location = client.get_model_version_download_uri(mv.name, str(mv.version))
     if location.startswith("models:/"):  # no storage location recorded: ask the LoggedModel for its folder
         location = client.get_logged_model(location.removeprefix("models:/")).artifact_location
-    return Path(download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=tracking_uri))
+    return Path(
+        mlflow_artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=tracking_uri)
+    )
 
 
 def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str, folder: Path) -> dict[str, Any]:
-    from optimize.onnx_files import onnx_files, onnx_sha256
-    from optimize.runtimes import open_runner
-
     where = f"smoke: {uri} (version {version})"
     missing = [f for f in (MODEL_FILE, SAMPLE_FILE, GOLDEN_FILE, META_FILE) if not (folder / f).is_file()]
     if not missing:  # model.onnx.data, where the model keeps its weights in external data
         missing = [p.name for p in onnx_files(folder / MODEL_FILE, unreadable_ok=True)[1:] if not p.is_file()]
     if missing:
         raise IntegrityError(f"{where}: its artifacts lack {', '.join(missing)}; it was not registered by optimize")
-    expected = tags.get("sha256")
+    expected = tags.get(tag.SHA256)
     if not expected:
         raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
     actual = onnx_sha256(folder / MODEL_FILE)
@@ -292,10 +291,8 @@ def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str,
         outputs = runner.run(sample)
         max_abs, worst = compare_with_golden(outputs, golden, atol, rtol, f"{where} on {target}")
         if budget is not None:
-            from optimize.bench import make_feeds
-
             shape = {k: int(v) for k, v in (p.split("=") for p in budget["shape"].split(","))}
-            feeds = make_feeds(runner.inputs, shape, sample, f"{META_FILE}: smoke.latency_budget.{target}.shape")
+            feeds = bench.make_feeds(runner.inputs, shape, sample, f"{META_FILE}: smoke.latency_budget.{target}.shape")
         else:
             feeds = sample
         p50 = time_p50(runner, feeds, int(record.get("warmup", WARMUP)), int(record.get("iterations", ITERATIONS)))
@@ -375,9 +372,6 @@ def compare_with_golden(
 def time_p50(runner: Any, feeds: dict[str, np.ndarray], warmup: int, iterations: int) -> float:
     """p50 latency (ms) of `runner` on `feeds` with the benchmark's protocol: host clock for host runners,
     CUDA events (H2D + compute + D2H) for GPU runners."""
-    from optimize import bench
-    from optimize.runtimes import DeviceRunner
-
     if isinstance(runner, DeviceRunner):
         series = bench.time_device({"smoke": runner}, [feeds], warmup, iterations)
         return float(bench.device_latency_stats(series["smoke"], 1)["p50_ms"])

@@ -22,8 +22,9 @@ import pytest
 from mlflow import MlflowClient
 from test_cli import cli, one_error_line
 
-from optimize import promotion, registry
+from optimize import registry
 from optimize.errors import GateFailedError, IntegrityError, RecipeError
+from optimize.registry import promotion
 
 MODEL = "tiny"
 
@@ -46,7 +47,7 @@ def publish_runs(finished_run: Path, tmp_path: Path, uri: str, runs: int) -> lis
         manifest = json.loads((copy / "manifest.json").read_text())
         manifest["run_id"] = f"{manifest['run_id']}-{i}"
         (copy / "manifest.json").write_text(json.dumps(manifest))
-        versions += registry.publish(copy, uri)["versions"].values()
+        versions += registry.publish(copy, uri).versions.values()
     return versions
 
 

@@ -25,6 +25,9 @@ from optimize.errors import OptimizeError, RecipeError, RegistryUnreachableError
 from optimize.files import display_path
 from optimize.pipeline import RunOptions, run
 from optimize.recipe import load_recipe
+from optimize.registry import connection, description
+from optimize.registry import tags as tag
+from optimize.registry.publish import git_commit
 
 
 def _client(uri: str) -> MlflowClient:
@@ -73,18 +76,18 @@ def test_tracking_uri_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 
 
 def test_timeout_budget_precedence(monkeypatch: pytest.MonkeyPatch, write_recipe) -> None:
-    monkeypatch.delenv(registry.TIMEOUT_ENV, raising=False)
+    monkeypatch.delenv(connection.TIMEOUT_ENV, raising=False)
     assert load_recipe(write_recipe()).registry.timeout_s == 30
     assert registry.registry_timeout_s(None) == 30
     budget = load_recipe(write_recipe({"registry": {"timeout_s": 4.5}})).registry.timeout_s
     assert registry.registry_timeout_s(budget) == 4.5
-    monkeypatch.setenv(registry.TIMEOUT_ENV, "2")
+    monkeypatch.setenv(connection.TIMEOUT_ENV, "2")
     assert registry.registry_timeout_s(4.5) == 2.0
     for bad in ("0", "-1", "soon", "nan"):
-        monkeypatch.setenv(registry.TIMEOUT_ENV, bad)
+        monkeypatch.setenv(connection.TIMEOUT_ENV, bad)
         with pytest.raises(RecipeError) as e:
             registry.registry_timeout_s(4.5)
-        assert e.value.exit_code == 2 and registry.TIMEOUT_ENV in str(e.value)
+        assert e.value.exit_code == 2 and connection.TIMEOUT_ENV in str(e.value)
     with pytest.raises(RecipeError) as e:
         load_recipe(write_recipe({"registry": {"timeout_s": 0}}))
     assert "registry.timeout_s" in str(e.value)
@@ -95,16 +98,16 @@ def test_bounded_http_sets_mlflows_timeout_and_retries_and_puts_them_back(monkey
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     from mlflow.environment_variables import MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT
 
-    with registry.bounded_http(2.5):
+    with connection.bounded_http(2.5):
         assert MLFLOW_HTTP_REQUEST_TIMEOUT.get() == 3 and MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 0
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "120"
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
 
 
 def test_sqlite_artifacts_are_pinned_beside_the_database(tmp_path: Path) -> None:
-    loc = registry.default_artifact_location(f"sqlite:///{tmp_path}/x/m.db")
+    loc = connection.default_artifact_location(f"sqlite:///{tmp_path}/x/m.db")
     assert loc == (tmp_path / "x" / "mlartifacts").as_uri()
-    assert registry.default_artifact_location("http://host:5000") is None
+    assert connection.default_artifact_location("http://host:5000") is None
 
 
 def test_unreachable_server_fails_fast(tmp_path: Path) -> None:
@@ -177,7 +180,7 @@ def test_a_registry_that_stops_answering_fails_each_request_within_the_budget(
     finished_run: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # /health answers, so this is MLflow's own client bounded by the budget (its defaults: minutes of retries).
-    monkeypatch.setenv(registry.TIMEOUT_ENV, "2")
+    monkeypatch.setenv(connection.TIMEOUT_ENV, "2")
     with health_only_server() as uri:
         t0 = time.monotonic()
         with pytest.raises(RegistryUnreachableError) as e:
@@ -289,14 +292,14 @@ def test_unwritable_sqlite_folder_and_bad_uri(tmp_path: Path) -> None:
 def test_publish_registers_each_passing_variant_with_aliases(finished_run: Path, tmp_path: Path) -> None:
     uri = f"sqlite:///{tmp_path}/m.db"
     out = registry.publish(finished_run, uri)
-    assert out["versions"] == {"fp16": 1, "fp16-fp32io": 2} and out["already"] == {}
+    assert out.versions == {"fp16": 1, "fp16-fp32io": 2} and out.already == {}
     client = _client(uri)
     # `candidate` goes to the first passing variant in recipe order; each variant has its own alias.
     assert client.get_model_version_by_alias("tiny", "candidate").version in (1, "1")
     assert int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 2
     metrics = json.loads((finished_run / "metrics.json").read_text())
     manifest = json.loads((finished_run / "manifest.json").read_text())
-    for variant, version in out["versions"].items():
+    for variant, version in out.versions.items():
         mv = client.get_model_version("tiny", str(version))
         assert mv.tags["sha256"] == metrics["variants"][variant]["sha256"]
         assert mv.tags["variant"] == variant and mv.tags["verdict"] == "passed"
@@ -304,12 +307,12 @@ def test_publish_registers_each_passing_variant_with_aliases(finished_run: Path,
         assert mv.tags["recipe_sha256"] == manifest["recipe_sha256"]
         assert mv.tags["target"] == "onnxruntime-cpu"
         assert "gpu_sm" not in mv.tags and "tensorrt" not in mv.tags  # no engine was built
-        assert mv.run_id == out["run_id"]
+        assert mv.run_id == out.mlflow_run_id
         assert mv.source.startswith("models:/m-")  # the version points at its LoggedModel
         logged = client.get_logged_model(mv.source.removeprefix("models:/"))
-        assert logged.tags["sha256"] == mv.tags["sha256"] and logged.source_run_id == out["run_id"]
-        assert f"runs:/{out['run_id']}/report.md" in mv.description
-    run_ = client.get_run(out["run_id"])
+        assert logged.tags["sha256"] == mv.tags["sha256"] and logged.source_run_id == out.mlflow_run_id
+        assert f"runs:/{out.mlflow_run_id}/report.md" in mv.description
+    run_ = client.get_run(out.mlflow_run_id)
     assert run_.data.tags["optimize.verdict"] == "passed"
     assert run_.data.tags["optimize.run_id"] == manifest["run_id"]
     assert run_.data.params["precision.variants"].count("fp16") >= 2
@@ -323,7 +326,7 @@ def test_versions_are_found_by_their_tags(finished_run: Path, tmp_path: Path) ->
     assert sorted(int(v.version) for v in client.search_model_versions("tags.precision = 'fp16'")) == [1, 2]
     assert client.search_model_versions("tags.precision = 'int8'") == []
     (mv,) = client.search_model_versions("name = 'tiny' AND tags.variant = 'fp16-fp32io'")
-    assert int(mv.version) == out["versions"]["fp16-fp32io"]
+    assert int(mv.version) == out.versions["fp16-fp32io"]
     assert len(client.search_model_versions(f"tags.optimize_run_id = '{run_id}' AND tags.verdict = 'passed'")) == 2
     assert len(client.search_model_versions("tags.target = 'onnxruntime-cpu'")) == 2
 
@@ -348,15 +351,15 @@ def test_publishing_the_same_run_again_adds_nothing(finished_run: Path, tmp_path
     uri = f"sqlite:///{tmp_path}/m.db"
     first = registry.publish(finished_run, uri)
     again = registry.publish(finished_run, uri)
-    assert again["versions"] == {} and again["already"] == {"fp16": 1, "fp16-fp32io": 2}
-    assert again["run_id"] == first["run_id"], "the MLflow run of the first attempt is reused"
+    assert again.versions == {} and again.already == {"fp16": 1, "fp16-fp32io": 2}
+    assert again.mlflow_run_id == first.mlflow_run_id, "the MLflow run of the first attempt is reused"
     client = _client(uri)
     assert len(client.search_model_versions("name = 'tiny'")) == 2
-    assert len(client.search_runs([first["experiment_id"]])) == 1
-    assert len(client.search_logged_models(experiment_ids=[first["experiment_id"]])) == 2
+    assert len(client.search_runs([first.experiment_id])) == 1
+    assert len(client.search_logged_models(experiment_ids=[first.experiment_id])) == 2
     # Metrics are not logged twice into the reused run.
-    key = next(k for k in client.get_run(first["run_id"]).data.metrics if k.startswith("fp16.onnxruntime-cpu"))
-    assert len(client.get_metric_history(first["run_id"], key)) == 1
+    key = next(k for k in client.get_run(first.mlflow_run_id).data.metrics if k.startswith("fp16.onnxruntime-cpu"))
+    assert len(client.get_metric_history(first.mlflow_run_id, key)) == 1
 
 
 def test_another_run_makes_new_versions_and_a_late_retry_never_moves_the_alias_back(
@@ -366,11 +369,11 @@ def test_another_run_makes_new_versions_and_a_late_retry_never_moves_the_alias_b
     older = _copy_run(finished_run, tmp_path / "older", run_id="20260101-000000-aaaa")
     newer = _copy_run(finished_run, tmp_path / "newer", run_id="20260101-000000-bbbb")
     registry.publish(older, uri)
-    assert registry.publish(newer, uri)["versions"] == {"fp16": 3, "fp16-fp32io": 4}
+    assert registry.publish(newer, uri).versions == {"fp16": 3, "fp16-fp32io": 4}
     client = _client(uri)
     assert int(client.get_model_version_by_alias("tiny", "candidate").version) == 3
     # Registering the older run again finds its versions and leaves `candidate` on the newer one.
-    assert registry.publish(older, uri)["already"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert registry.publish(older, uri).already == {"fp16": 1, "fp16-fp32io": 2}
     assert int(client.get_model_version_by_alias("tiny", "candidate").version) == 3
     assert int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 4
 
@@ -380,7 +383,7 @@ def test_a_failed_variant_is_not_registered(finished_run: Path, tmp_path: Path) 
     _edit_json(copy / "verdict.json", lambda v: v["variants"]["fp16-fp32io"].update(status="failed"))
     uri = f"sqlite:///{tmp_path}/m.db"
     out = registry.publish(copy, uri)
-    assert out["versions"] == {"fp16": 1}
+    assert out.versions == {"fp16": 1}
     versions = _client(uri).search_model_versions("name='tiny'")
     assert [v.tags["precision"] for v in versions] == ["fp16"]
 
@@ -445,13 +448,13 @@ def test_a_retry_after_a_partial_failure_finishes_the_same_mlflow_run_without_du
     monkeypatch.undo()
     out = registry.publish(finished_run, uri)
     assert len(calls) == 2
-    assert out["already"] == {"fp16": 1} and out["versions"] == {"fp16-fp32io": 2}
-    assert len(client.search_runs([out["experiment_id"]])) == 1
+    assert out.already == {"fp16": 1} and out.versions == {"fp16-fp32io": 2}
+    assert len(client.search_runs([out.experiment_id])) == 1
     # The LoggedModel made for fp16-fp32io before the failure is the one its version points at.
-    assert len(client.search_logged_models(experiment_ids=[out["experiment_id"]])) == 2
+    assert len(client.search_logged_models(experiment_ids=[out.experiment_id])) == 2
     assert int(client.get_model_version_by_alias("tiny", "candidate").version) == 1
     assert int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 2
-    assert client.get_run(out["run_id"]).info.status == "FINISHED"
+    assert client.get_run(out.mlflow_run_id).info.status == "FINISHED"
 
 
 # --- optimize register RUN_DIR --------------------------------------------------------------------------
@@ -461,12 +464,12 @@ def test_register_run_publishes_once_and_records_it_in_the_manifest(finished_run
     copy = _copy_run(finished_run, tmp_path / "run")
     uri = f"sqlite:///{tmp_path}/m.db"
     first = registry.register_run(copy, uri)
-    assert first["versions"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert first.versions == {"fp16": 1, "fp16-fp32io": 2}
     manifest = json.loads((copy / "manifest.json").read_text())
     assert manifest["status"] == "done" and "error" not in manifest
-    assert manifest["registry"]["status"] == "registered" and manifest["registry"]["versions"] == first["versions"]
+    assert manifest["registry"]["status"] == "registered" and manifest["registry"]["versions"] == first.versions
     again = registry.register_run(copy, uri)
-    assert again["versions"] == {} and again["already"] == first["versions"]
+    assert again.versions == {} and again.already == first.versions
     assert len(_client(uri).search_model_versions("name = 'tiny'")) == 2
 
 
@@ -476,9 +479,9 @@ def test_register_run_uses_the_environment_then_the_runs_recipe(
     copy = _copy_run(finished_run, tmp_path / "run")
     recipe_uri = f"sqlite:///{tmp_path}/recipe.db"
     _edit_json(copy / "recipe.json", lambda r: r["registry"].update(tracking_uri=recipe_uri))
-    assert registry.register_run(copy, None)["tracking_uri"] == recipe_uri
+    assert registry.register_run(copy, None).tracking_uri == recipe_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
-    assert registry.register_run(copy, None)["tracking_uri"] == f"sqlite:///{tmp_path}/env.db"
+    assert registry.register_run(copy, None).tracking_uri == f"sqlite:///{tmp_path}/env.db"
 
 
 @pytest.mark.parametrize(
@@ -501,7 +504,7 @@ def test_register_run_against_a_silent_server_fails_within_the_budget_and_keeps_
     finished_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     copy = _copy_run(finished_run, tmp_path / "run")
-    monkeypatch.setenv(registry.TIMEOUT_ENV, "1.5")
+    monkeypatch.setenv(connection.TIMEOUT_ENV, "1.5")
     with silent_server() as uri:
         t0 = time.monotonic()
         with pytest.raises(RegistryUnreachableError) as e:
@@ -550,7 +553,7 @@ def test_cli_prints_the_retry_command_and_optimize_register_retries_once(write_r
     recipe = write_recipe()
     with silent_server() as uri:
         t0 = time.monotonic()
-        proc = cli("run", "--quiet", "--tracking-uri", uri, recipe, cwd=tmp_path, env={registry.TIMEOUT_ENV: "2"})
+        proc = cli("run", "--quiet", "--tracking-uri", uri, recipe, cwd=tmp_path, env={connection.TIMEOUT_ENV: "2"})
         elapsed = time.monotonic() - t0
     assert proc.returncode == 5, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -586,12 +589,12 @@ def test_engine_tags_come_from_the_engine_sidecar(finished_run: Path, tmp_path: 
     uri = f"sqlite:///{tmp_path}/m.db"
     out = registry.publish(copy, uri)
     client = _client(uri)
-    tags = client.get_model_version("tiny", str(out["versions"]["fp16"])).tags
+    tags = client.get_model_version("tiny", str(out.versions["fp16"])).tags
     assert tags["gpu_sm"] == "sm90" and tags["tensorrt"] == "10.16.0.32" and tags["gpu"] == sidecar["gpu"]
-    other = client.get_model_version("tiny", str(out["versions"]["fp16-fp32io"])).tags
+    other = client.get_model_version("tiny", str(out.versions["fp16-fp32io"])).tags
     assert "gpu_sm" not in other and "tensorrt" not in other
     (mv,) = client.search_model_versions("tags.gpu_sm = 'sm90'")
-    assert int(mv.version) == out["versions"]["fp16"]
+    assert int(mv.version) == out.versions["fp16"]
 
 
 def _git(folder: Path, *args: str) -> None:
@@ -607,29 +610,29 @@ def test_git_commit_of_the_recipes_checkout(finished_run: Path, tmp_path: Path) 
     _git(repo, "add", "r.yaml")
     _git(repo, "commit", "-q", "-m", "recipe")
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    assert registry.git_commit(repo) == head
-    assert registry.git_commit(tmp_path / "run-elsewhere") is None  # no such folder
+    assert git_commit(repo) == head
+    assert git_commit(tmp_path / "run-elsewhere") is None  # no such folder
     (tmp_path / "plain").mkdir()
-    assert registry.git_commit(tmp_path / "plain") is None  # not a checkout (tmp_path is in none)
+    assert git_commit(tmp_path / "plain") is None  # not a checkout (tmp_path is in none)
 
     copy = _copy_run(finished_run, tmp_path / "run")
     _edit_json(copy / "manifest.json", lambda m: m.update(recipe_file=str(repo / "r.yaml")))
     uri = f"sqlite:///{tmp_path}/m.db"
     out = registry.publish(copy, uri)
-    assert _client(uri).get_model_version("tiny", "1").tags["git_commit"] == head
+    assert _client(uri).get_model_version("tiny", "1").tags[tag.GIT_COMMIT] == head
     (repo / "r.yaml").write_text("name: changed\n")
-    assert registry.git_commit(repo) == head + "-dirty"
-    assert out["versions"]["fp16"] == 1
+    assert git_commit(repo) == head + "-dirty"
+    assert out.versions["fp16"] == 1
     # The shared run's recipe is in a temporary folder, in no checkout: no tag rather than a wrong one.
     other = registry.publish(finished_run, f"sqlite:///{tmp_path}/other.db")
-    assert "git_commit" not in _client(f"sqlite:///{tmp_path}/other.db").get_model_version("tiny", "1").tags
-    assert other["versions"]["fp16"] == 1
+    assert tag.GIT_COMMIT not in _client(f"sqlite:///{tmp_path}/other.db").get_model_version("tiny", "1").tags
+    assert other.versions["fp16"] == 1
 
 
 def test_description_shows_baseline_value_and_delta_per_gate(finished_run: Path) -> None:
     metrics = json.loads((finished_run / "metrics.json").read_text())
     verdict = json.loads((finished_run / "verdict.json").read_text())
-    text = registry.describe("fp16", metrics, verdict)
+    text = description.describe("fp16", metrics, verdict)
     lines = text.splitlines()
     assert lines[1] == "Gates PASSED: 2 gate(s) passed"
     assert lines[3] == "| gate | target | baseline | value | Δ | result |"
@@ -641,12 +644,12 @@ def test_description_shows_baseline_value_and_delta_per_gate(finished_run: Path)
     assert f"| {cosine['baseline_value']:.6g} | {cosine['value']:.6g} | {delta:+.3g} (" in text
     assert "runs:/" not in text  # no run given, no link
 
-    linked = registry.describe(
+    linked = description.describe(
         "fp16", metrics, verdict, run_id="abc", experiment_id="7", tracking_uri="http://mlflow.example:5000/"
     )
     assert "Report: `runs:/abc/report.md`" in linked
     assert "MLflow run: http://mlflow.example:5000/#/experiments/7/runs/abc" in linked
-    local = registry.describe("fp16", metrics, verdict, run_id="abc", experiment_id="7", tracking_uri="sqlite:///x")
+    local = description.describe("fp16", metrics, verdict, run_id="abc", experiment_id="7", tracking_uri="sqlite:///x")
     assert "runs:/abc/report.md" in local and "#/experiments" not in local
 
 
@@ -668,8 +671,8 @@ print(json.dumps(out))
 def test_the_report_and_its_plots_are_logged_and_each_version_shows_them(finished_run: Path, tmp_path: Path) -> None:
     import re
 
-    from optimize import report_html
     from optimize.files import sha256_file
+    from optimize.reporting import html as report_html
 
     run_dir = _copy_run(finished_run, tmp_path / "run")
     report_html.write(run_dir)
@@ -680,7 +683,7 @@ def test_the_report_and_its_plots_are_logged_and_each_version_shows_them(finishe
     assert set(pngs) <= set(order) and len(expected) >= 3
     uri = f"sqlite:///{tmp_path}/m.db"
     out = registry.publish(run_dir, uri)
-    client, run_id = _client(uri), out["run_id"]
+    client, run_id = _client(uri), out.mlflow_run_id
 
     def listing() -> tuple[list[str], list[str]]:
         root = sorted(a.path for a in client.list_artifacts(run_id))
@@ -696,7 +699,7 @@ def test_the_report_and_its_plots_are_logged_and_each_version_shows_them(finishe
         assert sha256_file(local) == sha256_file(run_dir / path)
 
     links = {}
-    for variant, version in out["versions"].items():
+    for variant, version in out.versions.items():
         description = client.get_model_version("tiny", str(version)).description
         images = re.findall(r"!\[([^\]]+)\]\((get-artifact\?[^)]+)\)", description)
         assert [alt for alt, _ in images] == expected, variant
@@ -718,5 +721,5 @@ def test_the_report_and_its_plots_are_logged_and_each_version_shows_them(finishe
 
     # A retry logs the same files at the same paths: nothing twice.
     again = registry.publish(run_dir, uri)
-    assert again["run_id"] == run_id and again["versions"] == {}
+    assert again.mlflow_run_id == run_id and again.versions == {}
     assert listing() == (root, plots)

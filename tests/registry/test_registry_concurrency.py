@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from optimize import registry
+from optimize.registry.reuse import aliases_to_move
 
 PROCESSES = 4
 VARIANTS = ("fp16", "fp16-fp32io")
@@ -45,7 +45,7 @@ for line in sys.stdin:
             result = registry.register_run(run_dir, uri)
     except Exception:
         result = {"error": traceback.format_exc()}
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result if isinstance(result, dict) else result.as_json()), flush=True)
 """
 
 
@@ -207,14 +207,14 @@ def test_different_runs_at_once_on_sqlite_get_their_own_versions_and_the_aliases
 
 def test_aliases_move_together_or_not_at_all() -> None:
     targets = {"candidate": 3, "candidate-a": 3, "candidate-b": 4}
-    assert registry.aliases_to_move(targets, {}) == targets
+    assert aliases_to_move(targets, {}) == targets
     # Where one alias was left by another registration of the same moment, all of them move to this one's.
-    assert registry.aliases_to_move(targets, {"candidate": 1, "candidate-a": 1, "candidate-b": 4}) == {
+    assert aliases_to_move(targets, {"candidate": 1, "candidate-a": 1, "candidate-b": 4}) == {
         "candidate": 3,
         "candidate-a": 3,
     }
-    assert registry.aliases_to_move(targets, {"candidate": 3, "candidate-a": 3, "candidate-b": 4}) == {}
+    assert aliases_to_move(targets, {"candidate": 3, "candidate-a": 3, "candidate-b": 4}) == {}
     # A later registration holds them (a version newer than any of ours): a late retry moves none back.
-    assert registry.aliases_to_move(targets, {"candidate": 5, "candidate-a": 5, "candidate-b": 2}) == {}
+    assert aliases_to_move(targets, {"candidate": 5, "candidate-a": 5, "candidate-b": 2}) == {}
     # Other aliases of the model (canary, production) do not count.
-    assert registry.aliases_to_move(targets, {"production": 9}) == targets
+    assert aliases_to_move(targets, {"production": 9}) == targets

@@ -244,11 +244,11 @@ def test_publish_through_postgres_and_s3(
     as_user(*ADMIN)
     uri = team_server.uri
     out = publish(_copy(finished_run, tmp_path), uri)
-    assert set(out["versions"]) == {"fp16", "fp16-fp32io"}
+    assert set(out.versions) == {"fp16", "fp16-fp32io"}
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("tiny", "candidate")
-    assert int(mv.version) == out["versions"]["fp16"]
+    assert int(mv.version) == out.versions["fp16"]
     # `models:/` URIs resolve through the process-wide registry URI (see test_registry_server), and without a
     # process-wide tracking URI download_artifacts creates ./mlflow.db.
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
@@ -270,7 +270,7 @@ def test_publish_through_postgres_and_s3(
     # The rows are in PostgreSQL, the bytes in the bucket (the client never had S3 credentials).
     with psycopg.connect(team_server.backend_uri.replace("postgresql+psycopg", "postgresql")) as conn:
         rows = conn.execute("SELECT version FROM model_versions WHERE name = 'tiny'").fetchall()
-    assert {int(r[0]) for r in rows} >= set(out["versions"].values())
+    assert {int(r[0]) for r in rows} >= set(out.versions.values())
     keys = [
         o["Key"]
         for page in team_server.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix="artifacts/")
@@ -280,12 +280,12 @@ def test_publish_through_postgres_and_s3(
     in_bucket = {
         hashlib.sha256(team_server.s3.get_object(Bucket=BUCKET, Key=k)["Body"].read()).hexdigest() for k in onnx
     }
-    shas = {client.get_model_version("tiny", str(v)).tags["sha256"] for v in out["versions"].values()}
+    shas = {client.get_model_version("tiny", str(v)).tags["sha256"] for v in out.versions.values()}
     assert shas <= in_bucket
     assert any(k.endswith("/report.md") for k in keys), "the run's artifacts go to S3 too"
 
 
-# relies on registry.py mapping MLflow's HTTP 401 (error_code UNAUTHENTICATED) to NotAuthorisedError
+# relies on registry/connection.py mapping MLflow's HTTP 401 (error_code UNAUTHENTICATED) to NotAuthorisedError
 def test_wrong_credentials_are_exit_7(
     team_server: TeamServer, finished_run: Path, as_user: Callable[[str, str], None], tmp_path: Path
 ) -> None:
@@ -298,7 +298,7 @@ def test_wrong_credentials_are_exit_7(
     assert "not-the-password" not in message
 
 
-# relies on registry.py mapping MLflow's HTTP 403 (error_code PERMISSION_DENIED) to NotAuthorisedError
+# relies on registry/connection.py mapping MLflow's HTTP 403 (error_code PERMISSION_DENIED) to NotAuthorisedError
 def test_a_user_without_permission_is_exit_7(
     team_server: TeamServer, finished_run: Path, as_user: Callable[[str, str], None], tmp_path: Path
 ) -> None:

@@ -17,6 +17,7 @@ import pytest
 from mlflow import MlflowClient
 
 from optimize import registry
+from optimize.registry import connection, reuse
 
 RUN_ID = "20260101-000000-"
 
@@ -56,13 +57,13 @@ def test_the_fast_reader_and_publish_agree_on_what_is_registered_already(finishe
     first = tmp_path / "first"
     fast, out = _both(_rerun(finished_run, first, 1), uri)
     assert fast is None  # no store yet
-    assert out["versions"] == {"fp16": 1, "fp16-fp32io": 2} and out["run_id"]
+    assert out.versions == {"fp16": 1, "fp16-fp32io": 2} and out.mlflow_run_id
 
     # The same model bytes from another run of the recipe: nothing is logged, by either path.
     same = _rerun(finished_run, tmp_path / "same", 2)
     fast, out = _both(same, uri)
     expected = {"fp16": 1, "fp16-fp32io": 2}
-    assert fast == out == registry.reused_record(uri, "tiny", "candidate", expected)
+    assert fast == out == reuse.reused_record(uri, "tiny", "candidate", expected)
     assert registry.success_record(out)["status"] == "already registered"
     assert _counts(uri) == (2, 1)
 
@@ -83,7 +84,7 @@ def test_the_fast_reader_and_publish_agree_on_what_is_registered_already(finishe
 
     fast, out = _both(_rerun(finished_run, tmp_path / "other", 4, other_bytes), uri)
     assert fast is None
-    assert out["versions"] == {"fp16": 3} and out["already"] == {"fp16-fp32io": 2} and out["run_id"]
+    assert out.versions == {"fp16": 3} and out.already == {"fp16-fp32io": 2} and out.mlflow_run_id
     assert _counts(uri) == (3, 2)
     assert int(_client(uri).get_model_version_by_alias("tiny", "candidate").version) == 3
 
@@ -93,7 +94,7 @@ def test_the_fast_reader_and_publish_agree_on_what_is_registered_already(finishe
             row["target"] = "tensorrt"
 
     fast, out = _both(_rerun(finished_run, tmp_path / "trt", 5, on_tensorrt), uri)
-    assert fast is None and out["versions"] == {"fp16": 4, "fp16-fp32io": 5}
+    assert fast is None and out.versions == {"fp16": 4, "fp16-fp32io": 5}
     assert _client(uri).get_model_version("tiny", "4").tags["target"] == "tensorrt"
 
 
@@ -106,14 +107,14 @@ def test_a_deleted_version_or_a_moved_alias_is_not_taken_as_registered(finished_
     # publish points it at the version there and registers nothing new.
     client.delete_registered_model_alias("tiny", "candidate-fp16-fp32io")
     fast, out = _both(_rerun(finished_run, tmp_path / "alias", 2), uri)
-    assert fast is None and out["versions"] == {} and out["already"] == {"fp16": 1, "fp16-fp32io": 2}
-    assert out["run_id"] and int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 2
+    assert fast is None and out.versions == {} and out.already == {"fp16": 1, "fp16-fp32io": 2}
+    assert out.mlflow_run_id and int(client.get_model_version_by_alias("tiny", "candidate-fp16-fp32io").version) == 2
 
     # A deleted version is not a model the registry holds: the same bytes are registered again.
     client.delete_model_version("tiny", "1")
     fast, out = _both(_rerun(finished_run, tmp_path / "deleted", 3), uri)
-    assert fast is None and out["versions"] == {"fp16": 3} and out["already"] == {"fp16-fp32io": 2}
-    assert registry.already_registered(_rerun(finished_run, tmp_path / "after", 4), uri) == registry.reused_record(
+    assert fast is None and out.versions == {"fp16": 3} and out.already == {"fp16-fp32io": 2}
+    assert registry.already_registered(_rerun(finished_run, tmp_path / "after", 4), uri) == reuse.reused_record(
         uri, "tiny", "candidate", {"fp16": 3, "fp16-fp32io": 2}
     )
 
@@ -140,7 +141,7 @@ def test_the_fast_reader_declines_what_it_cannot_read(
     assert registry.already_registered(again, uri) is None
     with sqlite3.connect(db) as con:
         con.execute("ALTER TABLE model_version_tags RENAME COLUMN val TO value")
-    assert registry.publish(again, uri, reuse=True)["run_id"] is None
+    assert registry.publish(again, uri, reuse=True).mlflow_run_id is None
 
     empty = tmp_path / "empty.db"
     sqlite3.connect(empty).close()  # an sqlite file without MLflow's tables holds no model
@@ -158,20 +159,20 @@ def test_the_fast_reader_reads_only_schema_revisions_it_was_tested_on(
     again = _rerun(finished_run, tmp_path / "again", 2)
     # The installed MLflow writes a revision this reader was tested on (the lock pins MLflow; a new MLflow
     # with a new revision: compare `_sqlite_view` with its tables, then add the revision).
-    revision = registry.sqlite_schema(db)
-    assert revision in registry.SQLITE_SCHEMAS
-    expected = registry.reused_record(uri, "tiny", "candidate", {"fp16": 1, "fp16-fp32io": 2})
+    revision = reuse.sqlite_schema(db)
+    assert revision in reuse.SQLITE_SCHEMAS
+    expected = reuse.reused_record(uri, "tiny", "candidate", {"fp16": 1, "fp16-fp32io": 2})
     assert registry.already_registered(again, uri) == expected
 
     with sqlite3.connect(db) as con:
         con.execute("UPDATE alembic_version SET version_num = '0123456789ab'")
-    assert registry.sqlite_schema(db) == "0123456789ab"
+    assert reuse.sqlite_schema(db) == "0123456789ab"
     assert registry.already_registered(again, uri) is None
     with sqlite3.connect(db) as con:  # MLflow's client refuses a store whose schema is not its own
         con.execute("UPDATE alembic_version SET version_num = ?", (revision,))
 
     # A revision the reader does not know: the registration `optimize run` does asks MLflow's client instead.
-    monkeypatch.setattr(registry, "SQLITE_SCHEMAS", {})
+    monkeypatch.setattr(reuse, "SQLITE_SCHEMAS", {})
     assert registry.already_registered(again, uri) is None
     assert registry.publish_new(again, uri) == expected
     assert _counts(uri) == (2, 1)
@@ -190,15 +191,15 @@ def test_mlflows_private_tracking_uri_variable_is_read_defensively(
     set_before = f"sqlite:///{tmp_path}/set.db"
     mlflow.set_tracking_uri(set_before)
     try:
-        assert registry._global_tracking_uri() == set_before
+        assert connection._global_tracking_uri() == set_before
         registry.publish(_rerun(finished_run, tmp_path / "first", 1), uri)
         assert mlflow.get_tracking_uri() == set_before  # put back exactly
         with monkeypatch.context() as patch:
             patch.delattr(tracking_utils, "_tracking_uri")
-            assert registry._global_tracking_uri() is None
+            assert connection._global_tracking_uri() is None
         with monkeypatch.context() as patch:
             patch.setattr(tracking_utils, "_tracking_uri", object())
-            assert registry._global_tracking_uri() is None
+            assert connection._global_tracking_uri() is None
     finally:
         mlflow.set_tracking_uri(None)
     assert "MLFLOW_TRACKING_URI" not in os.environ
@@ -210,6 +211,6 @@ def test_optimize_register_registers_a_reused_run_as_new_versions(finished_run: 
     again = _rerun(finished_run, tmp_path / "again", 2)
     assert registry.already_registered(again, uri) is not None
     out = registry.register_run(again, uri)
-    assert out["versions"] == {"fp16": 3, "fp16-fp32io": 4} and out["run_id"]
+    assert out.versions == {"fp16": 3, "fp16-fp32io": 4} and out.mlflow_run_id
     manifest = json.loads((again / "manifest.json").read_text())
     assert manifest["registry"]["status"] == "registered"

@@ -25,7 +25,7 @@ def test_run_registers_through_a_real_server(
 ) -> None:
     result = run(write_recipe(), RunOptions(runs_dir=tmp_path / "runs", tracking_uri=mlflow_server, quiet=True))
     assert result.exit_code == 0
-    assert result.registered["versions"] == {"fp16": 1}
+    assert result.registered.versions == {"fp16": 1}
     assert not (tmp_path / "mlflow.db").exists(), "nothing may go to the local default store"
     client = MlflowClient(tracking_uri=mlflow_server, registry_uri=mlflow_server)
     mv = client.get_model_version_by_alias("tiny", "candidate")
@@ -42,22 +42,22 @@ def test_run_registers_through_a_real_server(
     assert (tmp_path / "server-artifacts").is_dir()
 
     # The description links the report artifact and the run in the server's UI.
-    exp, run_id = result.registered["experiment_id"], result.registered["run_id"]
+    exp, run_id = result.registered.experiment_id, result.registered.mlflow_run_id
     assert f"runs:/{run_id}/report.md" in mv.description
     assert f"{mlflow_server}/#/experiments/{exp}/runs/{run_id}" in mv.description
     assert "report.md" in {a.path for a in client.list_artifacts(run_id)}
     # Tag searches work over REST, and registering the run again finds its version (an int here too).
     assert [str(v.version) for v in client.search_model_versions("tags.precision = 'fp16'")] == ["1"]
     again = registry.register_run(result.run_dir, mlflow_server)
-    assert again["versions"] == {} and again["already"] == {"fp16": 1} and again["run_id"] == run_id
+    assert again.versions == {} and again.already == {"fp16": 1} and again.mlflow_run_id == run_id
     assert len(client.search_model_versions("name = 'tiny'")) == 1
     assert len(client.search_runs([exp])) == 1
     assert len(client.search_logged_models(experiment_ids=[exp])) == 1
     # The same recipe again, through the server (decided by MLflow's client, not the sqlite reader): the
     # same model, so no copy of it and nothing logged.
     rerun = run(write_recipe(), RunOptions(runs_dir=tmp_path / "runs", tracking_uri=mlflow_server, quiet=True))
-    assert rerun.exit_code == 0 and rerun.registered["run_id"] is None
-    assert rerun.registered["versions"] == {} and rerun.registered["already"] == {"fp16": 1}
+    assert rerun.exit_code == 0 and rerun.registered.mlflow_run_id is None
+    assert rerun.registered.versions == {} and rerun.registered.already == {"fp16": 1}
     assert len(client.search_model_versions("name = 'tiny'")) == 1 and len(client.search_runs([exp])) == 1
 
 
@@ -106,5 +106,5 @@ def test_parallel_registrations_of_different_runs_get_distinct_versions(
     assert candidate in {n for (_, variant), n in registered.items() if variant == "fp16"}
     # A retry of one of them over REST adds nothing.
     again = registry.register_run(runs[0], mlflow_server)
-    assert again["versions"] == {} and len(again["already"]) == 2
+    assert again.versions == {} and len(again.already) == 2
     assert len(client.search_model_versions("name = 'tiny'")) == 8

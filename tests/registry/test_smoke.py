@@ -27,7 +27,7 @@ from optimize.errors import (
     RuntimeMissingError,
 )
 from optimize.recipe import Gate
-from optimize.smoke import closest_shape, latency_budgets, parse_model_uri, smoke
+from optimize.registry.smoke import closest_shape, latency_budgets, parse_model_uri, smoke
 
 # fp16 has an absolute latency gate (its budget is the gate's threshold); fp16-fp32io has none (its budget is
 # measured × factor, floored).
@@ -51,7 +51,7 @@ def _publish(run_dir: Path, folder: Path, edit: dict[str, dict] | None = None) -
         path = copy / "registry" / variant / "optimize.json"
         path.write_text(json.dumps(merge(json.loads(path.read_text()), changes)))
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    assert registry.publish(copy, uri)["versions"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert registry.publish(copy, uri).versions == {"fp16": 1, "fp16-fp32io": 2}
     return uri
 
 
@@ -347,7 +347,7 @@ def test_refused_credentials_exit_7(refusing_server: str) -> None:
 def test_smoke_against_a_real_server(mlflow_server: str, gated_run: Path, tmp_path: Path) -> None:
     copy = tmp_path / "run"
     shutil.copytree(gated_run, copy)
-    assert registry.publish(copy, mlflow_server)["versions"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert registry.publish(copy, mlflow_server).versions == {"fp16": 1, "fp16-fp32io": 2}
     proc = cli("smoke", "models:/tiny@candidate-fp16-fp32io", "--tracking-uri", mlflow_server, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("models:/tiny@candidate-fp16-fp32io: ok on onnxruntime-cpu")
