@@ -19,6 +19,10 @@ import numpy as np
 import pytest
 import yaml
 
+from optimize.lazy import lazy
+
+torch = lazy("torch")  # imported by the first builder that needs it, not at collection
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Every top-level key a recipe may have.
@@ -91,6 +95,40 @@ TINY_MODULE = textwrap.dedent(
         return float((outputs["logits"].argmax(-1) == labels).mean())
     '''
 )
+
+
+def mlp(*widths: int, seed: int = 0, init_std: float | None = None, argmax: bool = False) -> Any:
+    """A torch MLP in eval mode: Linear layers `fc1`…`fcN` from `widths` (input, hidden…, output), ReLU between
+    them (`torch.relu`, as a hand-written forward calls it).
+
+    The layers are made in order right after `torch.manual_seed(seed)`, so the same widths and seed give the same
+    weights, and the global generator is left where a hand-written module's constructor leaves it. `init_std`
+    then redraws every weight from N(0, init_std²), layer by layer; `argmax=True` makes forward return a second
+    output, the int64 argmax over the last axis.
+    """
+
+    class Mlp(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.depth = len(widths) - 1
+            for i in range(self.depth):
+                setattr(self, f"fc{i + 1}", torch.nn.Linear(widths[i], widths[i + 1]))
+
+        def forward(self, x: Any) -> Any:
+            for i in range(1, self.depth + 1):
+                x = getattr(self, f"fc{i}")(x)
+                if i < self.depth:
+                    x = torch.relu(x)
+            return (x, x.argmax(-1)) if argmax else x
+
+    if len(widths) < 2:
+        raise ValueError(f"mlp needs an input and an output width, got {widths}")
+    torch.manual_seed(seed)
+    module = Mlp()
+    if init_std is not None:
+        for i in range(1, module.depth + 1):
+            torch.nn.init.normal_(getattr(module, f"fc{i}").weight, std=init_std)
+    return module.eval()
 
 
 def unary_onnx(path: Path, op: str, dims: list[Any], elem_type: int | None = None) -> Path:

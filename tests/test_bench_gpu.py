@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import mlp
 
 from optimize import bench
 from optimize.errors import StageError
@@ -302,23 +303,10 @@ def test_gpu_probe_without_cuda_reports_no_number(tmp_path: Path, monkeypatch: p
 # --- on a CUDA machine ---------------------------------------------------------------------------------
 
 
-class Mlp(torch.nn.Module):
-    """`depth` square Linear layers with ReLU between; a second output: the argmax (int64)."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        layers: list[torch.nn.Module] = []
-        for i in range(depth):
-            layers += [torch.nn.Linear(width, width)] + ([torch.nn.ReLU()] if i < depth - 1 else [])
-        self.net = torch.nn.Sequential(*layers)
-        for m in self.net:
-            if isinstance(m, torch.nn.Linear):
-                torch.nn.init.normal_(m.weight, std=width**-0.5)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.net(x)
-        return y, y.argmax(-1)
+def square_mlp(width: int, depth: int) -> torch.nn.Module:
+    """`depth` square Linear layers with ReLU between, weights from N(0, 1/width); a second output: the argmax
+    (int64)."""
+    return mlp(*[width] * (depth + 1), init_std=width**-0.5, argmax=True)
 
 
 def mlp_io(width: int) -> tuple[list[TensorSpec], list[TensorSpec]]:
@@ -341,7 +329,7 @@ def no_tf32(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @cuda_test
 def test_cuda_fp32_matches_the_cpu_runner(no_tf32: None) -> None:
-    module = Mlp(256, 3).eval()
+    module = square_mlp(256, 3)
     inputs, outputs = mlp_io(256)
     cpu = TorchRunner(module, inputs, outputs)
     with open_runner("torch-cuda", TorchArtifact(module, inputs, outputs)) as gpu:
@@ -360,7 +348,7 @@ def test_cuda_fp32_matches_the_cpu_runner(no_tf32: None) -> None:
 
 @cuda_test
 def test_cuda_fp16_autocast_is_close_to_fp32_and_returns_float32() -> None:
-    module = Mlp(256, 3).eval()
+    module = square_mlp(256, 3)
     inputs, outputs = mlp_io(256)
     feeds = gaussian(32, 256, 3)
     want = TorchRunner(module, inputs, outputs).run(feeds)
@@ -373,7 +361,7 @@ def test_cuda_fp16_autocast_is_close_to_fp32_and_returns_float32() -> None:
 
 @cuda_test
 def test_cuda_phases_are_the_same_as_run() -> None:
-    module = Mlp(64, 2).eval()
+    module = square_mlp(64, 2)
     inputs, outputs = mlp_io(64)
     feeds = gaussian(4, 64, 0)
     with TorchCudaRunner(module, inputs, outputs) as gpu:
@@ -392,7 +380,7 @@ BIG = 4096  # 3 × 4096² FP32 weights = 192 MiB: long enough on the GPU for eve
 
 @cuda_test
 def test_time_device_gives_positive_ordered_numbers_with_real_cuda_events() -> None:
-    module = Mlp(BIG, 3).eval()
+    module = square_mlp(BIG, 3)
     inputs, outputs = mlp_io(BIG)
     sets = [gaussian(256, BIG, seed) for seed in range(2)]
     with TorchCudaRunner(module, inputs, outputs) as gpu:
@@ -409,7 +397,7 @@ def test_time_device_gives_positive_ordered_numbers_with_real_cuda_events() -> N
 
 @cuda_test
 def test_run_shapes_fp16_autocast_is_faster_than_fp32_on_a_big_mlp(no_tf32: None) -> None:
-    module = Mlp(BIG, 3).eval()
+    module = square_mlp(BIG, 3)
     inputs, outputs = mlp_io(BIG)
     spec = BenchmarkSection(shapes=[{"batch": 256}], warmup=5, iterations=30)
     samples = [gaussian(256, BIG, seed) for seed in range(2)]
@@ -432,7 +420,7 @@ def test_run_shapes_fp16_autocast_is_faster_than_fp32_on_a_big_mlp(no_tf32: None
 def test_torch_cuda_memory_peak_is_about_the_weights() -> None:
     gc.collect()
     torch.cuda.empty_cache()
-    module = Mlp(BIG, 3).eval()
+    module = square_mlp(BIG, 3)
     inputs, outputs = mlp_io(BIG)
     with TorchCudaRunner(module, inputs, outputs) as gpu:
         weights_mb = gpu.device_memory()["torch_weights_mb"]

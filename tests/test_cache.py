@@ -4,6 +4,7 @@ and concurrent producers, pruning, the size budget, and `optimize cache ls|prune
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -96,7 +97,11 @@ def test_key_is_stable_across_dict_order() -> None:
         inputs={"calibration": "cd" * 32, "model": MODEL_SHA},
     )
     assert a == b == key_of(_desc())
-    assert len(a) == 64 and int(a, 16) >= 0
+    # the hex sha256 of the description's canonical JSON, computed here without optimize.cache
+    canonical = json.dumps(_desc(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert re.fullmatch(r"[0-9a-f]{64}", a) and a == hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    other_input = {"model": "ac" * 32, "calibration": "cd" * 32}
+    assert stage_key("export", inputs=other_input, config=BASE["config"], versions=BASE["versions"]) != a
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import tensorrt_double
 import torch
+from conftest import mlp
 
 from optimize import engine
 from optimize.engine import BuildRequest, Device, check_compatible, check_precision
@@ -28,22 +29,11 @@ H100 = Device("NVIDIA H100 80GB HBM3", "9.0", "580.159.04", "13.0")
 A100 = Device("NVIDIA A100-SXM4-80GB", "8.0", "580.159.04", "13.0")
 
 
-class Mlp(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(32, 64)
-        self.fc2 = torch.nn.Linear(64, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 @pytest.fixture(scope="module")
 def onnx_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A real FP32 export and its real FP16 conversion (ONNX Runtime's converter)."""
     folder = tmp_path_factory.mktemp("engine-models")
-    torch.manual_seed(0)
-    loaded = LoadedModel(Mlp().eval(), {"x": torch.randn(2, 32)})
+    loaded = LoadedModel(mlp(32, 64, 8), {"x": torch.randn(2, 32)})
     spec = ExportSection(output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     export_onnx(loaded, spec, folder / "fp32.onnx")
     fp16.convert_fp16(

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mlp
 
 from optimize.runtimes.tensorrt import unavailable_reason
 
@@ -22,17 +23,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(unavailable_reason() is not None, reason=f"TensorRT target unavailable: {unavailable_reason()}"),
 ]
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(64, 256)
-        self.fc2 = torch.nn.Linear(256, 256)
-        self.fc3 = torch.nn.Linear(256, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +33,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from optimize.recipe import ExportSection, Fp16Variant, Int8Variant
 
     folder = tmp_path_factory.mktemp("trt")
-    torch.manual_seed(0)
-    loaded = LoadedModel(Mlp().eval(), {"x": torch.randn(2, 64)})
+    loaded = LoadedModel(mlp(64, 256, 256, 16), {"x": torch.randn(2, 64)})
     spec = ExportSection(output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     export_onnx(loaded, spec, folder / "fp32.onnx")
     fp16.convert_fp16(folder / "fp32.onnx", folder / "fp16.onnx", Fp16Variant(name="fp16", kind="fp16"))

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import mlp
 from onnx.external_data_helper import uses_external_data
 
 from optimize.errors import RecipeError, StageError
@@ -18,19 +19,8 @@ from optimize.recipe import ExportSection
 from optimize.runtimes import open_runner
 
 
-class TinyMlp(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(8, 16)
-        self.fc2 = torch.nn.Linear(16, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def tiny_loaded() -> LoadedModel:
-    torch.manual_seed(0)
-    return LoadedModel(TinyMlp().eval(), {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(1))})
+    return LoadedModel(mlp(8, 16, 4), {"x": torch.randn(2, 8, generator=torch.Generator().manual_seed(1))})
 
 
 def tiny_spec(**over) -> ExportSection:

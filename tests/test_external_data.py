@@ -18,7 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import REPO, merge, tiny_recipe
+from conftest import REPO, merge, mlp, tiny_recipe
 from onnx import TensorProto, helper, numpy_helper
 from test_precision_int8 import conv_proto
 
@@ -45,21 +45,11 @@ FORCED = "1024"
 WHERE = "precision.variants[0]"
 
 
-class Mlp(torch.nn.Module):
-    """x (N, 32) → Linear 32×128 (16 KiB of FP32 weights) → ReLU → Linear 128×8 → logits (N, 8)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(32, 128)
-        self.fc2 = torch.nn.Linear(128, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def loaded_mlp(seed: int = 0) -> LoadedModel:
-    torch.manual_seed(seed)
-    return LoadedModel(Mlp().eval(), {"x": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))})
+    """x (N, 32) → Linear 32×128 (16 KiB of FP32 weights) → ReLU → Linear 128×8 → logits (N, 8)."""
+    return LoadedModel(
+        mlp(32, 128, 8, seed=seed), {"x": torch.randn(2, 32, generator=torch.Generator().manual_seed(1))}
+    )
 
 
 SPEC = ExportSection(

@@ -14,7 +14,7 @@ import pytest
 import tensorrt_double
 import torch
 import yaml
-from conftest import merge, tiny_recipe
+from conftest import merge, mlp, tiny_recipe
 from test_engine import H100
 
 from optimize import engine, pipeline
@@ -26,19 +26,6 @@ from optimize.models import LoadedModel
 from optimize.precision import fp16
 from optimize.recipe import ExportSection, Fp16Variant, Recipe
 from optimize.runtimes import open_runner
-
-
-class WideMlp(torch.nn.Module):
-    """4 MB of FP32 weights: enough that an engine's size tells FP16 weights from FP32 ones."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(32, 1024)
-        self.fc2 = torch.nn.Linear(1024, 1024)
-        self.fc3 = torch.nn.Linear(1024, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 def recipe_with(over: dict) -> Recipe:
@@ -90,8 +77,8 @@ def test_torch_targets_are_skipped_for_an_onnx_model_source(tmp_path: Path) -> N
 @pytest.fixture()
 def built(tmp_path: Path, monkeypatch) -> dict:
     """FP32 and FP16 ONNX of a small MLP, and the pipeline's engine builder wired to the double in-process."""
-    torch.manual_seed(0)
-    loaded = LoadedModel(WideMlp().eval(), {"x": torch.randn(2, 32)})
+    # 4 MB of FP32 weights: enough that an engine's size tells FP16 weights from FP32 ones
+    loaded = LoadedModel(mlp(32, 1024, 1024, 8), {"x": torch.randn(2, 32)})
     spec = ExportSection(output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}})
     export_onnx(loaded, spec, tmp_path / "fp32.onnx")
     fp16.convert_fp16(

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import mlp
 from onnx import TensorProto
 
 from optimize.errors import RuntimeMissingError, StageError
@@ -21,17 +22,6 @@ from optimize.recipe import ExportSection, Fp16Variant
 from optimize.runtimes import open_runner
 
 BACKENDS = ["onnxruntime", "modelopt"]
-
-
-class Mlp(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = torch.nn.Linear(32, 128)
-        self.fc2 = torch.nn.Linear(128, 128)
-        self.fc3 = torch.nn.Linear(128, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 class Overflows(torch.nn.Module):
@@ -52,9 +42,8 @@ def export(module: torch.nn.Module, width: int, dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("fp32")
-    torch.manual_seed(0)
     return {
-        "mlp": export(Mlp(), 32, folder / "mlp.onnx"),
+        "mlp": export(mlp(32, 128, 128, 8), 32, folder / "mlp.onnx"),
         "overflows": export(Overflows(), 3, folder / "overflows.onnx"),
     }
 

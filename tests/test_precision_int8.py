@@ -165,14 +165,28 @@ def test_static_backend_needs_calibration_batches(mlp: Path, tmp_path: Path) -> 
     assert not (tmp_path / "q.onnx").exists()
 
 
-def test_calibration_streams_in_chunks_under_a_small_budget(mlp: Path, tmp_path: Path) -> None:
-    """With a budget that fits two batches beside the process, calibration runs in chunks and still works."""
-    calib = batches(n=128, size=16)
-    per_batch = 16 * (8 + 16 + 16 + 16 + 4 + 4) * 4  # every float tensor the entropy calibrator holds, roughly
-    budget = (int8.rss_bytes() + 200 * 2**20 + 0 * per_batch) / 2**30
-    v = variant(method="entropy", memory_budget_gb=budget)
-    res = int8.quantize(mlp, tmp_path / "q.onnx", v, calib, tmp_path / "w", WHERE)
-    assert 1 <= res.calibration["chunk_batches"] <= 8
+def test_calibration_streams_in_chunks_under_a_small_budget(mlp: Path, tmp_path: Path, monkeypatch) -> None:
+    """With a budget that fits three batches' activations beside the process, the eight batches are calibrated
+    in chunks of 3, 3 and 2, and the model still quantises."""
+    calib = batches(n=128, size=16)  # 8 batches of 16 rows
+    base = 2**30  # what the process holds, fixed: the real RSS moves by more than a batch's activations
+    real_rss, real_plan, real_ranges = int8.rss_bytes, int8.plan_chunks, int8.chunk_ranges
+    monkeypatch.setattr(int8, "rss_bytes", lambda key="VmRSS": base if key == "VmRSS" else real_rss(key))
+    per_batch: list[int] = []
+    monkeypatch.setattr(int8, "plan_chunks", lambda size, *a: per_batch.append(size) or real_plan(size, *a))
+    chunks: list[list[tuple[int, int]]] = []
+    monkeypatch.setattr(int8, "chunk_ranges", lambda b, size: chunks.append(real_ranges(b, size)) or chunks[-1])
+    # one batch, under a large budget, measures what a batch's activations take
+    int8.quantize(mlp, tmp_path / "probe.onnx", variant(method="entropy"), calib[:1], tmp_path / "w0", WHERE)
+    assert per_batch[0] > 0 and chunks == [[(0, 1)]]
+    # a chunk of k batches needs 2 × k × per-batch bytes: three fit, four do not
+    budget = (base + 2 * 3 * per_batch[0] + per_batch[0]) / 2**30
+    res = int8.quantize(
+        mlp, tmp_path / "q.onnx", variant(method="entropy", memory_budget_gb=budget), calib, tmp_path / "w", WHERE
+    )
+    assert per_batch[1] == per_batch[0]
+    assert res.calibration["chunk_batches"] == 3 and res.calibration["batches"] == 8
+    assert chunks[1] == [(0, 3), (3, 6), (6, 8)]
     assert res.calibration["peak_rss_mb"] > 0
     assert run(tmp_path / "q.onnx", calib[0]).shape == (16, 4)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mlp
 
 from optimize.errors import RuntimeMissingError, StageError
 from optimize.export import export_onnx
@@ -23,17 +24,9 @@ LOGITS = TensorSpec("logits", "float32", ("batch", 4))
 HAS_CUDA = torch.cuda.is_available()
 
 
-class TwoHeads(torch.nn.Module):
-    """Two outputs, a float and an integer one, in a tuple."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = torch.nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y = self.fc(x)
-        return y, y.argmax(-1)
+def two_heads() -> torch.nn.Module:
+    """One Linear 8×4, two outputs in a tuple: the float one and its argmax (int64)."""
+    return mlp(8, 4, argmax=True)
 
 
 def rows(n: int, seed: int = 0) -> np.ndarray:
@@ -68,7 +61,7 @@ def test_cpu_runner_matches_the_module_and_onnx_runtime(tiny, tiny_dir: Path) ->
 
 
 def test_tuple_outputs_are_named_in_order_and_integers_pass_through() -> None:
-    module = TwoHeads().eval()
+    module = two_heads()
     outputs = [TensorSpec("y", "float32", ("batch", 4)), TensorSpec("idx", "int64", ("batch",))]
     x = rows(3)
     with TorchRunner(module, [X], outputs) as runner:
@@ -79,7 +72,7 @@ def test_tuple_outputs_are_named_in_order_and_integers_pass_through() -> None:
 
 
 def test_float_feeds_take_the_input_type() -> None:
-    module = TwoHeads().eval()
+    module = two_heads()
     outputs = [TensorSpec("y", "float32", ("batch", 4)), TensorSpec("idx", "int64", ("batch",))]
     x = rows(2)
     with TorchRunner(module, [X], outputs) as runner:
@@ -89,7 +82,7 @@ def test_float_feeds_take_the_input_type() -> None:
 
 
 def test_wrong_output_count_and_missing_feed_are_stage_errors() -> None:
-    module = TwoHeads().eval()
+    module = two_heads()
     with TorchRunner(module, [X], [LOGITS]) as runner:
         with pytest.raises(StageError, match=r"returned 2 output\(s\), the model has 1 \(logits\)"):
             runner.run({"x": rows(1)})
@@ -98,7 +91,7 @@ def test_wrong_output_count_and_missing_feed_are_stage_errors() -> None:
 
 
 def test_the_runner_leaves_the_module_as_it_was() -> None:
-    module = TwoHeads().eval()
+    module = two_heads()
     before = {k: v.clone() for k, v in module.state_dict().items()}
     outputs = [TensorSpec("y", "float32", ("batch", 4)), TensorSpec("idx", "int64", ("batch",))]
     with TorchRunner(module, [X], outputs, precision="fp16") as runner:
@@ -134,7 +127,7 @@ def test_fp16_is_refused_where_cpu_autocast_would_not_run_it(monkeypatch: pytest
     # an older torch disables CPU autocast for float16 with a warning and computes in FP32
     monkeypatch.setattr(torch, "autocast", lambda *a, **k: contextlib.nullcontext())
     with pytest.raises(RuntimeMissingError) as info:
-        TorchRunner(TwoHeads(), [X], [LOGITS], precision="fp16")
+        TorchRunner(two_heads(), [X], [LOGITS], precision="fp16")
     assert info.value.exit_code == 4
     assert "FP16" in str(info.value) and "torch.float32" in str(info.value)
 
@@ -146,12 +139,12 @@ def test_int8_is_not_a_torch_precision() -> None:
         "the torch targets run the source model in FP32 or FP16 autocast; INT8 variants are ONNX artifacts"
     )
     with pytest.raises(StageError, match="INT8 variants are ONNX artifacts"):
-        TorchRunner(TwoHeads(), [X], [LOGITS], precision="int8")
+        TorchRunner(two_heads(), [X], [LOGITS], precision="int8")
 
 
 def test_torch_runner_is_the_cpu_runner_only() -> None:
     with pytest.raises(StageError, match="use TorchCudaRunner"):
-        TorchRunner(TwoHeads(), [X], [LOGITS], target="torch-cuda")
+        TorchRunner(two_heads(), [X], [LOGITS], target="torch-cuda")
 
 
 # --- open_runner, availability -------------------------------------------------------------------------
@@ -201,10 +194,10 @@ def test_torch_cuda_is_missing_here_with_the_reason() -> None:
     reason = unavailable_reason("torch-cuda")
     assert reason is not None and "CUDA" in reason and torch.__version__ in reason
     with pytest.raises(RuntimeMissingError) as info:
-        open_runner("torch-cuda", TorchArtifact(TwoHeads(), [X], [LOGITS]))
+        open_runner("torch-cuda", TorchArtifact(two_heads(), [X], [LOGITS]))
     assert info.value.exit_code == 4 and "torch-cuda" in str(info.value)
     with pytest.raises(RuntimeMissingError, match="CUDA"):
-        TorchCudaRunner(TwoHeads(), [X], [LOGITS])
+        TorchCudaRunner(two_heads(), [X], [LOGITS])
 
 
 def test_torch_cuda_reasons(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import tensorrt_double
-from conftest import REPO
+from conftest import REPO, mlp
 from tensorrt_api import tensorrt_api
 
 from optimize import engine
@@ -106,14 +106,14 @@ def test_names_reached_on_each_version_s_path_exist_in_that_version(
     version: str, major: int, tmp_path: Path, monkeypatch
 ) -> None:
     import torch
-    from test_engine import H100, Mlp, request
+    from test_engine import H100, request
 
     from optimize.export import export_onnx
     from optimize.models import LoadedModel
     from optimize.precision import fp16
     from optimize.recipe import ExportSection, Fp16Variant
 
-    loaded = LoadedModel(Mlp().eval(), {"x": torch.randn(2, 32)})
+    loaded = LoadedModel(mlp(32, 64, 8), {"x": torch.randn(2, 32)})
     export_onnx(
         loaded,
         ExportSection(output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}),
