@@ -21,7 +21,9 @@ import yaml
 
 from optimize.lazy import lazy
 
-torch = lazy("torch")  # imported by the first builder that needs it, not at collection
+# imported by the first builder that needs them, not at collection
+torch = lazy("torch")
+onnx = lazy("onnx")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,20 +135,75 @@ def mlp(*widths: int, seed: int = 0, init_std: float | None = None, argmax: bool
 
 def unary_onnx(path: Path, op: str, dims: list[Any], elem_type: int | None = None) -> Path:
     """Save a checked one-node ONNX model `y = op(x)` (x and y of type `elem_type`, default float32)."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    kind = TensorProto.FLOAT if elem_type is None else elem_type
-    graph = helper.make_graph(
-        [helper.make_node(op, ["x"], ["y"])],
+    kind = onnx.TensorProto.FLOAT if elem_type is None else elem_type
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node(op, ["x"], ["y"])],
         op.lower(),
-        [helper.make_tensor_value_info("x", kind, dims)],
-        [helper.make_tensor_value_info("y", kind, dims)],
+        [onnx.helper.make_tensor_value_info("x", kind, dims)],
+        [onnx.helper.make_tensor_value_info("y", kind, dims)],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
+
+
+def mlp_onnx(path: Path, outlier: float = 0.0) -> Path:
+    """x (N, 8) → MatMul fc1 → Add → Relu → MatMul fc2 → Add → logits (N, 4); `outlier` spikes one fc2 weight."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 16)).astype(np.float32) * 0.5
+    w2 = rng.standard_normal((16, 4)).astype(np.float32) * 0.5
+    w2[0, 0] += outlier
+    inits = [
+        onnx.numpy_helper.from_array(w1, "w1"),
+        onnx.numpy_helper.from_array(np.zeros(16, np.float32) + 0.1, "b1"),
+        onnx.numpy_helper.from_array(w2, "w2"),
+        onnx.numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
+    ]
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
+        onnx.helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
+        onnx.helper.make_node("Relu", ["h1b"], ["h1r"], name="relu"),
+        onnx.helper.make_node("MatMul", ["h1r", "w2"], ["h2"], name="fc2"),
+        onnx.helper.make_node("Add", ["h2", "b2"], ["logits"], name="fc2_bias"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "mlp",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 8])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 4])],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def conv_proto(channels: int, width: int, scales: tuple[float, float], seed: int = 0) -> onnx.ModelProto:
+    """image (N, channels, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits
+    (N, width); the two convolutions' random weights are scaled by `scales`."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((width, channels, 3, 3)).astype(np.float32) * scales[0], "c1"),
+        onnx.numpy_helper.from_array(rng.standard_normal((width, width, 3, 3)).astype(np.float32) * scales[1], "c2"),
+    ]
+    nodes = [
+        onnx.helper.make_node("Conv", ["image", "c1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
+        onnx.helper.make_node("Conv", ["ar", "c2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["b"], ["br"], name="relu2"),
+        onnx.helper.make_node("GlobalAveragePool", ["br"], ["g"], name="pool"),
+        onnx.helper.make_node("Flatten", ["g"], ["logits"], name="flatten"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "cnn",
+        [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", channels, 8, 8])],
+        [onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", width])],
+        inits,
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)])
 
 
 @pytest.fixture()

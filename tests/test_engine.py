@@ -1,4 +1,4 @@
-"""Engine stage orchestration on the CPU, driven through tests/tensorrt_double.py — a TEST DOUBLE of the
+"""Engine stage orchestration on the CPU, driven through tests/runtimes/tensorrt_double.py — a TEST DOUBLE of the
 `tensorrt` module, not TensorRT. These tests prove our own logic (profiles from the recipe, engine names,
 sidecars, timing-cache keys and merging, the precision check's decision, error mapping); that TensorRT
 builds and runs these engines is proven only by the `gpu` tests (tests/test_engine_gpu.py) on GPU runners.
@@ -12,9 +12,9 @@ import re
 from pathlib import Path
 
 import pytest
-import tensorrt_double
 import torch
 from conftest import mlp
+from runtimes import tensorrt_double
 
 from optimize import engine
 from optimize.engine import BuildRequest, Device, check_compatible, check_precision

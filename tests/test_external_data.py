@@ -18,9 +18,8 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from conftest import REPO, merge, mlp, tiny_recipe
+from conftest import REPO, conv_proto, merge, mlp, tiny_recipe
 from onnx import TensorProto, helper, numpy_helper
-from test_precision_int8 import conv_proto
 
 from optimize import onnx_files
 from optimize.errors import RecipeError
@@ -67,7 +66,7 @@ def run(path: Path, feeds: dict[str, np.ndarray]) -> np.ndarray:
 
 
 # These tests are about where INT8 weights live, not INT8 accuracy: weights read wrongly from the data file give
-# a cosine near 0, so a bound far below what any CPU's INT8 kernels give is enough (test_precision_int8 and
+# a cosine near 0, so a bound far below what any CPU's INT8 kernels give is enough (tests/precision/test_int8.py and
 # test_pipeline_int8 judge the accuracy).
 INT8_RUNS = 0.9
 

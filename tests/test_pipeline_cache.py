@@ -21,7 +21,7 @@ from optimize.pipeline import RunOptions, run
 def _recipe(tiny_dir: Path, overrides: dict[str, Any] | None = None, name: str = "r.yaml") -> Path:
     variants = [
         {"name": "fp16", "kind": "fp16", "backend": "onnxruntime"},
-        # 7-bit weights: the same INT8 results on every x86 CPU, VNNI or not (test_precision_int8's kernel test)
+        # 7-bit weights: the same INT8 results on every x86 CPU, VNNI or not (precision/test_int8.py's kernel test)
         {"name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib", "reduce_range": True},
     ]
     base = merge(

@@ -1,5 +1,5 @@
 """The pipeline's TensorRT orchestration on the CPU: which variants go to which target, and the engine
-stage's precision decision across variants. The builds go through tests/tensorrt_double.py, a TEST
+stage's precision decision across variants. The builds go through tests/runtimes/tensorrt_double.py, a TEST
 DOUBLE of the `tensorrt` module (not TensorRT): what is proven here is our own logic only."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tensorrt_double
 import torch
 import yaml
 from conftest import merge, mlp, tiny_recipe
+from runtimes import tensorrt_double
 from test_engine import H100
 
 from optimize import engine, pipeline

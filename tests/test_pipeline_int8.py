@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import mlp_onnx
 from mlflow import MlflowClient
-from test_precision_int8 import mlp_onnx
 
 from optimize.errors import OptimizeError
 from optimize.pipeline import RunOptions, run
@@ -39,7 +39,7 @@ def _int8_recipe(write_recipe, variants: list[dict], gates: list | None = None, 
 
 
 # 7-bit weights (reduce_range): the fused INT8 kernels compute the exact Q/DQ arithmetic on every x86 CPU, with or
-# without VNNI (test_precision_int8's kernel test), so the accuracy gates below judge the same numbers anywhere.
+# without VNNI (precision/test_int8.py's kernel test), so the accuracy gates below judge the same numbers anywhere.
 # Measured: STATIC cosine mean 0.9990, DYNAMIC 0.9999; with 8-bit weights an AVX2 CPU without VNNI gave 0.9932
 # and 0.926 (its u8×s8 sums saturate), so the default gate cosine_mean >= 0.99 failed there.
 STATIC = {

@@ -3,7 +3,7 @@ recording bar (a real benchmark on a small ONNX model, a real ONNX Runtime calib
 and ranking, TensorRT build phases relayed from the build child through a pipe), and how the run shows it:
 bars on a terminal, only the one line per stage in a CI log, nothing under -q.
 
-TensorRT's monitor runs here against tests/tensorrt_double.py, a TEST DOUBLE of the `tensorrt` module (it
+TensorRT's monitor runs here against tests/runtimes/tensorrt_double.py, a TEST DOUBLE of the `tensorrt` module (it
 builds nothing): that proves our orchestration (the monitor's calls, the pipe, the parent's bar). That the real
 builder calls the monitor is checked by the `gpu` test at the end, on a GPU runner."""
 
@@ -18,20 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tensorrt_double
-from conftest import REPO
+from conftest import REPO, mlp_onnx
 from rich.console import Console
+from runtimes import tensorrt_double
 from test_engine import request
-from test_precision_int8 import WHERE, batches, mlp_onnx, variant
 
 from optimize import bench, engine
 from optimize import console as console_module
 from optimize.precision import fallback, int8
 from optimize.progress import NO_PROGRESS
-from optimize.recipe import BenchmarkSection, FallbackSection
+from optimize.recipe import BenchmarkSection, FallbackSection, Int8Variant
 from optimize.runtimes import open_runner
 
 H100 = engine.Device("NVIDIA H100 80GB HBM3", "9.0", "580.159.04", "13.0")
+WHERE = "precision.variants[0]"
+
+
+def batches(n: int, size: int, seed: int = 1) -> list[dict[str, np.ndarray]]:
+    """`n` rows of `x` (for conftest's mlp_onnx) in batches of `size`."""
+    x = np.random.default_rng(seed).standard_normal((n, 8)).astype(np.float32)
+    return [{"x": x[i : i + size]} for i in range(0, n, size)]
+
+
+def variant(**kw) -> Int8Variant:
+    return Int8Variant(**{"name": "int8", "kind": "int8", "backend": "onnxruntime", "calibration": "calib", **kw})
 
 
 class Recorder:
@@ -179,7 +189,7 @@ def test_build_child_relays_its_phases_through_the_pipe(tmp_path: Path, monkeypa
     shim.write_text(
         "import sys\n"
         f"sys.path[:0] = [{str(REPO / 'tests')!r}, {str(REPO)!r}]\n"
-        "import tensorrt_double\n"
+        "from runtimes import tensorrt_double\n"
         "sys.modules['tensorrt'] = tensorrt_double.make()\n"
         "from optimize import engine\n"
         f"engine.current_device = lambda: engine.Device{tuple(H100.__dict__.values())!r}\n"

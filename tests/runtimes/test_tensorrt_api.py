@@ -5,7 +5,7 @@ The real names come from the bindings wheels (tests/data/tensorrt/, read by tool
 Two independent checks:
 - static: every attribute read on a TensorRT object in optimize/engine.py and optimize/runtimes/tensorrt.py,
   by the kind of object it is read on (all paths, including the runner, which needs a GPU to execute);
-- dynamic: the names the engine stage really reached when driven through tests/tensorrt_double.py (a TEST
+- dynamic: the names the engine stage really reached when driven through tests/runtimes/tensorrt_double.py (a TEST
   DOUBLE of the module, not TensorRT), once as 10.16 and once as 11.4, against that version's names.
 """
 
@@ -15,9 +15,9 @@ import ast
 from pathlib import Path
 
 import pytest
-import tensorrt_double
 from conftest import REPO, mlp
-from tensorrt_api import tensorrt_api
+from runtimes import tensorrt_double
+from runtimes.tensorrt_api import tensorrt_api
 
 from optimize import engine
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import cache
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data" / "tensorrt"
+DATA = Path(__file__).resolve().parent.parent / "data" / "tensorrt"
 
 
 @cache

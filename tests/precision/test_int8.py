@@ -11,71 +11,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from conftest import conv_proto, mlp_onnx
 
 from optimize.errors import RecipeError, RuntimeMissingError, StageError
 from optimize.precision import fallback, int8
 from optimize.recipe import FallbackSection, Gate, Int8Variant
 
 WHERE = "precision.variants[0]"
-
-
-def mlp_onnx(path: Path, outlier: float = 0.0) -> Path:
-    """x (N, 8) → MatMul fc1 → Add → Relu → MatMul fc2 → Add → logits (N, 4); `outlier` spikes one fc2 weight."""
-    rng = np.random.default_rng(0)
-    w1 = rng.standard_normal((8, 16)).astype(np.float32) * 0.5
-    w2 = rng.standard_normal((16, 4)).astype(np.float32) * 0.5
-    w2[0, 0] += outlier
-    inits = [
-        numpy_helper.from_array(w1, "w1"),
-        numpy_helper.from_array(np.zeros(16, np.float32) + 0.1, "b1"),
-        numpy_helper.from_array(w2, "w2"),
-        numpy_helper.from_array(np.zeros(4, np.float32), "b2"),
-    ]
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h1"], name="fc1"),
-        helper.make_node("Add", ["h1", "b1"], ["h1b"], name="fc1_bias"),
-        helper.make_node("Relu", ["h1b"], ["h1r"], name="relu"),
-        helper.make_node("MatMul", ["h1r", "w2"], ["h2"], name="fc2"),
-        helper.make_node("Add", ["h2", "b2"], ["logits"], name="fc2_bias"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-    return path
-
-
-def conv_proto(channels: int, width: int, scales: tuple[float, float], seed: int = 0) -> onnx.ModelProto:
-    """image (N, channels, 8, 8) → Conv → Relu → Conv → Relu → GlobalAveragePool → Flatten → logits
-    (N, width); the two convolutions' random weights are scaled by `scales`."""
-    rng = np.random.default_rng(seed)
-    inits = [
-        numpy_helper.from_array(rng.standard_normal((width, channels, 3, 3)).astype(np.float32) * scales[0], "c1"),
-        numpy_helper.from_array(rng.standard_normal((width, width, 3, 3)).astype(np.float32) * scales[1], "c2"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["image", "c1"], ["a"], name="conv1", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["a"], ["ar"], name="relu1"),
-        helper.make_node("Conv", ["ar", "c2"], ["b"], name="conv2", pads=[1, 1, 1, 1]),
-        helper.make_node("Relu", ["b"], ["br"], name="relu2"),
-        helper.make_node("GlobalAveragePool", ["br"], ["g"], name="pool"),
-        helper.make_node("Flatten", ["g"], ["logits"], name="flatten"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "cnn",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", channels, 8, 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])],
-        inits,
-    )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
 def conv_onnx(path: Path) -> Path:

@@ -7,7 +7,7 @@ tensor types, the way a strongly typed TensorRT network takes it. A network crea
 typing comes out FP32, the way TensorRT 10 builds a weakly typed network without the FP16 flag.
 
 Every public name our code touches on the module and its objects is recorded in `module.double_used`
-(`Class.member`), so tests/test_tensorrt_api.py can check them against the names the real 10.x and 11.x
+(`Class.member`), so tests/runtimes/test_tensorrt_api.py can check them against the names the real 10.x and 11.x
 bindings export. Class names are TensorRT's own.
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from tensorrt_api import DATA, tensorrt_api, tensorrt_source
+from runtimes.tensorrt_api import DATA, tensorrt_api, tensorrt_source
 
 MAJORS = (10, 11)
 

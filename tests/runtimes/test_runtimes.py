@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from conftest import unary_onnx
 from onnx import TensorProto, helper, numpy_helper
+from runtimes import tensorrt_double
 
 from optimize.errors import RuntimeMissingError, StageError
 from optimize.runtimes import Runner, TensorSpec, open_runner, require, unavailable_reason
@@ -181,7 +182,6 @@ def test_tensorrt_found_but_not_importable_says_so(monkeypatch: pytest.MonkeyPat
 
 
 def test_tensorrt_without_a_cuda_device_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    import tensorrt_double
     import torch
 
     if torch.cuda.is_available():
