@@ -8,7 +8,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import IO, Any
 
@@ -102,8 +102,6 @@ class _StageStream(io.TextIOBase):
 def capture_python_output(log_path: Path) -> Iterator[None]:
     """Send what Python code writes to sys.stdout and sys.stderr to `log_path` for the block, leaving fds 1 and
     2 alone (the Python API: the caller's descriptors are the caller's; native code prints where it would)."""
-    from contextlib import redirect_stderr, redirect_stdout
-
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "a", encoding="utf-8", errors="replace") as log:
         _stage_logs.append(log)

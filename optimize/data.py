@@ -12,8 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from optimize import models
 from optimize.errors import RecipeError, first_line
 from optimize.files import sha256_file
+from optimize.lazy import lazy
 from optimize.preflight import (
     check_channels,
     check_feed_specs,
@@ -24,6 +26,8 @@ from optimize.preflight import (
     read_text_lines,
 )
 from optimize.recipe import EntryPointDataset, ImageFolderDataset, NpzDataset, TextDataset
+
+Image = lazy("PIL.Image")  # image folders only
 
 Feeds = list[dict[str, np.ndarray]]
 
@@ -233,9 +237,7 @@ def load_text(
         raise RecipeError(f"{where}.tokenizer: a text dataset needs a tokenizer folder for this model source")
 
     def tokenise() -> Feeds:
-        from optimize.models import hf_tokenizer
-
-        tokenizer = hf_tokenizer(folder, f"{where}.tokenizer")
+        tokenizer = models.hf_tokenizer(folder, f"{where}.tokenizer")
         names = input_names() if callable(input_names) else input_names
         batches = []
         for i in range(0, len(chosen), spec.batch_size):
@@ -291,11 +293,9 @@ def load_npz(name: str, spec: NpzDataset, input_names: list[str]) -> Batches:
 
 def load_entry_point(name: str, spec: EntryPointDataset, input_names: list[str]) -> Batches:
     """Arrays returned by `package.module:function(**kwargs)` as {input name: array, samples first}."""
-    from optimize.models import import_entry_point
-
     where = f"data.{name}"
     ep = spec.entry_point
-    fn = import_entry_point(ep, spec.python_path, f"{where}.entry_point")
+    fn = models.import_entry_point(ep, spec.python_path, f"{where}.entry_point")
     try:
         result = fn(**spec.kwargs)
     except Exception as e:
@@ -326,8 +326,6 @@ def _per_channel(where: str, field: str, values: list[float], channels: int, mod
 
 def _preprocess(where: str, spec: ImageFolderDataset, path: Path, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     """One image file -> an array in the dataset's layout (CHW or HWC) and dtype."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()

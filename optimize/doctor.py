@@ -1,7 +1,8 @@
 """What this machine can run: GPUs, driver, the libraries each stage needs, and every recipe target.
 
 `diagnose()` gathers the facts as a JSON-ready dict (`optimize doctor --json`); `render()` turns it
-into aligned text for a person. Each library is imported only inside `diagnose()`.
+into aligned text for a person. Each library is named through optimize.lazy and imported only when
+`diagnose()` reads it.
 """
 
 from __future__ import annotations
@@ -12,8 +13,18 @@ import sys
 import warnings
 from typing import Any
 
-from optimize import __version__
+from optimize import __version__, runtimes
 from optimize.errors import first_line
+from optimize.gpu import gpus
+from optimize.gpu import unavailable_reason as gpu_unavailable_reason
+from optimize.lazy import lazy
+from optimize.recipe import GPU_TARGETS, TARGETS
+
+torch = lazy("torch")
+tensorrt = lazy("tensorrt")
+onnxruntime = lazy("onnxruntime")
+modelopt = lazy("modelopt")
+mlflow = lazy("mlflow")
 
 # TensorRT 10 is the oldest with strongly typed networks, which the engine stage relies on.
 MIN_TENSORRT = 10
@@ -49,10 +60,8 @@ def _python() -> dict[str, Any]:
 
 
 def _gpu() -> dict[str, Any]:
-    from optimize.gpu import gpus, unavailable_reason
-
     found = gpus()
-    reason = None if found else unavailable_reason()
+    reason = None if found else gpu_unavailable_reason()
     return {
         "available": bool(found),
         "reason": reason,
@@ -74,7 +83,7 @@ def _import_failure(name: str, e: BaseException) -> str:
 
 def _torch() -> dict[str, Any]:
     try:
-        import torch
+        version = torch.__version__
     except Exception as e:
         return _missing(_import_failure("torch", e), cuda=None, cuda_available=False, device_count=0)
     cuda = torch.version.cuda
@@ -90,14 +99,14 @@ def _torch() -> dict[str, Any]:
     cuda_reason = None
     if not cuda_available:
         if cuda is None:
-            cuda_reason = f"torch {torch.__version__} is a CPU-only build"
+            cuda_reason = f"torch {version} is a CPU-only build"
         elif probe_error or caught:
             cuda_reason = probe_error or first_line(caught[-1].message)  # type: ignore[arg-type]
         else:
             cuda_reason = "torch sees no CUDA device"
     return {
         "available": True,
-        "version": torch.__version__,
+        "version": version,
         "reason": None,
         "cuda": cuda,
         "cuda_available": cuda_available,
@@ -109,13 +118,12 @@ def _torch() -> dict[str, Any]:
 def _tensorrt() -> dict[str, Any]:
     extra = {"required": f">= {MIN_TENSORRT}"}
     try:
-        import tensorrt
+        version = str(getattr(tensorrt, "__version__", "unknown"))
     except Exception as e:  # besides ImportError, a wheel without its libraries raises OSError
         reason = _import_failure("tensorrt", e)
         if reason.endswith("not installed"):
             reason += " (pip install 'optimize[gpu]' on a GPU machine that reaches NVIDIA's package host)"
         return _missing(reason, **extra)
-    version = str(getattr(tensorrt, "__version__", "unknown"))
     try:
         major = int(version.split(".")[0])
     except ValueError:
@@ -139,12 +147,12 @@ def _onnxruntime() -> dict[str, Any]:
         except importlib.metadata.PackageNotFoundError:
             pass
     try:
-        import onnxruntime
+        version = onnxruntime.__version__
     except Exception as e:
         return _missing(_import_failure("onnxruntime", e), providers=[], packages=packages)
     return {
         "available": True,
-        "version": onnxruntime.__version__,
+        "version": version,
         "reason": None,
         "providers": list(onnxruntime.get_available_providers()),
         "packages": packages,
@@ -157,7 +165,7 @@ def _modelopt() -> dict[str, Any]:
     except importlib.metadata.PackageNotFoundError:
         version = None
     try:
-        import modelopt  # noqa: F401
+        modelopt.__spec__  # noqa: B018 (the first attribute read imports it)
     except Exception as e:
         reason = _import_failure("modelopt", e)
         if version is None and "not installed" in reason:
@@ -168,20 +176,17 @@ def _modelopt() -> dict[str, Any]:
 
 def _mlflow() -> dict[str, Any]:
     try:
-        import mlflow
+        version = mlflow.__version__
     except Exception as e:
         return _missing(_import_failure("mlflow", e))
-    return {"available": True, "version": mlflow.__version__, "reason": None}
+    return {"available": True, "version": version, "reason": None}
 
 
 def _targets() -> dict[str, Any]:
-    from optimize.recipe import GPU_TARGETS, TARGETS
-    from optimize.runtimes import unavailable_reason
-
     targets = {}
     for target in TARGETS:
         try:
-            reason = unavailable_reason(target)
+            reason = runtimes.unavailable_reason(target)
         except Exception as e:  # a broken check is a finding, not a crash of the report
             reason = f"the availability check failed: {type(e).__name__}: {first_line(e)}"
         targets[target] = {"available": reason is None, "reason": reason, "gpu": target in GPU_TARGETS}

@@ -1,8 +1,11 @@
-"""Torch modules that wrap a model source for export (imported only when a module is built)."""
+"""Torch modules that wrap a model source for export. Defining them needs torch, so this module is named
+through optimize.lazy (`encoders = lazy("optimize.encoders")`) and imported only when a module is built."""
 
 from __future__ import annotations
 
-import torch
+from optimize.lazy import lazy
+
+torch = lazy("torch")
 
 
 class PooledEncoder(torch.nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,8 +83,6 @@ def no_space(e: BaseException) -> OSError | None:
     """The full-disk (or exhausted-quota) error behind `e`, if there is one: `e` itself, or an error it was
     raised from or while handling. Stages wrap a library's failure in a one-line StageError (`from None`
     hides the chain from the traceback, not from `__context__`), and a full disk is still the cause."""
-    import errno
-
     for cur in exception_chain(e):
         if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
             return cur

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+import time
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from optimize.lazy import lazy
+
+np = lazy("numpy")  # only write_npz needs it; `optimize validate` imports this module and no numpy
 
 
 @contextmanager
@@ -85,9 +92,6 @@ def write_with(dest: Path, writer: Callable[[Path], None]) -> None:
 
 def write_npz(dest: Path, arrays: dict[str, Any]) -> None:
     """Write arrays to an .npz file atomically (any key, even `file`, which np.savez's keywords refuse)."""
-    import zipfile
-
-    import numpy as np
 
     def _write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -133,9 +137,6 @@ def sha256_bytes(data: bytes) -> str:
 def file_lock(path: Path, timeout_s: float, what: str) -> Iterator[None]:
     """Hold an exclusive advisory lock on `path` (created if missing) for the block; parallel jobs on one
     host sharing a file take turns. Raises TimeoutError naming `what` after `timeout_s`."""
-    import fcntl
-    import time
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)

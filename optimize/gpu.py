@@ -16,6 +16,9 @@ from types import ModuleType, TracebackType
 from typing import Any
 
 from optimize.errors import RuntimeMissingError, first_line
+from optimize.lazy import lazy
+
+pynvml = lazy("pynvml")
 
 __all__ = ["GpuInfo", "ProcessGpuMemory", "gpu", "gpus", "unavailable_reason"]
 
@@ -72,13 +75,13 @@ def _nvml() -> Iterator[ModuleType]:
     """An initialised pynvml for the duration of the block (raises _NvmlUnavailable with the reason)."""
     global _users
     try:
-        import pynvml
+        init, shutdown = pynvml.nvmlInit, pynvml.nvmlShutdown  # the first attribute read imports pynvml
     except ImportError:
         raise _NvmlUnavailable("pynvml is not installed (pip install nvidia-ml-py)") from None
     with _lock:
         if _users == 0:
             try:
-                pynvml.nvmlInit()
+                init()
             except Exception as e:  # NVMLError, or OSError from loading the library
                 raise _NvmlUnavailable(_init_failure(e)) from None
         _users += 1
@@ -89,7 +92,7 @@ def _nvml() -> Iterator[ModuleType]:
             _users -= 1
             if _users == 0:
                 try:
-                    pynvml.nvmlShutdown()
+                    shutdown()
                 except Exception:  # a failed shutdown leaves nothing for us to undo
                     pass
 

@@ -8,6 +8,8 @@ since only its module tells what it is).
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -16,15 +18,19 @@ import sys
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from optimize.errors import RecipeError
 from optimize.files import sha256_file, sha256_tree
+from optimize.lazy import lazy
 from optimize.onnx_files import onnx_sha256
 from optimize.recipe import EntryPointModel, ExportSection, HuggingFaceModel, OnnxModel, TorchvisionModel
 
-if TYPE_CHECKING:
-    import torch
+torch = lazy("torch")
+transformers = lazy("transformers")
+tvm = lazy("torchvision.models")
+# Its classes subclass torch.nn.Module: importing it imports torch, so it is named lazily like a library.
+encoders = lazy("optimize.encoders")
 
 
 class LoadedModel:
@@ -112,8 +118,6 @@ def load_model(spec: Any) -> LoadedModel:
 
 
 def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
-    import torch
-
     fn = import_entry_point(spec.entry_point, spec.python_path, "model.entry_point")
     try:
         result = fn(**spec.kwargs)
@@ -145,10 +149,6 @@ def _from_entry_point(spec: EntryPointModel) -> LoadedModel:
 
 
 def _state_dict_sha256(module: torch.nn.Module) -> str:
-    import hashlib
-
-    import torch
-
     h = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -188,19 +188,13 @@ def _from_huggingface(spec: HuggingFaceModel) -> LoadedModel:
 
     def build_module() -> torch.nn.Module:
         _offline()
-        from transformers import AutoModel
-
         try:
-            backbone = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+            backbone = transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval()
         except Exception as e:
             raise RecipeError(f"model: cannot load the Hugging Face model in {folder}: {e}") from None
-        from optimize.encoders import PooledEncoder
-
-        return PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
+        return encoders.PooledEncoder(backbone, spec.pooling, spec.normalize).eval()
 
     def build_inputs() -> dict[str, torch.Tensor]:
-        import torch
-
         tokenizer = hf_tokenizer(folder, "model")
         texts = ["An example sentence for the export.", "Another one, a little longer than the first."]
         texts = (texts * spec.example_batch)[: spec.example_batch]
@@ -232,29 +226,22 @@ def hf_tokenizer(folder: Path, where: str) -> Any:
     """The Hugging Face tokenizer in `folder`, loaded offline once per process."""
     if folder not in _TOKENIZERS:
         _offline()
-        from transformers import AutoTokenizer
-
         try:
-            _TOKENIZERS[folder] = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            _TOKENIZERS[folder] = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except Exception as e:
             raise RecipeError(f"{where}: cannot load a tokenizer from {folder}: {e}") from None
     return _TOKENIZERS[folder]
 
 
 def _from_torchvision(spec: TorchvisionModel) -> LoadedModel:
-    import torch
-
     try:
-        import torchvision.models as tvm
+        builder = getattr(tvm, spec.architecture, None)
     except Exception as e:
         raise RecipeError(
             f"model.source: torchvision cannot be imported ({type(e).__name__}: {e}); install a torchvision "
             "that matches your torch"
         ) from None
-    builder = getattr(tvm, spec.architecture, None)
     if not callable(builder):
-        import difflib
-
         names = [n for n in dir(tvm) if n.islower() and not n.startswith("_") and callable(getattr(tvm, n))]
         near = difflib.get_close_matches(spec.architecture, names, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""

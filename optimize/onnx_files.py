@@ -21,8 +21,13 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from optimize.cache import parse_size
 from optimize.errors import RecipeError
 from optimize.files import fsync_path, sha256_file
+from optimize.lazy import lazy
+
+onnx = lazy("onnx")
+protobuf_message = lazy("google.protobuf.message")
 
 EXTERNAL_DATA_ENV = "OPTIMIZE_EXTERNAL_DATA_BYTES"
 DEFAULT_EXTERNAL_DATA_BYTES = 2**31 - 2**27  # protobuf refuses messages of 2 GiB and more
@@ -40,7 +45,6 @@ def external_data_threshold() -> int:
     text = os.environ.get(EXTERNAL_DATA_ENV, "").strip()
     if not text:
         return DEFAULT_EXTERNAL_DATA_BYTES
-    from optimize.cache import parse_size
 
     value = parse_size(text, what=EXTERNAL_DATA_ENV)
     if value <= 0:
@@ -146,17 +150,14 @@ def save_onnx(model: Any, dest: Path) -> None:
     """Save a ModelProto (its tensor data in memory) as the artifact `dest`, atomically: `dest` alone when its
     serialised size is within `external_data_threshold()`, else `dest` plus `<dest>.data`. The model is left as
     it was given."""
-    from onnx import TensorProto
-    from onnx.external_data_helper import load_external_data_for_model
-
     dest = Path(dest)
     with _scratch(dest) as folder:
         tmp = folder / dest.name
         if _write(model, tmp, external=None):
             # onnx.save moved the tensors' bytes to the file; put them back for the caller
-            load_external_data_for_model(model, str(folder))
+            onnx.external_data_helper.load_external_data_for_model(model, str(folder))
             for tensor in _tensors(model):
-                if tensor.HasField("data_location") and tensor.data_location == TensorProto.DEFAULT:
+                if tensor.HasField("data_location") and tensor.data_location == onnx.TensorProto.DEFAULT:
                     tensor.ClearField("data_location")
         _install(tmp, dest)
 
@@ -210,15 +211,11 @@ def copy_onnx(src: Path, dest: Path, link: bool = False) -> None:
 
 
 def _undecodable(e: Exception) -> bool:
-    from google.protobuf.message import DecodeError
-
-    return isinstance(e, DecodeError)
+    return isinstance(e, protobuf_message.DecodeError)
 
 
 def _proto(model: Path | Any) -> Any:
     if isinstance(model, (str, os.PathLike)):
-        import onnx
-
         return onnx.load(str(model), load_external_data=False)
     return model
 
@@ -254,9 +251,7 @@ def _tensors(model: Any, attributes: bool = True) -> Iterator[Any]:
 
 
 def _location(tensor: Any) -> str | None:
-    from onnx import TensorProto
-
-    if not tensor.HasField("data_location") or tensor.data_location != TensorProto.EXTERNAL:
+    if not tensor.HasField("data_location") or tensor.data_location != onnx.TensorProto.EXTERNAL:
         return None
     return next((e.value for e in tensor.external_data if e.key == "location"), "")
 
@@ -274,10 +269,6 @@ def _relocate(model: Any, renames: dict[str, str]) -> None:
 def _write(model: Any, path: Path, external: bool | None) -> bool:
     """Write `model` (tensor data in memory) to `path` in this module's layout; `external` None decides by the
     threshold. Returns True when the tensors went to `<path>.data` (their bytes then live only there)."""
-    import onnx
-    from onnx import TensorProto, numpy_helper
-    from onnx.external_data_helper import set_external_data
-
     for tensor in _tensors(model):
         if _location(tensor) is not None and not tensor.HasField("raw_data"):
             raise ValueError(
@@ -293,14 +284,14 @@ def _write(model: Any, path: Path, external: bool | None) -> bool:
         # Initializers only, as onnx.save_model does: TensorRT's parser and ONNX Runtime read external data
         # of initializers; Constant nodes keep their values.
         for tensor in _tensors(model, attributes=False):
-            if tensor.data_type in (TensorProto.STRING, TensorProto.UNDEFINED):
+            if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
                 continue
             if not tensor.HasField("raw_data") and tensor.ByteSize() >= TENSOR_MIN_BYTES:
                 # only raw_data moves out: typed fields (float_data, int32_data, …) become raw_data first
-                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+                tensor.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(tensor), tensor.name))
             if tensor.HasField("raw_data") and len(tensor.raw_data) >= TENSOR_MIN_BYTES:
                 # (not convert_model_to_external_data: it refuses a name that exists in the working directory)
-                set_external_data(tensor, data_path(path).name)
+                onnx.external_data_helper.set_external_data(tensor, data_path(path).name)
     onnx.save(model, str(path))  # writes the data file too, for the tensors marked external
     return bool(external) and data_path(path).is_file()
 
@@ -339,7 +330,6 @@ def _normalised(tmp: Path, dest: Path, by_threshold: bool) -> Path:
             tmp.unlink()  # a new file: `tmp` may be a hard link to the source's .onnx
             tmp.write_bytes(proto.SerializeToString())
         return tmp
-    import onnx
 
     out = tmp.parent / "normalised" / dest.name
     out.parent.mkdir()

@@ -18,6 +18,7 @@ from typing import Any
 from optimize.errors import RecipeError, first_line
 from optimize.files import display_path
 from optimize.gates import check_outputs
+from optimize.models import huggingface_dir
 from optimize.recipe import (
     EntryPointModel,
     HuggingFaceModel,
@@ -145,8 +146,6 @@ def _model_tokenizer_dir(recipe: Recipe) -> Path | None:
     """The tokenizer folder that comes with the model (a Hugging Face model's own folder), checked to exist."""
     if not isinstance(recipe.model, HuggingFaceModel):
         return None
-    from optimize.models import huggingface_dir
-
     return huggingface_dir(recipe.model)
 
 

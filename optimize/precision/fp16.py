@@ -17,8 +17,15 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RuntimeMissingError, StageError, first_line
+from optimize.lazy import lazy
 from optimize.onnx_files import external_data_names, save_onnx
 from optimize.recipe import Fp16Variant
+
+onnx = lazy("onnx")
+ort = lazy("onnxruntime")
+autocast = lazy("modelopt.onnx.autocast")
+ort_float16 = lazy("onnxruntime.transformers.float16")
+ort_onnx_model = lazy("onnxruntime.transformers.onnx_model")
 
 
 @dataclass(frozen=True)
@@ -45,7 +52,7 @@ def modelopt_available() -> bool:
     if importlib.util.find_spec("modelopt") is None:
         return False
     try:  # nvidia-modelopt without its ONNX dependencies installs, but AutoCast does not import
-        import modelopt.onnx.autocast  # noqa: F401
+        autocast.convert_to_mixed_precision  # noqa: B018 (the first attribute read imports AutoCast)
     except Exception:
         return False
     return True
@@ -69,15 +76,11 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Pat
 
     `reference_dir` holds one .npz per batch of real inputs for AutoCast's range check (modelopt only).
     """
-    import onnx
-
     backend = choose_backend(variant)
     t0 = time.perf_counter()
     try:
         if backend == "modelopt":
-            from modelopt.onnx.autocast import convert_to_mixed_precision
-
-            model = convert_to_mixed_precision(
+            model = autocast.convert_to_mixed_precision(
                 onnx_path=str(src),
                 low_precision_type="fp16",
                 keep_io_types=variant.keep_io_types,
@@ -88,19 +91,16 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Pat
                 providers=["cpu"],
             )
         else:
-            from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-            from onnxruntime.transformers.onnx_model import OnnxModel
-
             # What OnnxModel.convert_float_to_float16 does: float16.convert_float_to_float16, then remove the
             # Cast pairs FP32 -> FP16 -> FP32 it leaves between blocked nodes (without that, values pass
             # through FP16 between two FP32 ops and overflow there all the same). Given the model's path, the
             # converter runs ONNX shape inference on the file, which works past protobuf's 2 GB (in memory it
             # fails), and loads the external data from beside `src`.
-            wrapper = OnnxModel(
-                convert_float_to_float16(
+            wrapper = ort_onnx_model.OnnxModel(
+                ort_float16.convert_float_to_float16(
                     str(src),
                     keep_io_types=variant.keep_io_types,
-                    op_block_list=[*DEFAULT_OP_BLOCK_LIST, *variant.op_block_list],
+                    op_block_list=[*ort_float16.DEFAULT_OP_BLOCK_LIST, *variant.op_block_list],
                     node_block_list=list(variant.node_block_list) or None,
                 )
             )
@@ -110,7 +110,7 @@ def convert_fp16(src: Path, dest: Path, variant: Fp16Variant, reference_dir: Pat
             # The converter appends its Casts at the end of the node list and leaves value_info of
             # initializers it kept in FP32 typed FP16: the file fails onnx.checker (unsorted graph) and
             # shape inference (type conflict). Sort the nodes; drop value_info of initializers.
-            OnnxModel.graph_topological_sort(model.graph, is_deterministic=True)
+            ort_onnx_model.OnnxModel.graph_topological_sort(model.graph, is_deterministic=True)
             initializers = {t.name for t in model.graph.initializer}
             kept = [v for v in model.graph.value_info if v.name not in initializers]
             del model.graph.value_info[:]
@@ -171,9 +171,6 @@ def run_every_node(
     Returns the values by name and the (op type, node name) of the first nodes whose outputs are non-finite
     while all their inputs are finite.
     """
-    import onnx
-    import onnxruntime as ort
-
     # Without its weights the graph stays small (a model over 2 GB cannot be passed as bytes); ONNX Runtime
     # reads external data from the model's folder.
     model = onnx.load(str(model_path), load_external_data=False)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimize.errors import RuntimeMissingError, StageError
+from optimize.runtimes import onnxruntime as ort_runtime
+from optimize.runtimes import tensorrt as trt_runtime
+from optimize.runtimes import torch as torch_runtime
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
 from optimize.runtimes.torch import TorchArtifact
 
@@ -27,26 +30,16 @@ __all__ = [
 def unavailable_reason(target: str) -> str | None:
     """None when `target` can run on this machine, else why not (one line)."""
     if target.startswith("onnxruntime-"):
-        from optimize.runtimes.onnxruntime import unavailable_reason as ort_reason
-
-        return ort_reason(target)
+        return ort_runtime.unavailable_reason(target)
     if target == "tensorrt":
-        from optimize.runtimes.tensorrt import unavailable_reason as trt_reason
-
-        return trt_reason()
+        return trt_runtime.unavailable_reason()
     if target.startswith("torch-"):
-        from optimize.runtimes.torch import unavailable_reason as torch_reason
-
-        return torch_reason(target)
+        return torch_runtime.unavailable_reason(target)
     return f"unknown target {target!r}"
 
 
 def _torch_sees_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch.cuda.is_available())
+    return torch_runtime.sees_cuda()
 
 
 def require(target: str, why: str) -> None:
@@ -70,21 +63,15 @@ def open_runner(target: str, artifact: Path | TorchArtifact, threads: int | None
         raise StageError(f"runner: target {target} runs {wanted}, not {type(artifact).__name__} {artifact!r:.80}")
     if target == "onnxruntime-cuda" and _torch_sees_cuda():
         # Device buffers and our own stream, so it is timed with CUDA events like every GPU runner.
-        from optimize.runtimes.onnxruntime import OnnxRuntimeCudaRunner
-
-        return OnnxRuntimeCudaRunner(artifact, threads)  # type: ignore[arg-type]
+        return ort_runtime.OnnxRuntimeCudaRunner(artifact, threads)  # type: ignore[arg-type]
     if target.startswith("onnxruntime-"):  # CPU, or CUDA without a CUDA torch: timed on the host clock
-        from optimize.runtimes.onnxruntime import OnnxRuntimeRunner
-
-        return OnnxRuntimeRunner(artifact, target, threads)  # type: ignore[arg-type]
+        return ort_runtime.OnnxRuntimeRunner(artifact, target, threads)  # type: ignore[arg-type]
     if target == "tensorrt":
-        from optimize.runtimes.tensorrt import TensorRTRunner
-
-        return TensorRTRunner(artifact, target)  # type: ignore[arg-type]
+        return trt_runtime.TensorRTRunner(artifact, target)  # type: ignore[arg-type]
     if isinstance(artifact, TorchArtifact):
-        from optimize.runtimes.torch import TorchCudaRunner, TorchRunner
-
         if target == "torch-cpu":
-            return TorchRunner(artifact.module, artifact.inputs, artifact.outputs, target, artifact.precision, threads)
-        return TorchCudaRunner(artifact.module, artifact.inputs, artifact.outputs, artifact.precision)
+            return torch_runtime.TorchRunner(
+                artifact.module, artifact.inputs, artifact.outputs, target, artifact.precision, threads
+            )
+        return torch_runtime.TorchCudaRunner(artifact.module, artifact.inputs, artifact.outputs, artifact.precision)
     raise RuntimeMissingError(f"runner: no runner for target {target!r}")

@@ -8,7 +8,11 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RuntimeMissingError, StageError, first_line
+from optimize.lazy import lazy
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
+
+ort = lazy("onnxruntime")
+torch = lazy("torch")
 
 PROVIDERS = {"onnxruntime-cpu": "CPUExecutionProvider", "onnxruntime-cuda": "CUDAExecutionProvider"}
 
@@ -27,7 +31,7 @@ _ORT_TYPES = {
 def unavailable_reason(target: str) -> str | None:
     """None when the installed onnxruntime has the provider for `target`, else why not."""
     try:
-        import onnxruntime as ort
+        version = ort.__version__
     except ImportError as e:
         return f"onnxruntime cannot be imported ({e})"
     provider = PROVIDERS.get(target)
@@ -36,7 +40,7 @@ def unavailable_reason(target: str) -> str | None:
     available = ort.get_available_providers()
     if provider not in available:
         return (
-            f"the installed onnxruntime {ort.__version__} has no {provider} "
+            f"the installed onnxruntime {version} has no {provider} "
             f"(it has {', '.join(available)}); install onnxruntime-gpu on a CUDA machine"
         )
     return None
@@ -46,8 +50,6 @@ class OnnxRuntimeRunner(Runner):
     """An ONNX Runtime InferenceSession restricted to exactly one execution provider."""
 
     def __init__(self, model_path: Path, target: str = "onnxruntime-cpu", threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.target = target
         self.model_path = Path(model_path)
         opts = ort.SessionOptions()
@@ -111,9 +113,6 @@ class OnnxRuntimeCudaRunner(DeviceRunner):
     buffers ONNX Runtime allocates), then outputs go to our own buffers."""
 
     def __init__(self, model_path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-        import torch
-
         self.target = "onnxruntime-cuda"
         self.model_path = Path(model_path)
         self.stream = torch.cuda.Stream()
@@ -148,13 +147,9 @@ class OnnxRuntimeCudaRunner(DeviceRunner):
         self._staged = torch.cuda.Event()
 
     def _torch_dtype(self, spec: TensorSpec) -> Any:
-        import torch
-
         return getattr(torch, _TORCH_DTYPES.get(spec.dtype, "float32"))
 
     def _buffer(self, store: dict[str, Any], spec: TensorSpec, shape: tuple[int, ...], **kw: Any) -> Any:
-        import torch
-
         buf = store.get(spec.name)
         if buf is None or tuple(buf.shape) != shape:
             buf = torch.empty(shape, dtype=self._torch_dtype(spec), **kw)
@@ -163,8 +158,6 @@ class OnnxRuntimeCudaRunner(DeviceRunner):
 
     def prepare(self, feeds: dict[str, np.ndarray]) -> None:
         """Copy the feeds into pinned host buffers in the inputs' types (host work, not timed)."""
-        import torch
-
         self._staged.synchronize()  # the last stage's copies have read the buffers
         for spec in self.inputs:
             value = torch.from_numpy(np.ascontiguousarray(feeds[spec.name]))
@@ -173,8 +166,6 @@ class OnnxRuntimeCudaRunner(DeviceRunner):
 
     def stage(self) -> None:
         """Copy the prepared inputs to device buffers on the stream and bind them; bind the output buffers."""
-        import torch
-
         with torch.cuda.stream(self.stream):
             shapes = []
             for spec in self.inputs:
@@ -206,8 +197,6 @@ class OnnxRuntimeCudaRunner(DeviceRunner):
 
     def fetch(self) -> None:
         """Enqueue the device → pinned host copies of the outputs."""
-        import torch
-
         with torch.cuda.stream(self.stream):
             for spec in self.outputs:
                 self._host_out[spec.name].copy_(self._device[spec.name], non_blocking=True)

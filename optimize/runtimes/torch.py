@@ -14,7 +14,10 @@ from typing import Any
 import numpy as np
 
 from optimize.errors import RuntimeMissingError, StageError, first_line
+from optimize.lazy import lazy
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
+
+torch = lazy("torch")
 
 TARGETS = ("torch-cpu", "torch-cuda")
 PRECISIONS = ("fp32", "fp16")
@@ -50,16 +53,24 @@ def unavailable_reason(target: str) -> str | None:
     if target not in TARGETS:
         return f"unknown torch target {target!r}"
     try:
-        import torch
+        version = torch.__version__
     except ImportError as e:
         return f"torch cannot be imported ({first_line(e)})"
     if target == "torch-cpu":
         return None
     if torch.version.cuda is None:
-        return f"torch {torch.__version__} has no CUDA (a CPU-only build); install a CUDA build of torch"
+        return f"torch {version} has no CUDA (a CPU-only build); install a CUDA build of torch"
     if not torch.cuda.is_available():
-        return f"no CUDA device visible to torch {torch.__version__} (CUDA {torch.version.cuda})"
+        return f"no CUDA device visible to torch {version} (CUDA {torch.version.cuda})"
     return None
+
+
+def sees_cuda() -> bool:
+    """Whether torch imports here and sees a CUDA device."""
+    try:
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
 
 
 def _check_precision(target: str, precision: str) -> None:
@@ -92,16 +103,12 @@ def _output_list(result: Any, outputs: list[TensorSpec], target: str) -> list[An
 
 
 def _autocast(device_type: str, precision: str) -> Any:
-    import torch
-
     return torch.autocast(device_type, dtype=torch.float16, enabled=precision == "fp16")
 
 
 def _check_cpu_fp16_autocast() -> None:
     """Try, don't compare versions: a torch whose CPU autocast lacks FP16 disables itself with a warning and
     runs FP32, which would be a silent fallback."""
-    import torch
-
     try:
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
             got = torch.nn.functional.linear(torch.ones(1, 2), torch.ones(3, 2)).dtype
@@ -138,8 +145,6 @@ class TorchRunner(Runner):
         precision: str = "fp32",
         threads: int | None = None,
     ) -> None:
-        import torch
-
         if target != "torch-cpu":
             raise StageError(f"TorchRunner runs the torch-cpu target, not {target!r} (use TorchCudaRunner)")
         _check_precision(target, precision)
@@ -155,8 +160,6 @@ class TorchRunner(Runner):
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Call the module on `feeds` (positionally, in input order); outputs by name as numpy arrays."""
-        import torch
-
         args = [torch.from_numpy(_float_feed(feeds, spec, self.target)) for spec in self.inputs]
         with torch.inference_mode(), _autocast("cpu", self.precision):
             result = self.module(*args)
@@ -195,8 +198,6 @@ class TorchCudaRunner(DeviceRunner):
         precision: str = "fp32",
         device: int | None = None,
     ) -> None:
-        import torch
-
         self.target = "torch-cuda"
         _check_precision(self.target, precision)
         reason = unavailable_reason(self.target)
@@ -222,8 +223,6 @@ class TorchCudaRunner(DeviceRunner):
     def prepare(self, feeds: dict[str, np.ndarray]) -> None:
         """Copy the feeds into pinned host buffers (host work, not timed: as in trtexec, H2D is the copy from
         pinned memory). Waits until the last `stage` has read the buffers."""
-        import torch
-
         self._staged.synchronize()
         for spec in self.inputs:
             value = _float_feed(feeds, spec, self.target)
@@ -236,8 +235,6 @@ class TorchCudaRunner(DeviceRunner):
 
     def stage(self) -> None:
         """Enqueue the copy of the prepared inputs into the device tensors."""
-        import torch
-
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for spec in self.inputs:
                 host = self._host_in[spec.name][0]
@@ -250,8 +247,6 @@ class TorchCudaRunner(DeviceRunner):
 
     def compute(self) -> None:
         """Enqueue the module on the staged inputs (and the cast of float outputs to float32)."""
-        import torch
-
         if len(self._in) != len(self.inputs):
             raise StageError(f"{self.target}: compute() before stage(): no inputs on the device")
         args = [self._in[spec.name] for spec in self.inputs]
@@ -263,8 +258,6 @@ class TorchCudaRunner(DeviceRunner):
 
     def fetch(self) -> None:
         """Enqueue the copy of the outputs into pinned host buffers."""
-        import torch
-
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             for spec, value in zip(self.outputs, self._out_dev, strict=True):
                 buffers = self._out_host.get(spec.name)
