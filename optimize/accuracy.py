@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from optimize.errors import StageError
+from optimize.lazy import lazy
 from optimize.recipe import METRICS, metric_unfit_reason, values_per_sample
+
+np = lazy("numpy")
 
 
 def run_all(runner: Any, batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

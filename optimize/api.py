@@ -1,17 +1,22 @@
 """The Python API (`from optimize import run, load_recipe`) and the result of a run as `optimize run --json` prints
-it. Light to import: the pipeline, and with it torch, ONNX Runtime and MLflow, is imported when a run starts."""
+it. Light to import: the pipeline's modules name torch, ONNX Runtime and MLflow through optimize.lazy, so they are
+imported when a run first uses them."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from optimize.pipeline import RunOptions
-    from optimize.runs import VariantLine
+from optimize.console import console_to
+from optimize.errors import RecipeError
+from optimize.pipeline import RunOptions
+from optimize.pipeline import run as run_pipeline
+from optimize.recipe import TARGETS
+from optimize.registry import Registration
+from optimize.reporting.runs import MANIFEST, VariantLine, describe, json_object
 
 # `status` of a command's JSON by exit code: 0 is the command's own word ("passed" for run and smoke, "ok" for the
 # others), 1 "failed" (a gate), 130 "interrupted", anything else "error".
@@ -96,17 +101,16 @@ class RunResult:
         return f"models:/{self.model_name}@{self.alias}" if self.registered and self.alias else None
 
     @classmethod
-    def of(cls, run_dir: Path, status: str, exit_code: int, registered: Mapping[str, Any]) -> RunResult:
+    def of(cls, run_dir: Path, status: str, exit_code: int, registered: Registration | None) -> RunResult:
         """The result of the run in `run_dir`, from what the pipeline returned (verdict status, exit code and
-        the registry's answer: model_name, alias, versions and already {variant: version}, run_id)."""
-        from optimize.runs import describe
+        the registration: None when registration was off)."""
 
         line = describe(run_dir)
         manifest = _manifest(run_dir)
         order = {v.name: i for i, v in enumerate(line.variants)}
-        found = [(n, v, False) for n, v in (registered.get("versions") or {}).items()]
-        found += [(n, v, True) for n, v in (registered.get("already") or {}).items()]
-        model = registered.get("model_name")
+        found = [(n, v, False) for n, v in registered.versions.items()] if registered else []
+        found += [(n, v, True) for n, v in registered.already.items()] if registered else []
+        model = registered.model_name if registered else None
         versions = tuple(
             RegisteredVersion(n, str(model), int(v), already)
             for n, v, already in sorted(found, key=lambda f: (order.get(f[0], len(order)), f[0]))
@@ -121,9 +125,9 @@ class RunResult:
             variants=tuple(line.variants),
             registered=versions,
             model_name=model if versions else None,
-            alias=registered.get("alias") if versions else None,
-            tracking_uri=registered.get("tracking_uri"),
-            mlflow_run_id=registered.get("run_id"),
+            alias=registered.alias if registered and versions else None,
+            tracking_uri=registered.tracking_uri if registered else None,
+            mlflow_run_id=registered.mlflow_run_id if registered else None,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -151,7 +155,6 @@ class RunResult:
 
 def _manifest(run_dir: Path) -> dict[str, Any]:
     """The run's manifest.json, or {} where it cannot be read (a run that failed while writing it)."""
-    from optimize.runs import MANIFEST, json_object
 
     return json_object(Path(run_dir) / MANIFEST) or {}
 
@@ -193,7 +196,6 @@ def error_json(
     a missing runtime (4, none either), a failed stage (3), an unreachable or refusing registry (5, 7; the gates
     ran, so `verdict` and `variants` are there), an interrupt (130). `run_dir` and what the run directory holds
     are filled where the run got one (the pipeline puts it on the error as `run_dir`)."""
-    from optimize.runs import describe
 
     out = {
         **_run_json_skeleton(),
@@ -224,8 +226,6 @@ def error_json(
 
 def required_targets(values: Iterable[str] | None, what: str) -> tuple[str, ...]:
     """Targets a run must have (`what` names the option in the error), each a known one (RecipeError, exit 2)."""
-    from optimize.errors import RecipeError
-    from optimize.recipe import TARGETS
 
     out = tuple(values or ())
     for t in out:
@@ -236,7 +236,6 @@ def required_targets(values: Iterable[str] | None, what: str) -> tuple[str, ...]
 
 def execute(recipe: str | Path, options: RunOptions) -> RunResult:
     """Run `recipe` with the pipeline's options and return its RunResult (the CLI's `optimize run` and `run`)."""
-    from optimize.pipeline import run as run_pipeline
 
     done = run_pipeline(recipe, options)
     return RunResult.of(done.run_dir, done.status, done.exit_code, done.registered)
@@ -266,8 +265,6 @@ def run(
     stage's log (`logs/<stage>.log`) by replacing sys.stdout and sys.stderr for that stage only, and output of
     native code is not captured (the CLI, which owns its process, redirects fds 1 and 2 instead). Logging
     configuration is not changed."""
-    from optimize.console import console_to
-    from optimize.pipeline import RunOptions
 
     options = RunOptions(
         runs_dir=Path(runs_dir),

@@ -7,21 +7,25 @@ process per artifact, so one model's allocations never count against another's."
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from optimize.child import run_python
 from optimize.errors import RecipeError, StageError
 from optimize.files import write_npz
+from optimize.gpu import ProcessGpuMemory, gpus
+from optimize.lazy import lazy
 from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import GPU_TARGETS, shape_key
+from optimize.runtimes import open_runner, runtime_libraries
 from optimize.runtimes.base import DeviceRunner, TensorSpec
+from optimize.runtimes.torch import TorchArtifact, TorchCudaRunner
+from optimize.stage import Context, Done, Stage, Unit
+
+torch = lazy("torch")
+np = lazy("numpy")
 
 # Input sets a shape is timed with (one per sample batch, rotated per iteration): enough that caches
 # do not see the same bytes every iteration, few enough to stay small in memory.
@@ -177,8 +181,6 @@ def time_interleaved(
 
 
 def _timing_event() -> Any:
-    import torch
-
     return torch.cuda.Event(enable_timing=True)
 
 
@@ -386,10 +388,6 @@ def nvml_index(cuda_device: int) -> int:
     """The NVML index (nvidia-smi's order) of CUDA device `cuda_device`, matched by UUID; where the UUIDs
     cannot be read, the CUDA index itself (the same when CUDA_VISIBLE_DEVICES is unset and the order is
     the PCI bus order). A wrong guess reads no number: the process is then not listed on that GPU."""
-    import torch
-
-    from optimize.gpu import gpus
-
     try:
         uuid = str(torch.cuda.get_device_properties(cuda_device).uuid).lower().removeprefix("gpu-")
     except Exception:  # an older torch without `uuid`
@@ -420,23 +418,14 @@ def measure_memory(
     with tempfile.TemporaryDirectory(prefix="optimize-mem-") as tmp:
         feeds_path = Path(tmp) / "feeds.npz"
         write_npz(feeds_path, feeds)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         args = [target, str(model_path), str(feeds_path), str(threads or 0), "gpu" if gpu else "host"]
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-c", _PROBE, *args],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=PROBE_TIMEOUT_S,
-            )
-        except subprocess.TimeoutExpired:
-            raise StageError(
-                f"benchmark: memory probe for {model_path.name} on {target} took over {PROBE_TIMEOUT_S} s"
-            ) from None
+        proc = run_python(
+            ["-c", _PROBE, *args],
+            timeout_s=PROBE_TIMEOUT_S,
+            on_timeout=f"benchmark: memory probe for {model_path.name} on {target} took over {PROBE_TIMEOUT_S} s",
+        )
     if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise StageError(f"benchmark: memory probe for {model_path.name} on {target} failed: {tail}")
+        raise StageError(f"benchmark: memory probe for {model_path.name} on {target} failed: {proc.tail}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -444,8 +433,6 @@ TORCH_CPU_MEMORY_NOTE = "not measured: torch-cpu runs in the pipeline's own proc
 
 
 def _measure_torch_memory(target: str, artifact: Any, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    from optimize.runtimes.torch import TorchArtifact, TorchCudaRunner
-
     if not isinstance(artifact, TorchArtifact):
         raise StageError(f"benchmark: target {target} measures a TorchArtifact, not {type(artifact).__name__}")
     if target == "torch-cpu":
@@ -463,10 +450,6 @@ def measure_torch_cuda_memory(runner: Any, feeds: dict[str, np.ndarray]) -> dict
     else alive). `gpu_process_peak_mb` is NVML's reading for the whole process (CUDA context included),
     None with `gpu_memory_note` saying why where NVML has none. Plus the runner's `device_memory()`.
     """
-    import torch
-
-    from optimize.gpu import ProcessGpuMemory
-
     device = runner.device
     torch.cuda.synchronize(device)
     before = torch.cuda.memory_allocated(device)
@@ -487,3 +470,118 @@ def measure_torch_cuda_memory(runner: Any, feeds: dict[str, np.ndarray]) -> dict
         "gpu_memory_note": "; ".join(notes),
         **runner.device_memory(),
     }
+
+
+# --- the benchmark stage ---------------------------------------------------------------------------------
+
+
+def _units(ctx: Context) -> list[Unit]:
+    return [_unit(ctx, target) for target in ctx.ran]
+
+
+def _unit(ctx: Context, target: str) -> Unit:
+    """Latency and throughput of every variant a target runs, interleaved, then their peak memory; rerun with
+    `optimize run --rebench` (the entry is made anew)."""
+    b = ctx.recipe.benchmark
+
+    def run(folder: Path) -> dict[str, Any]:
+        eval_ds = ctx.datasets[ctx.eval_name]
+        timed: dict[str, dict[str, np.ndarray]] = {}
+        # input sets rotated, so no single one is cached into flattering numbers
+        measured = benchmark_target(
+            target, ctx.artifacts[target], b, eval_ds.batches[:4], eval_ds.batches[0], timed, ctx.progress.bar()
+        )
+        write_npz(
+            folder / "latency.npz",
+            {f"{n}/{shape}": ms for n, by_shape in timed.items() for shape, ms in by_shape.items()},
+        )
+        return measured
+
+    def use(done: Done) -> None:
+        with np.load(done.path("latency.npz")) as z:
+            ctx.distributions.update({f"latency_ms/{target}/{k}": z[k] for k in z.files})
+        for name in ctx.artifacts[target]:
+            ctx.results[name][target]["shapes"] = done.record["shapes"][name]
+            ctx.results[name][target]["memory"] = done.record["memory"][name]
+
+    names = ctx.runs_on(target)
+    return Unit(
+        "benchmark",
+        target,
+        inputs=ctx.inputs(*(ctx.artifact_source(target, n) for n in names), f"data.{ctx.eval_name}"),
+        config={
+            "benchmark": b.model_dump(mode="json"),
+            "target": target,
+            "variants": {n: ctx.precision_of(n) for n in names},
+        },
+        libraries=runtime_libraries(target),
+        code=("bench",),
+        run=run,
+        use=use,
+        device=ctx.machine_identity(target),
+        refresh=ctx.rebench,
+    )
+
+
+def benchmark_target(
+    target: str,
+    artifacts: dict[str, Any],
+    b: Any,
+    samples: list[Any],
+    first_batch: Any,
+    series: dict[str, Any],
+    progress: Progress = NO_PROGRESS,
+) -> dict[str, Any]:
+    """Latency and throughput per shape (every variant interleaved on one target), then peak memory; every
+    timed iteration's latency goes into `series` ({variant: {shape key: ms}}). `progress` (a bar) counts the
+    runs of each shape, then the memory probes."""
+    runners = {name: open_runner(target, a, b.threads) for name, a in artifacts.items()}
+    try:
+        inputs = runners["fp32"].inputs
+        per_shape = run_shapes(runners, b, samples, baseline="fp32", series=series, progress=progress)
+        largest = max(b.shapes, key=lambda s: int(np.prod(list(s.values()))))
+        feeds = make_feeds(inputs, largest, first_batch, "benchmark.shapes")
+        if target == "torch-cuda":
+            cuda_memory = {n: measure_torch_cuda_memory(r, feeds) for n, r in runners.items()}
+    finally:
+        for r in runners.values():
+            r.close()
+    memory = {}
+    progress.start(len(artifacts), f"peak memory on {target}")
+    for name, artifact in artifacts.items():
+        if target == "torch-cuda":
+            mem = cuda_memory[name]
+        elif target == "torch-cpu":
+            mem = {"note": "not measured: torch-cpu runs in the pipeline's own process"}
+        else:
+            mem = measure_memory(target, artifact, feeds, b.threads)
+        memory[name] = {**mem, "shape": shape_key(largest)}
+        progress.advance()
+    return {"shapes": per_shape, "memory": memory}
+
+
+def _finish(ctx: Context, done: list[tuple[Unit, Done]], rec: dict[str, Any]) -> None:
+    """Warn of noisy timings and of what a measurement found amiss; the stage's line: speed-ups."""
+    results, b = ctx.results, ctx.recipe.benchmark
+    shapes = [(n, t, k, s) for n in results for t in ctx.ran for k, s in results[n][t].get("shapes", {}).items()]
+    noisy = [f"{n}@{t}:{k}" for n, t, k, s in shapes if s["cv_warning"]]
+    if noisy:
+        ctx.say.warn(f"latency CV above {b.cv_warn:.0%} for {', '.join(noisy)}; the machine is noisy")
+    for n, t, k, s in shapes:
+        for w in s.get("warnings", []):
+            ctx.say.warn(f"{n}@{t}:{k}: {w}")
+    rec["detail"] = "; ".join(
+        f"{n} p50 speed-up {min(s['p50_speedup'] for s in results[n][t]['shapes'].values()):.2f}× on {t}"
+        for n in ctx.paths
+        if n != "fp32"
+        for t in ctx.ran
+        if "shapes" in results[n][t]
+    )
+
+
+def _title(ctx: Context) -> str:
+    b = ctx.recipe.benchmark
+    return f"{len(b.shapes)} shape(s) × {len(ctx.variant_names())} models, {b.iterations} iterations"
+
+
+STAGE = Stage("benchmark", _title, _finish, units=_units)

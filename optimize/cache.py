@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from optimize.errors import RecipeError, StageError, no_space
-from optimize.files import file_lock, fsync_path, write_json
+from optimize.files import file_lock, fsync_path, write_json, write_text
 
 # Bump when the key description or the entry layout changes: every older entry becomes a miss.
-FORMAT = 1
+# 2: the description holds the sha256 of each source file of the unit's code (`code`), the entry its unit.
+FORMAT = 2
 
 STAGES_DIR = "stages"
 ENTRY_FILE = "entry.json"
@@ -65,14 +66,21 @@ def canonical_json(obj: Any) -> str:
 
 
 def key_description(
-    stage: str, *, inputs: dict[str, str], config: Any, versions: dict[str, str], device: str | None = None
+    stage: str,
+    *,
+    inputs: dict[str, str],
+    config: Any,
+    versions: dict[str, str],
+    device: str | None = None,
+    code: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """What a stage key is the hash of, as plain JSON (stored as key.json beside the entry).
 
     `inputs` maps each input's name to the sha256 of its content; `config` is the stage's settings (pass
     plain JSON, e.g. a pydantic model's `model_dump(mode="json")`: other objects count by their str(),
     and a str() that differs between runs only costs misses); `versions` maps library names to version
-    strings; `device` is where the output depends on it (a GPU architecture), else None."""
+    strings; `device` is where the output depends on it (a GPU architecture), else None; `code` maps each
+    source file of optimize that makes the output to its sha256 (optimize.stage.code_digests)."""
     description = {
         "format": FORMAT,
         "stage": stage,
@@ -80,6 +88,7 @@ def key_description(
         "config": config,
         "versions": versions,
         "device": device,
+        "code": code or {},
     }
     # The round trip makes what is stored equal to what is hashed (tuples become lists, objects strings).
     return json.loads(canonical_json(description))
@@ -206,6 +215,7 @@ class StageCache:
         if max_bytes is None and os.environ.get(MAX_BYTES_ENV):
             max_bytes = parse_size(os.environ[MAX_BYTES_ENV], what=MAX_BYTES_ENV)
         self.max_bytes = max_bytes
+        self._digests: dict[str, Any] | None = None  # remembered_sha256's memo, read on first use
 
     # --- one entry
 
@@ -339,6 +349,55 @@ class StageCache:
         entry = _verified(final, stage, key, check_content=False)
         assert entry is not None
         return entry
+
+    def peek(self, stage: str, key: str) -> dict[str, Any] | None:
+        """The entry.json of (stage, key) if the entry is there, read without verifying its files or marking it
+        used: what `optimize plan` asks (a run's lookup still verifies, and a corrupt entry is a miss then)."""
+        try:
+            data = json.loads((self.entry_dir(stage, key) / ENTRY_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and data.get("key") == key else None
+
+    def mark_latest(self, stage: str, label: str, key: str) -> None:
+        """Remember `key` as the newest entry made or used for `label` (a recipe's unit): what `latest` reads."""
+        write_text(self._latest_path(stage, label), key)
+
+    def latest(self, stage: str, label: str) -> dict[str, Any] | None:
+        """The entry.json of the newest entry of a stage for `label` (see `mark_latest`) while it exists: what
+        that unit's last run was made of and how long it took."""
+        try:
+            key = self._latest_path(stage, label).read_text().strip()
+        except OSError:
+            return None
+        return self.peek(stage, key) if _KEY_RE.fullmatch(key) else None
+
+    def _latest_path(self, stage: str, label: str) -> Path:
+        _check(stage, "0" * 64)
+        return self.stages / stage / ".latest" / hashlib.sha256(label.encode()).hexdigest()
+
+    def remembered_sha256(self, path: Path) -> str:
+        """sha256 of a file, remembered by its path, size, mtime and inode in <root>/digests.json (as git's
+        index does): for `optimize plan`, which must not read a model's gigabytes each time. A run hashes the
+        bytes."""
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        memo_path = self.root / "digests.json"
+        if self._digests is None:
+            try:
+                self._digests = json.loads(memo_path.read_text())
+            except (OSError, ValueError):
+                self._digests = {}
+        known = self._digests.get(str(path))
+        if isinstance(known, list) and known[:3] == stamp:
+            return str(known[3])
+        digest = _sha256(path)
+        self._digests[str(path)] = [*stamp, digest]
+        try:
+            write_json(memo_path, self._digests)
+        except OSError:
+            pass  # a read-only cache: hashed again next time
+        return digest
 
     # --- every entry
 

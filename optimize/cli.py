@@ -1,5 +1,6 @@
-"""The `optimize` command line. Thin: parse, call, render. Heavy libraries (torch, onnxruntime, mlflow)
-are imported only inside the commands that need them, so `--help` and `validate` stay fast."""
+"""The `optimize` command line. Thin: parse, call, render. Heavy libraries (torch, onnxruntime, mlflow, numpy)
+are named through optimize.lazy and imported only when a command uses them, so `--help`, `validate` and `plan`
+stay fast."""
 
 from __future__ import annotations
 
@@ -13,8 +14,26 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from optimize import __version__
-from optimize.errors import OptimizeError
+from optimize import __version__, api, preflight
+from optimize import plan as plan_mod
+from optimize.api import error_json, required_targets, status_of
+from optimize.cache import StageCache, cache_root, format_size, parse_age, parse_size
+from optimize.console import console, stdout_console
+from optimize.doctor import diagnose
+from optimize.doctor import render as render_diagnosis
+from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
+from optimize.files import append_text, display_path, write_bytes, write_text
+from optimize.pipeline import RunOptions
+from optimize.recipe import json_schema, load_recipe
+from optimize.registry import register_run, resolve_tracking_uri, retry_command
+from optimize.registry.promotion import canary_manifest as manifest
+from optimize.registry.promotion import promote as do_promote
+from optimize.registry.promotion import rollback as do_rollback
+from optimize.registry.smoke import smoke as do_smoke
+from optimize.reporting import ci, html
+from optimize.reporting import compare as cmp
+from optimize.reporting.runs import list_runs
+from optimize.reporting.runs import render as render_runs
 
 if TYPE_CHECKING:
     from optimize.api import RunResult
@@ -135,16 +154,16 @@ def run(
 ) -> None:
     """Build, measure and gate every variant of RECIPE; register those that pass. Progress goes to stderr; the
     outcome (failed and skipped gates, the verdict, the report, what was registered) to stdout."""
-    from optimize import api
 
     if as_json:
         _state["json_error"] = lambda e, code, line: api.error_json(recipe, e, code, line)
     required = _required_targets(require_target)
-    from optimize.pipeline import RunOptions
 
     options = RunOptions(runs_dir, tracking_uri, required, register, quiet, cache=cache, rebench=rebench)
     try:
         with _stdout_to_stderr(as_json):
+            if cache and not quiet:
+                _plan_summary(recipe, required, rebench)
             result = api.execute(recipe, options)
     except Exception as e:
         _ci_error_files(junit, summary, recipe, e)
@@ -158,13 +177,20 @@ def run(
     raise typer.Exit(result.exit_code)
 
 
+def _plan_summary(recipe: Path, required: tuple[str, ...], rebench: bool) -> None:
+    """The plan's summary before a run: what is cached, what will be made and why. A recipe, data or target
+    the plan cannot take is left to the run, whose checks go further and whose error it reports."""
+    try:
+        made = plan_mod.make(recipe, required, rebench=rebench)
+    except OptimizeError:
+        return
+    plan_mod.summarise(made, console())
+
+
 def _print_run(result: RunResult) -> None:
     """`optimize run`'s outcome on stdout: gates that failed or were skipped, the verdict and the report, what was
     registered and where the alias points."""
     from rich.markup import escape
-
-    from optimize.console import stdout_console
-    from optimize.files import display_path
 
     con = stdout_console()
     colour = "green" if result.passed else "red"
@@ -189,8 +215,6 @@ def _print_run(result: RunResult) -> None:
             soft_wrap=True,
         )
         if result.mlflow_run_id is None:
-            from optimize.registry import retry_command
-
             recipe_uri = (
                 json.loads((result.run_dir / "recipe.json").read_text()).get("registry", {}).get("tracking_uri")
             )
@@ -240,9 +264,6 @@ def validate(
     """Check recipes and the files they name without running them: model and data files, npz keys, dtypes and
     shapes against the model's inputs (an ONNX source's read from the file), tokenizer folders (no torch, ONNX
     Runtime or MLflow import). `optimize run` makes the same checks before its first stage."""
-    from optimize import preflight
-    from optimize.errors import RecipeError
-    from optimize.recipe import load_recipe
 
     failed = 0
     described = []
@@ -279,9 +300,40 @@ def validate(
 
 
 @app.command()
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    require_target: Annotated[
+        list[str] | None,
+        typer.Option("--require-target", metavar="TARGET", help="As `optimize run --require-target`."),
+    ] = None,
+    rebench: Annotated[
+        bool, typer.Option("--rebench", help="As `optimize run --rebench`: benchmarks count as misses.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print one JSON object: recipe, targets, units (stage, unit, status, key, why, last_s), hits, "
+            "to_make, estimate_s.",
+        ),
+    ] = False,
+) -> None:
+    """What `optimize run RECIPE` would make and what it would take from the stage cache: every unit of cached
+    work (export, precision per variant, engine per variant, evaluate per variant and target, benchmark per
+    target) with its cache key, hit or miss, why it misses (the input, config field, library version, device or
+    code that changed since that unit last ran) and its time then. Builds nothing; imports no torch, ONNX
+    Runtime or MLflow. Status: hit, miss, after (waits for a miss upstream), unknown (an entry point's model or
+    data is identified by running it)."""
+    made = plan_mod.make(recipe, _required_targets(require_target), rebench=rebench)
+    if as_json:
+        typer.echo(json.dumps(made.as_json(), indent=2))
+    else:
+        plan_mod.render(made, stdout_console())
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON schema of the recipe format (with every field's description)."""
-    from optimize.recipe import json_schema
 
     typer.echo(json.dumps(json_schema(), indent=2))
 
@@ -302,14 +354,11 @@ def doctor(
     """Report what this machine can run: GPUs and driver, torch, TensorRT, ONNX Runtime, ModelOpt, MLflow,
     and whether each recipe target is available (and why not)."""
     required = _required_targets(require_target)
-    from optimize.doctor import diagnose, render
 
     report = diagnose()
-    typer.echo(json.dumps(report, indent=2) if as_json else render(report), nl=as_json)
+    typer.echo(json.dumps(report, indent=2) if as_json else render_diagnosis(report), nl=as_json)
     missing = [(t, report["targets"][t]["reason"]) for t in required if report["targets"][t]["reason"]]
     if missing:
-        from optimize.errors import RuntimeMissingError
-
         raise RuntimeMissingError("; ".join(f"required target {t} is not available: {reason}" for t, reason in missing))
 
 
@@ -321,7 +370,6 @@ _TRACKING = typer.Option(
 
 
 def _tracking(uri: str | None) -> str:
-    from optimize.registry import resolve_tracking_uri
 
     return resolve_tracking_uri(uri, None)
 
@@ -341,16 +389,13 @@ def register(
     """Register a finished run: one whose registration failed (registry down), or one that `optimize run`
     found registered already (same model bytes, same checks), as new versions. Never a second version for the
     same run, never an empty registered model."""
-    from optimize.registry import register_run
 
     reg = register_run(run_dir, tracking_uri)
-    for variant, version in reg["versions"].items():
-        typer.echo(
-            f"registered {reg['model_name']} version {version} ({variant}) → models:/{reg['model_name']}/{version}"
-        )
-    if reg.get("already"):
-        typer.echo(f"already registered: {', '.join(f'{v} v{n}' for v, n in reg['already'].items())}")
-    if not reg["versions"] and not reg.get("already"):
+    for variant, version in reg.versions.items():
+        typer.echo(f"registered {reg.model_name} version {version} ({variant}) → models:/{reg.model_name}/{version}")
+    if reg.already:
+        typer.echo(f"already registered: {', '.join(f'{v} v{n}' for v, n in reg.already.items())}")
+    if not reg.versions and not reg.already:
         typer.echo("run logged; nothing passed, nothing registered")
 
 
@@ -378,7 +423,6 @@ def promote(
         _state["json_error"] = _json_outcome("promote", model=model, alias=to, uri=f"models:/{model}@{to}")
     if (version is None) == (from_alias is None):
         raise _usage("promote: give exactly one of --version N and --from ALIAS")
-    from optimize.promotion import promote as do_promote
 
     done = do_promote(model, to, version=version, from_alias=from_alias, tracking_uri=_tracking(tracking_uri))
     if as_json:
@@ -405,7 +449,6 @@ def rollback(
     """Move ALIAS back to the version it pointed to before its last promotion (verified the same way)."""
     if as_json:
         _state["json_error"] = _json_outcome("rollback", model=model, alias=alias, uri=f"models:/{model}@{alias}")
-    from optimize.promotion import rollback as do_rollback
 
     done = do_rollback(model, alias, tracking_uri=_tracking(tracking_uri))
     if as_json:
@@ -443,7 +486,6 @@ def smoke(
     within the recorded tolerance and its latency with the recipe's budget; non-zero exit with the reason."""
     if as_json:
         _state["json_error"] = _json_outcome("smoke", "passed", uri=uri, target=target)
-    from optimize.smoke import smoke as do_smoke
 
     result = do_smoke(uri, tracking_uri=_tracking(tracking_uri), target=target)
     if as_json:
@@ -464,7 +506,6 @@ def canary_manifest(
 ) -> None:
     """Print, as JSON, what a deployment step needs: model URI, version, sha256, runtime, target, GPU
     architecture, recipe and gates of the version ALIAS points to."""
-    from optimize.promotion import canary_manifest as manifest
 
     typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
 
@@ -476,10 +517,8 @@ def report(
     """(Re)write RUN_DIR/report.html (one self-contained page: verdict, gates, plots, lineage) and its plots as
     RUN_DIR/plots/*.png, from the run's metrics.json, verdict.json, manifest.json and distributions.npz (when
     the run has one); print the report's path. Works for older runs too."""
-    from optimize import report_html
-    from optimize.files import display_path
 
-    typer.echo(display_path(report_html.write(run_dir)))
+    typer.echo(display_path(html.write(run_dir)))
 
 
 @app.command()
@@ -530,9 +569,6 @@ def compare(
         raise _usage("compare: give either RUN_B or --vs models:/NAME@ALIAS")
     from contextlib import ExitStack
 
-    from optimize import compare as cmp
-    from optimize.files import display_path, write_text
-
     with ExitStack() as stack:
         if run_b is not None:
             before, after = cmp.load_run(run_a), cmp.load_run(run_b)
@@ -569,13 +605,12 @@ def runs(
     """List the runs in DIR (runs/<recipe>/<run-id>), newest first: recipe, run id, status (running,
     measured, done, failed; incomplete without a readable manifest), verdict, per variant its p50 speed-up
     (worst shape) and cosine min on the first target that ran, and where its report is."""
-    from optimize.runs import list_runs, render
 
     lines = list_runs(runs_dir)
     if as_json:
         typer.echo(json.dumps([r.as_json() for r in lines], indent=2))
     elif lines:
-        render(lines)
+        render_runs(lines)
     else:
         typer.echo(f"no runs in {runs_dir}")
 
@@ -602,7 +637,6 @@ def cache_ls(
 ) -> None:
     """List the cache entries (stage, key, size, created, last used, device and library versions), then the
     total size and the cache root. Listing reads entry.json only; files are verified when a run looks them up."""
-    from optimize.cache import StageCache, cache_root, format_size
 
     root = cache_root()
     infos = sorted(StageCache(root).entries(), key=lambda i: (i.stage, -i.last_used))
@@ -645,7 +679,6 @@ def cache_prune(
     process holds are kept; temporary folders left by killed runs are removed too."""
     if older_than is None and max_size is None:
         raise _usage("cache prune: give --older-than AGE, --max-size SIZE or both")
-    from optimize.cache import StageCache, cache_root, format_size, parse_age, parse_size
 
     age_s = parse_age(older_than, what="--older-than") if older_than is not None else None
     size_bytes = parse_size(max_size, what="--max-size") if max_size is not None else None
@@ -661,14 +694,12 @@ def cache_prune(
 def cache_clear() -> None:
     """Remove every stage cache entry (except those a running process holds) and the temporary folders left by
     killed runs. The TensorRT timing caches are kept."""
-    from optimize.cache import StageCache, cache_root
 
     typer.echo(_prune_summary(StageCache(cache_root()).clear()))
 
 
 def _prune_summary(result: PruneResult) -> str:
     """One line: what prune or clear removed and freed, and what it kept because it is in use."""
-    from optimize.cache import format_size
 
     n = len(result.removed)
     line = f"removed {n} entr{'y' if n == 1 else 'ies'}"
@@ -689,7 +720,6 @@ def _local_time(epoch_s: float) -> str:
 def _ci_files(junit: Path | None, summary: Path | None, run_dir: Path) -> None:
     """`--junit` and `--summary` after a run that reached its gates: the run directory's junit.xml and
     summary.md, which the pipeline wrote last."""
-    from optimize.files import append_text, write_bytes
 
     if junit:
         write_bytes(junit, (run_dir / "junit.xml").read_bytes())
@@ -701,25 +731,21 @@ def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, erro
     """`--junit` and `--summary` for a run that stopped before its gates (the error is re-raised after)."""
     if not (junit or summary):
         return
-    from optimize import results
-    from optimize.files import append_text, write_text
 
     code = error.exit_code if isinstance(error, OptimizeError) else 3
     if junit:
-        write_text(junit, results.junit_error_xml(str(recipe), error, code))
+        write_text(junit, ci.junit_error_xml(str(recipe), error, code))
     if summary:
-        append_text(summary, results.summary_error_markdown(str(recipe), error, code))
+        append_text(summary, ci.summary_error_markdown(str(recipe), error, code))
 
 
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:
     """`--require-target` values, each a known target (exit 2 otherwise)."""
-    from optimize.api import required_targets
 
     return required_targets(values, "--require-target")
 
 
 def _usage(msg: str) -> OptimizeError:
-    from optimize.errors import RecipeError
 
     return RecipeError(msg)
 
@@ -790,8 +816,6 @@ def _usage_error_json() -> Callable[[BaseException | None, int, str], dict] | No
     if command not in _JSON_COMMANDS or "--json" not in args:
         return None
     if command == "run":
-        from optimize.api import error_json
-
         return lambda e, code, line: error_json(None, e, code, line)
     return _json_outcome(command)
 
@@ -799,7 +823,6 @@ def _usage_error_json() -> Callable[[BaseException | None, int, str], dict] | No
 def _json_outcome(command: str, ok: str = "ok", **context: Any) -> Callable[[BaseException | None, int, str], dict]:
     """The JSON object of a failed --json command (other than run): the command, what it was given (`context`),
     status, exit_code and error."""
-    from optimize.api import status_of
 
     return lambda _e, code, line: {
         "command": command,

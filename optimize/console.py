@@ -220,3 +220,24 @@ class Progress:
         if not self.quiet:
             detail = record.get("detail")
             con.print(f"[green]✓[/] {name:<10} {record['seconds']:>7.1f} s  {escape(str(detail or what))}")
+
+
+class Say:
+    """The run's messages beside its stage lines, on stderr: `warn` (something the user should act on or
+    know when reading the numbers; shown under --quiet too) and `note` (what the run decided for them;
+    hidden under --quiet)."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def warn(self, text: str) -> None:
+        console().print(f"[yellow]warning[/]: {escape(text)}", highlight=False)
+
+    def note(self, text: str) -> None:
+        if not self.quiet:
+            console().print(f"  note: {escape(text)}", highlight=False)
+
+    def line(self, text: str) -> None:
+        """A progress line of a stage (a fallback trial, an engine being built); hidden under --quiet."""
+        if not self.quiet:
+            console().print(f"  {escape(text)}", highlight=False)

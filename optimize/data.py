@@ -10,8 +10,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize import models
 from optimize.errors import RecipeError, first_line
 from optimize.files import sha256_file
@@ -27,9 +25,11 @@ from optimize.preflight import (
 )
 from optimize.recipe import EntryPointDataset, ImageFolderDataset, NpzDataset, TextDataset
 
+np = lazy("numpy")
+
 Image = lazy("PIL.Image")  # image folders only
 
-Feeds = list[dict[str, np.ndarray]]
+Feeds = list[dict[str, "np.ndarray"]]  # a string: naming the alias imports no numpy
 
 
 @dataclass(frozen=True)

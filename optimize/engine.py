@@ -17,23 +17,27 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import hashlib
-import importlib
 import json
 import os
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from optimize.child import run_python
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError, StageError, first_line
-from optimize.files import file_lock, sha256_file, write_bytes, write_json, write_text
-from optimize.onnx_files import onnx_sha256
+from optimize.files import file_lock, write_bytes, write_json, write_text
+from optimize.files import sha256_file as sha256_file  # tests check plans with it
+from optimize.onnx_files import onnx_sha256, onnx_size_bytes
 from optimize.progress import NO_PROGRESS, Progress
 from optimize.runtimes.base import TensorSpec
+from optimize.runtimes.tensorrt import Device, current_device, device_memory_bytes, make_logger, tensorrt
+from optimize.runtimes.tensorrt import check_compatible as check_compatible  # re-exported: part of the stage's API
+from optimize.runtimes.tensorrt import read_sidecar as read_sidecar
+from optimize.stage import Context, Done, Stage, Unit, restore, store
 
 # Variant precision → the layer precisions that count as carrying it.
 ASKED = {"fp32": {"fp32"}, "fp16": {"fp16", "bf16"}, "int8": {"int8", "fp8", "int4"}}
@@ -62,43 +66,9 @@ _COMPUTE = ("conv", "gemm", "matrixmultiply", "matmul", "fullyconnected")
 _OPAQUE = ("myelin", "foreignnode", "foreign")
 
 
-def tensorrt() -> Any:
-    """The `tensorrt` module, or RuntimeMissingError (exit 4) with how to get it."""
-    try:
-        return importlib.import_module("tensorrt")
-    except ImportError as e:
-        raise RuntimeMissingError(
-            f"TensorRT is not installed ({first_line(e)}); on a GPU runner: pip install 'optimize[gpu]' "
-            "in NVIDIA's TensorRT container"
-        ) from None
-
-
 def tensorrt_version() -> str:
     """The version of the TensorRT module this process imports (what built engines are tied to)."""
     return str(tensorrt().__version__)
-
-
-@dataclass(frozen=True)
-class Device:
-    """The GPU an engine is built for or loaded on."""
-
-    name: str
-    compute_capability: str
-    driver: str
-    cuda: str
-
-    @property
-    def sm(self) -> str:
-        """The compute capability without its dot (`90` for 9.0), as engine and cache names carry it."""
-        return self.compute_capability.replace(".", "")
-
-
-def current_device() -> Device:
-    """GPU 0 of this machine (exit 4 when there is none)."""
-    from optimize.gpu import gpu
-
-    info = gpu(0)
-    return Device(info.name, info.compute_capability, info.driver, info.cuda_driver)
 
 
 # --- profiles, names and keys ---------------------------------------------------------------------
@@ -209,20 +179,6 @@ def parser_errors(parser: Any) -> list[str]:
             where = f"node {err.node()}: " if err.node() >= 0 else ""
         lines.append(f"{where}{err.desc()}")
     return lines
-
-
-def make_logger(trt: Any, lines: list[str]) -> Any:
-    """A TensorRT logger that keeps every message (warnings and up) for the build log and error messages."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-
-        def log(self, severity: Any, msg: str) -> None:
-            name = getattr(severity, "name", str(severity))
-            lines.append(f"[{name}] {msg}")
-
-    return _Logger()
 
 
 def make_progress_monitor(trt: Any, emit: Callable[[dict[str, Any]], None]) -> Any:
@@ -372,16 +328,6 @@ def build_failure(lines: list[str]) -> str:
             "or engine.workspace_gb is too small; raise it or free the GPU)"
         )
     return reason
-
-
-def device_memory_bytes(engine: Any) -> int | None:
-    """Activation memory the engine needs on the device (the v2 property where the version has it)."""
-    for attr in ("device_memory_size_v2", "device_memory_size"):
-        try:
-            return int(getattr(engine, attr))
-        except AttributeError:
-            continue
-    return None
 
 
 # --- timing cache ----------------------------------------------------------------------------------
@@ -539,34 +485,6 @@ def check_precision(
 # --- loading: identity checks ------------------------------------------------------------------------
 
 
-def read_sidecar(plan_path: Path) -> dict[str, Any]:
-    """The JSON sidecar beside a plan (exit 2 when it is missing: an engine without identity is not loaded)."""
-    side = Path(plan_path).with_suffix(".json")
-    try:
-        return json.loads(side.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{plan_path}: no sidecar {side.name}; engines are loaded with their identity") from None
-    except ValueError as e:
-        raise RecipeError(f"{side}: not valid JSON ({e})") from None
-
-
-def check_compatible(sidecar: dict[str, Any], device: Device, trt_version: str, plan_path: Path) -> None:
-    """Refuse (exit 4) an engine built for another GPU architecture or TensorRT version, and (exit 3) a plan
-    whose bytes are not the ones the sidecar describes."""
-    built_for = (
-        f"sm{str(sidecar.get('compute_capability', '?')).replace('.', '')} with TensorRT {sidecar.get('tensorrt')}"
-    )
-    here = f"sm{device.sm} ({device.name}) with TensorRT {trt_version}"
-    if sidecar.get("compute_capability") != device.compute_capability or sidecar.get("tensorrt") != trt_version:
-        raise RuntimeMissingError(
-            f"{Path(plan_path).name}: built for {built_for}, this machine is {here}; engines only run on the "
-            "GPU architecture and TensorRT version that built them: rebuild it here"
-        )
-    digest = sha256_file(Path(plan_path))
-    if digest != sidecar.get("plan_sha256"):
-        raise StageError(f"{Path(plan_path).name}: sha256 {digest[:12]}… does not match its sidecar; rebuild it")
-
-
 # --- the stage, in the parent process ----------------------------------------------------------------
 
 
@@ -606,18 +524,6 @@ class BuildPhases:
             self.progress.advance(phase["done"])
 
 
-def _relay_phases(fd: int, phases: BuildPhases) -> None:
-    """Read the child's JSON lines from `fd` until every writer has closed it, handing each event to `phases`."""
-    with os.fdopen(fd, encoding="utf-8", errors="replace") as pipe:
-        for line in pipe:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                phases.event(event)
-
-
 def build_in_child(request: BuildRequest, timeout_s: float, progress: Progress = NO_PROGRESS) -> dict[str, Any]:
     """Run `build_engine` in a child process; map its outcome back to our exit codes. TensorRT's build
     phases come back on a pipe and move `progress` (see `BuildPhases`)."""
@@ -625,43 +531,21 @@ def build_in_child(request: BuildRequest, timeout_s: float, progress: Progress =
     result_path = args_path.with_suffix(".result.json")
     write_json(args_path, request.__dict__)
     result_path.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    read_fd, write_fd = os.pipe()
     try:
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "optimize.engine", "build", str(args_path), str(result_path), str(write_fd)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=env,
-                pass_fds=(write_fd,),
-            )
-        except BaseException:
-            os.close(read_fd)
-            raise
-        finally:
-            os.close(write_fd)  # the child holds its own copy: the pipe closes when the child ends
-        phases = BuildPhases(progress, request.variant)
-        relay = threading.Thread(target=_relay_phases, args=(read_fd, phases), daemon=True)
-        relay.start()
-        try:
-            _, stderr = proc.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()  # not communicate(): a grandchild may hold the pipes open
-            raise StageError(
-                f"engine {request.variant}: the build took over {timeout_s:g} s (engine.build_timeout_s); narrow "
-                "engine.profile or lower engine.optimization_level"
-            ) from None
-        relay.join(timeout=10)
+        proc = run_python(
+            ["-m", "optimize.engine", "build", str(args_path), str(result_path)],
+            timeout_s=timeout_s,
+            on_timeout=f"engine {request.variant}: the build took over {timeout_s:g} s (engine.build_timeout_s); "
+            "narrow engine.profile or lower engine.optimization_level",
+            log_path=Path(request.log_path),
+            progress=BuildPhases(progress, request.variant).event,
+        )
     finally:
         args_path.unlink(missing_ok=True)
     try:
         outcome = json.loads(result_path.read_text())
     except (OSError, ValueError):
-        tail = (stderr.strip().splitlines() or ["no output"])[-1]
-        raise StageError(f"engine {request.variant}: the build process died (exit {proc.returncode}): {tail}") from None
+        raise proc.error(f"engine {request.variant}: the build process died", Path(request.log_path)) from None
     finally:
         result_path.unlink(missing_ok=True)
     if "error" in outcome:
@@ -707,3 +591,119 @@ def _volume(values: Any) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))
+
+
+# --- the engine stage ------------------------------------------------------------------------------------
+
+# Build request fields that say where files lie on this machine, or follow from the ONNX (its inputs and
+# outputs), not what is built: left out of the unit's key.
+_NOT_IN_KEY = ("onnx_path", "out_dir", "timing_cache_dir", "log_path", "inputs", "outputs")
+
+
+def _units(ctx: Context) -> list[Unit]:
+    """One TensorRT engine per variant TensorRT runs (the FP32 baseline first), each built in a child process.
+    The engine depends on the ONNX, the build settings, TensorRT's version and the GPU; where files lie and
+    the timing cache (which speeds the build, not what is built) are not part of the key."""
+    return [_unit(ctx, name) for name in ctx.runs_on("tensorrt")]
+
+
+def _request(ctx: Context, name: str) -> BuildRequest:
+    recipe = ctx.recipe
+    profile = recipe.engine.profile.model_dump() if recipe.engine.profile else default_profile(recipe.benchmark.shapes)
+    onnx_path = ctx.art_dir / f"{name}.onnx"
+    inputs, outputs = ctx.io_specs(onnx_path) if ctx.io_specs and not ctx.planning else ([], [])
+    return BuildRequest(
+        onnx_path=str(onnx_path),
+        out_dir=str(ctx.art_dir / "engines"),
+        model=recipe.name,
+        variant=name,
+        precision=name,  # the variant's name, which names its precision (fp32, fp16, int8-trt, …)
+        inputs=[asdict(s) for s in inputs],
+        outputs=[asdict(s) for s in outputs],
+        profile=profile,
+        workspace_gb=recipe.engine.workspace_gb,
+        optimization_level=recipe.engine.optimization_level,
+        timing_cache_dir=str(cache_dir(recipe.engine.timing_cache)),
+        log_path=str(ctx.run_dir / "logs" / f"engine-{name}.log"),
+    )
+
+
+def _unit(ctx: Context, name: str) -> Unit:
+    def run(folder: Path) -> dict[str, Any]:
+        request = _request(ctx, name)
+        ctx.say.line(f"engine {name}: building (log: logs/engine-{name}.log)")
+        sidecar = build_in_child(request, ctx.recipe.engine.build_timeout_s, progress=ctx.progress.bar())
+        plan_path = Path(sidecar["plan_path"])
+        store(folder, plan_path)
+        return {
+            "plan_file": plan_path.name,
+            "sidecar": {k: v for k, v in sidecar.items() if k != "plan_path"},
+            "sha256": sidecar["plan_sha256"],
+        }
+
+    def use(done: Done) -> None:
+        plan_path = ctx.art_dir / "engines" / done.record["plan_file"]
+        if done.hit:
+            restore(done, plan_path.parent)
+        sidecar = {**done.record["sidecar"], "plan_path": str(plan_path), **({"cache": "hit"} if done.hit else {})}
+        ctx.engines[name] = sidecar
+
+    settings = {k: v for k, v in asdict(_request(ctx, name)).items() if k not in _NOT_IN_KEY}
+    return Unit(
+        "engine",
+        name,
+        inputs=ctx.inputs(f"onnx.{name}"),
+        config=settings,
+        libraries=("tensorrt",),
+        code=("engine",),
+        run=run,
+        use=use,
+        device=ctx.device_identity("tensorrt"),
+        produces=f"engine.{name}",
+    )
+
+
+def _finish(ctx: Context, done: list[tuple[Unit, Done]], rec: dict[str, Any]) -> None:
+    """The precision check: a variant whose engine does not carry its precision fails the stage. Then the
+    engines take the variants' place on the TensorRT target."""
+    sidecars = ctx.engines
+    fp32_plan, fp32_onnx = sidecars["fp32"]["plan_bytes"], onnx_size_bytes(ctx.paths["fp32"])
+    failed = []
+    for name, side in sidecars.items():
+        kept = weight_saving(side["plan_bytes"], fp32_plan, onnx_size_bytes(ctx.paths[name]), fp32_onnx)
+        check = check_precision(ctx.precisions[name], side["precisions"], kept, ctx.recipe.engine.min_precision_share)
+        side["precision_check"] = check
+        write_json(Path(side["plan_path"]).with_suffix(".json"), side)
+        if check["status"] == "failed":
+            failed.append(f"{name}: {check['reason']}")
+        elif check["status"] == "undetermined":
+            ctx.say.warn(f"engine {name}: {check['reason']}")
+    if failed:
+        raise StageError("engine: " + "; ".join(failed))
+    for name, side in sidecars.items():
+        ctx.artifacts["tensorrt"][name] = Path(side["plan_path"])
+        ctx.variants[name]["engine"] = {
+            "path": str(Path(side["plan_path"]).relative_to(ctx.run_dir)),
+            "sha256": side["plan_sha256"],
+            "precisions": side["precisions"],
+            "precision_check": side["precision_check"],
+            "build_s": side["build_s"],
+            "device_memory_bytes": side["device_memory_bytes"],
+            # The plan's size is not `size`: that stays the ONNX a version ships, the same on every target; a
+            # small model's plan is mostly kernels, so its ratio says little about weights.
+            "plan_bytes": side["plan_bytes"],
+            "plan_ratio": side["plan_bytes"] / fp32_plan,
+        }
+    rec["engines"] = {n: ctx.variants[n]["engine"] for n in sidecars}
+    rec["detail"] = ", ".join(
+        f"{n} {s['precision_check']['status']} ({s['build_s']:.0f} s)" for n, s in sidecars.items()
+    )
+
+
+STAGE = Stage(
+    "engine",
+    lambda ctx: f"TensorRT engines for {', '.join(ctx.runs_on('tensorrt'))}",
+    _finish,
+    units=_units,
+    when=lambda ctx: "tensorrt" in ctx.ran,
+)

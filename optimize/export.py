@@ -10,13 +10,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
+from optimize import data, preflight
 from optimize.errors import RecipeError, StageError, first_line
+from optimize.files import display_path
+from optimize.gates import check_outputs
+from optimize.lazy import lazy
 from optimize.models import LoadedModel
-from optimize.onnx_files import external_data_threshold, write_onnx_with
-from optimize.recipe import ExportSection
+from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_sha256, write_onnx_with
+from optimize.recipe import ExportSection, OnnxModel
+from optimize.runtimes import open_runner
+from optimize.stage import Context, Done, Stage, Unit, restore, store
+
+np = lazy("numpy")
+
+torch = lazy("torch")
+onnx = lazy("onnx")
 
 
 @dataclass(frozen=True)
@@ -116,8 +124,6 @@ def _state_bytes(module: torch.nn.Module) -> int:
 
 
 def _check_exported(path: Path, spec: ExportSection) -> None:
-    import onnx
-
     model = onnx.load(str(path), load_external_data=False)
     try:
         # Given a path, the checker reads external data beside the model and takes models over 2 GB.
@@ -178,3 +184,73 @@ def check_export(
             f"rtol={spec.tolerance.rtol}): output {worst_out!r} max |diff| = {max_err[worst_out]:.3g}"
         )
     return check
+
+
+# --- the export stage -------------------------------------------------------------------------------------
+
+
+def _export_unit(ctx: Context) -> list[Unit]:
+    """The FP32 export of a torch source, checked against torch on the evaluation data (none for an ONNX
+    source, which is copied as it is)."""
+    recipe = ctx.recipe
+    if isinstance(recipe.model, OnnxModel):
+        return []
+    baseline = ctx.art_dir / "fp32.onnx"
+
+    def run(folder: Path) -> dict[str, Any]:
+        loaded, datasets = ctx.loaded, ctx.datasets
+        eval_ds = datasets[ctx.eval_name]
+        examples = preflight.example_inputs(loaded, recipe.export)
+        for ds in datasets.values():  # data that cannot fit the model is refused before the export
+            data.check_feeds(ds.name, ds.made, examples)
+        export_onnx(loaded, recipe.export, baseline)
+        for ds in datasets.values():  # a wrong dtype or name is the user's, before the check
+            _ = ds.batches
+        with open_runner("onnxruntime-cpu", baseline) as r:
+            check = check_export(loaded, r, eval_ds.batches, recipe.export)
+            outputs = {o.name: list(o.shape) for o in r.outputs}
+        worst = max(check.max_abs_error.values())
+        detail = f"opset {recipe.export.opset}, max |torch − ORT| {worst:.2g} on {check.shapes[0]}"
+        store(folder, baseline)
+        return {"check": check.record(), "detail": detail, "outputs": outputs, "sha256": onnx_sha256(baseline)}
+
+    def use(done: Done) -> None:
+        if done.hit:
+            restore(done, ctx.art_dir)
+
+    return [
+        Unit(
+            "export",
+            "fp32",
+            inputs=ctx.inputs("model", f"data.{ctx.eval_name}"),
+            config={**recipe.export.model_dump(mode="json"), "external_data_bytes": external_data_threshold()},
+            libraries=("torch", "onnx", "onnxscript", "onnxruntime", "transformers"),
+            code=("export",),
+            run=run,
+            use=use,
+            produces="onnx.fp32",
+        )
+    ]
+
+
+def _finish(ctx: Context, done: list[tuple[Unit, Done]], rec: dict[str, Any]) -> None:
+    """Copy an ONNX source in; then refuse, before any variant is built, a gate (or evaluate list) that names
+    an output the model lacks or whose metric does not fit its shape (cosine of one number per sample). A
+    cached export carries the shapes; an ONNX source's are read from its graph, without a session."""
+    recipe, baseline = ctx.recipe, ctx.art_dir / "fp32.onnx"
+    if isinstance(recipe.model, OnnxModel):
+        copy_onnx(ctx.loaded.onnx_path, baseline)  # with its external data, renamed fp32.onnx.data
+        ctx.ids["onnx.fp32"] = onnx_sha256(baseline)
+        rec["detail"] = f"ONNX given ({ctx.loaded.onnx_path.name}); export skipped"
+        outputs = {o.name: o.shape for o in preflight.onnx_outputs(baseline, "model.path")}
+    else:
+        unit_done = done[0][1]
+        rec.update({k: unit_done.record[k] for k in ("check", "detail", "outputs")})
+        if unit_done.hit:
+            rec["cache"] = "hit"
+        outputs = unit_done.record["outputs"]
+    ctx.paths["fp32"], ctx.precisions["fp32"] = baseline, "fp32"
+    check_outputs(recipe.gates, recipe.evaluate, outputs, display_path(ctx.recipe_file))
+
+
+STAGE = Stage("export", lambda ctx: "torch → ONNX, checked against torch", _finish, units=_export_unit)

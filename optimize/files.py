@@ -119,12 +119,12 @@ def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(root: Path) -> str:
-    """Hex sha256 over a folder: every file's relative path and content, in sorted order."""
+def sha256_tree(root: Path, file_sha256: Callable[[Path], str] = sha256_file) -> str:
+    """Hex sha256 over a folder: every file's relative path and content (`file_sha256` of it), in sorted order."""
     h = hashlib.sha256()
     for p in sorted(q for q in Path(root).rglob("*") if q.is_file()):
         h.update(p.relative_to(root).as_posix().encode())
-        h.update(sha256_file(p).encode())
+        h.update(file_sha256(p).encode())
     return h.hexdigest()
 
 

@@ -21,6 +21,7 @@ from optimize.recipe import (
     unknown_output,
     values_per_sample,
 )
+from optimize.stage import Context, Done, Stage, Unit
 
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
@@ -189,3 +190,16 @@ def check_outputs(gates: list[Gate], evaluate: EvaluateSection, outputs: dict[st
                 f"{at}gates[{i}]: {gate.metric} fits none of the model's outputs ({shapes}): "
                 f"{unfit(key, candidates[0])}; gate accuracy.max_abs_error or accuracy.relative_error instead"
             )
+
+
+# --- the gate stage --------------------------------------------------------------------------------------
+
+
+def _finish(ctx: Context, done: list[tuple[Unit, Done]], rec: dict[str, Any]) -> None:
+    ctx.verdict = evaluate_gates(ctx.recipe.gates, ctx.results, ctx.targets)
+    rec["detail"] = f"{ctx.verdict['status'].upper()}: " + ", ".join(
+        f"{v} {s['status']}" for v, s in ctx.verdict["variants"].items()
+    )
+
+
+STAGE = Stage("gate", lambda ctx: f"{len(ctx.recipe.gates)} gate(s)", _finish, logged=False)

@@ -142,6 +142,7 @@ def test_key_description_is_exactly_what_is_hashed() -> None:
         "config": [1, "/x"],
         "versions": {},
         "device": "sm90",
+        "code": {},
     }
     assert key_of(json.loads(json.dumps(desc))) == key_of(desc)
 

@@ -436,7 +436,7 @@ def test_registry_commands_print_json(
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert registry.publish(run_dir, store)["versions"] == {"fp16": 1, "fp16-fp32io": 2}
+    assert registry.publish(run_dir, store).versions == {"fp16": 1, "fp16-fp32io": 2}
     capsys.readouterr()  # MLflow's log of creating the store
     uri = ("--tracking-uri", store, "--json")
 

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from optimize import cpu, pipeline
-from optimize.recipe import Int8Variant, PrecisionSection
+from optimize import cpu
+from optimize.precision.build import saturation_warnings
+from optimize.recipe import Int8Variant, PrecisionSection, Recipe
 
 
 @pytest.mark.parametrize(
@@ -49,7 +50,7 @@ def test_this_machine_is_recorded_with_its_kernel_relevant_features() -> None:
     assert cpu.describe(None).startswith("not recorded")
 
 
-def _recipe_with(*variants: dict) -> pipeline.Recipe:
+def _recipe_with(*variants: dict) -> Recipe:
     class Stub:  # only the precision section is read
         precision = PrecisionSection(variants=[Int8Variant(**v) for v in variants])
 
@@ -65,7 +66,7 @@ def test_a_saturating_cpu_warns_about_8_bit_weights_only() -> None:
         {"name": "trt", "kind": "int8", "backend": "modelopt", "calibration": "c"},
     )
     avx2 = {"arch": "x86_64", "features": ["avx2"], "int8_dot": "avx2-u8s8-saturating"}
-    warnings = pipeline._saturation_warnings(recipe, avx2)
+    warnings = saturation_warnings(recipe, avx2)
     assert len(warnings) == 1 and warnings[0].startswith("precision.variants[0] (dyn):")
     assert "reduce_range: true" in warnings[0]
-    assert pipeline._saturation_warnings(recipe, {**avx2, "int8_dot": "avx512-vnni"}) == []
+    assert saturation_warnings(recipe, {**avx2, "int8_dot": "avx512-vnni"}) == []

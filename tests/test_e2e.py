@@ -98,7 +98,7 @@ def test_digits_vision_recipe(tmp_path: Path) -> None:
     assert acc["task_metric_baseline"] >= 0.95  # the CNN really recognises digits (0.98 when trained)
     assert abs(acc["task_metric_drop"]) <= 0.01
     assert acc["outputs"]["logits"]["samples"] == 300
-    assert result.registered["versions"] == {"fp16": 1}
+    assert result.registered.versions == {"fp16": 1}
 
 
 def test_digits_int8_recipe_calibrated_on_real_images(tmp_path: Path) -> None:
@@ -109,7 +109,7 @@ def test_digits_int8_recipe_calibrated_on_real_images(tmp_path: Path) -> None:
     verdict = json.loads((result.run_dir / "verdict.json").read_text())
     assert verdict["variants"]["int8"]["status"] == "passed"
     assert verdict["variants"]["int8-trt"]["status"] == "skipped"  # TensorRT gates only; built, not registered
-    assert result.registered["versions"] == {"int8": 1}
+    assert result.registered.versions == {"int8": 1}
     metrics = json.loads((result.run_dir / "metrics.json").read_text())
     acc = metrics["results"]["int8"]["onnxruntime-cpu"]["accuracy"]
     assert acc["task_metric_baseline"] >= 0.95 and acc["top1_agreement"] >= 0.98

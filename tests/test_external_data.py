@@ -558,11 +558,12 @@ def test_pipeline_external_data_end_to_end_and_from_the_cache(forced, tiny_dir: 
         np.testing.assert_array_equal(run(registered, feeds), outputs[name])
 
     # The registry carries model.onnx.data; smoke and promote verify the identity that covers it.
-    from optimize import promotion, registry
-    from optimize.smoke import smoke
+    from optimize import registry
+    from optimize.registry import promotion
+    from optimize.registry.smoke import smoke
 
     uri = f"sqlite:///{tiny_dir / 'mlflow.db'}"
-    assert registry.publish(run2, uri)["versions"] == {"fp16": 1, "int8": 2}
+    assert registry.publish(run2, uri).versions == {"fp16": 1, "int8": 2}
     checked = smoke("models:/tiny@candidate", tracking_uri=uri)
     assert checked["sha256"] == metrics2["variants"]["fp16"]["sha256"]
     moved = promotion.promote("tiny", "canary", version=2, tracking_uri=uri)

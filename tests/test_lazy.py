@@ -29,7 +29,7 @@ def test_missing_library_fails_where_it_is_used_not_where_it_is_named() -> None:
     assert not available("optimize_no_such_library")
     assert "not imported yet" in repr(missing)
     with pytest.raises(ModuleNotFoundError, match="optimize_no_such_library"):
-        missing.anything
+        missing.anything  # noqa: B018
 
 
 def test_attribute_writes_reach_the_module() -> None:

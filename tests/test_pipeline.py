@@ -134,12 +134,12 @@ def test_failed_gate_exits_1_and_registers_nothing(write_recipe, tmp_path: Path)
     failed = [g for g in verdict["gates"] if g["status"] == "failed"]
     assert [g["check"] for g in failed] == ["size.ratio <= 0.1"]
     assert "size.ratio" in failed[0]["reason"] and failed[0]["value"] > 0.1
-    assert result.registered["versions"] == {}
+    assert result.registered.versions == {}
     assert not (result.run_dir / "registry").exists()
     client = _client(tmp_path)
     assert client.search_registered_models() == []
     # The evidence of the failed run is still logged.
-    runs = client.search_runs([result.registered["experiment_id"]])
+    runs = client.search_runs([result.registered.experiment_id])
     assert runs and runs[0].data.tags["optimize.verdict"] == "failed"
 
 
@@ -248,7 +248,7 @@ def test_registry_env_var_is_used(write_recipe, tmp_path: Path, monkeypatch: pyt
     store.mkdir()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'm.db'}")
     result = run(write_recipe(), _options(tmp_path))
-    assert result.registered["tracking_uri"] == f"sqlite:///{store / 'm.db'}"
+    assert result.registered.tracking_uri == f"sqlite:///{store / 'm.db'}"
     assert (store / "m.db").is_file() and not (tmp_path / "mlflow.db").exists()
 
 

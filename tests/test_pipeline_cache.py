@@ -6,6 +6,10 @@ again; --no-cache keeps nothing."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +18,11 @@ import pytest
 import yaml
 from conftest import merge, tiny_recipe
 
-from optimize import pipeline
+from optimize import pipeline, plan
+from optimize.cpu import isa as cpu_isa
+from optimize.files import sha256_file
 from optimize.pipeline import RunOptions, run
+from optimize.stage import PACKAGE, code_files
 
 
 def _recipe(tiny_dir: Path, overrides: dict[str, Any] | None = None, name: str = "r.yaml") -> Path:
@@ -68,7 +75,7 @@ def test_a_rerun_takes_every_stage_from_the_cache_with_identical_results(tiny_di
     assert metrics2 == metrics1 and verdict2 == verdict1
     run1, run2 = sorted((tiny_dir / "runs" / "tiny").iterdir())
     for name, meta in metrics2["variants"].items():  # the artifacts are in the new run directory, same bytes
-        assert pipeline.sha256_file(run2 / meta["path"]) == meta["sha256"], name
+        assert sha256_file(run2 / meta["path"]) == meta["sha256"], name
     # the report's raw distributions come back from the cache too: per-sample accuracy, per-iteration latency
     dist1, dist2 = (dict(np.load(d / "distributions.npz")) for d in (run1, run2))
     assert dist1.keys() == dist2.keys() and all(np.array_equal(dist1[k], dist2[k]) for k in dist1)
@@ -129,7 +136,7 @@ def test_another_cpu_isa_rebuilds_int8_and_measures_again(tiny_dir: Path, monkey
     """INT8 kernels, and so INT8 accuracy and every timing, depend on the CPU's instruction sets (VNNI or not),
     which a CPU model name does not say: a cache from another ISA is not taken for them."""
     first = _run(_recipe(tiny_dir))[0]
-    assert first["hardware"]["cpu_isa"] == pipeline.cpu_isa() and first["hardware"]["cpu_isa"]["features"]
+    assert first["hardware"]["cpu_isa"] == cpu_isa() and first["hardware"]["cpu_isa"]["features"]
     real = pipeline.environment
 
     def with_vnni() -> dict[str, Any]:
@@ -193,15 +200,54 @@ def test_a_full_disk_inside_a_wrapped_library_call_is_reported_as_a_full_disk(
     assert verdict["status"] == "passed"
 
 
-def test_a_stage_key_holds_the_code_that_stage_runs_and_no_other() -> None:
-    """Editing optimize's report or registry keeps every cached stage; editing what a stage runs (its
-    modules and what they import, also inside functions) misses it."""
-    package = Path(pipeline.__file__).parent
-    files = {s: {str(p.relative_to(package)) for p in pipeline.stage_code_files(s)} for s in pipeline._STAGE_CODE}
-    assert {"pipeline.py", "export.py", "models.py", "encoders.py", "data.py", "recipe.py"} <= files["export"]
-    assert {"precision/int8.py", "precision/fallback.py", "bench.py", "runtimes/onnxruntime.py"} <= files["precision"]
-    assert {"accuracy.py", "runtimes/onnxruntime.py"} <= files["evaluate"]
-    assert {"bench.py", "runtimes/onnxruntime.py"} <= files["benchmark"]
-    for stage, used in files.items():
-        assert not used & {"registry.py", "report.py", "results.py", "cli.py", "promotion.py", "smoke.py"}, stage
-    assert len({pipeline.code_sha256(s) for s in files}) == len(files)
+def test_a_unit_key_holds_the_code_that_unit_runs_and_no_other(tiny_dir: Path) -> None:
+    """Each unit's key holds the source files of the code it declares and what they import: editing the report
+    or the registry keeps every cached unit; editing what a unit runs misses it (the run test below)."""
+    ctx, _ = plan.context(_recipe(tiny_dir))
+    files = {f"{u.stage}:{u.name}": {str(p.relative_to(PACKAGE)) for p in code_files(u.code)} for u in plan.units(ctx)}
+    assert {"export.py", "models.py", "encoders.py", "data.py", "recipe.py", "stage.py"} <= files["export:fp32"]
+    assert {"precision/int8.py", "precision/fallback.py", "bench.py", "runtimes/onnxruntime.py"} <= files[
+        "precision:int8"
+    ]
+    assert {"accuracy.py", "runtimes/onnxruntime.py"} <= files["evaluate:int8@onnxruntime-cpu"]
+    assert {"bench.py", "runtimes/onnxruntime.py"} <= files["benchmark:onnxruntime-cpu"]
+    for unit, used in files.items():
+        outside = {
+            f
+            for f in used
+            if f.startswith(("registry/", "reporting/")) or f in ("cli.py", "pipeline.py", "plan.py", "api.py")
+        }
+        assert not outside, (unit, outside)
+    assert "precision/build.py" not in files["benchmark:onnxruntime-cpu"] | files["evaluate:int8@onnxruntime-cpu"]
+
+
+def test_editing_the_registry_and_reporting_code_keeps_every_cached_unit(tiny_dir: Path) -> None:
+    """A copy of optimize runs the recipe, its registry and reporting modules are edited, and the same recipe
+    runs again from that copy: every unit is a hit. Then an edit of export.py misses the export only: the units
+    after it are keyed on what it wrote, the same bytes."""
+    copy = tiny_dir / "src"
+    shutil.copytree(PACKAGE, copy / "optimize", ignore=shutil.ignore_patterns("__pycache__"))
+    recipe = _recipe(tiny_dir)
+
+    def run_copy() -> dict[str, bool]:
+        out = subprocess.run(
+            [sys.executable, "-m", "optimize", "run", str(recipe), "--no-register", "-q", "--runs-dir", "runs"],
+            cwd=tiny_dir,
+            env={**os.environ, "PYTHONPATH": str(copy)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert out.returncode == 0, out.stderr
+        run_dir = max((tiny_dir / "runs" / "tiny").iterdir())
+        return _hits(json.loads((run_dir / "manifest.json").read_text()))
+
+    assert not any(run_copy().values())
+    for edited in [*(copy / "optimize" / "registry").glob("*.py"), *(copy / "optimize" / "reporting").glob("*.py")]:
+        edited.write_text(edited.read_text() + "\n# edited\n")
+    assert all(run_copy().values())
+    export_py = copy / "optimize" / "export.py"
+    export_py.write_text(export_py.read_text() + "\n# edited\n")
+    hits = run_copy()
+    # the export runs again; it writes the same bytes, so what is keyed on them is still cached
+    assert hits == {**{u: True for u in hits}, "export:fp32": False}, hits

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import shutil
 import sys
-import types
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -19,13 +18,16 @@ from test_engine import H100
 
 from optimize import engine, pipeline
 from optimize.cache import StageCache
-from optimize.console import Progress
+from optimize.console import Progress, Say
 from optimize.errors import StageError
 from optimize.export import export_onnx
+from optimize.load import resolve_targets
 from optimize.models import LoadedModel
+from optimize.onnx_files import copy_onnx, onnx_sha256
 from optimize.precision import fp16
 from optimize.recipe import ExportSection, Fp16Variant, Recipe
-from optimize.runtimes import open_runner
+from optimize.runtimes import open_runner, target_refuses
+from optimize.stage import Context
 
 
 def recipe_with(over: dict) -> Recipe:
@@ -51,7 +53,7 @@ def test_target_refuses_int8_on_torch_and_onnxruntime_s_own_int8_operators_on_te
             },
         }
     )
-    refuses = pipeline.target_refuses
+    refuses = target_refuses
     assert "INT8 variants are ONNX artifacts" in refuses("torch-cuda", recipe, "qdq", "int8")
     assert refuses("torch-cpu", recipe, "fp32", "fp32") is None
     assert "TensorRT takes Q/DQ INT8" in refuses("tensorrt", recipe, "dyn", "int8")
@@ -67,7 +69,7 @@ def test_torch_targets_are_skipped_for_an_onnx_model_source(tmp_path: Path) -> N
             "benchmark": {"optional_targets": ["torch-cpu"]},
         }
     )
-    targets = pipeline.resolve_targets(recipe, ())
+    targets = resolve_targets(recipe, ())
     assert targets["torch-cpu"] == {
         "status": "skipped",
         "reason": "the model is given as ONNX; torch targets run a PyTorch model source",
@@ -90,10 +92,6 @@ def built(tmp_path: Path, monkeypatch) -> dict:
     )
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
     paths = {"fp32": tmp_path / "fp32.onnx", "fp16": tmp_path / "fp16.onnx"}
-    specs = {}
-    for name, p in paths.items():
-        with open_runner("onnxruntime-cpu", p) as r:
-            specs[name] = (r.inputs, r.outputs)
     recipe = recipe_with(
         {
             "export": {"output_names": ["y"], "dynamic_axes": {"x": {0: "batch"}, "y": {0: "batch"}}},
@@ -102,20 +100,44 @@ def built(tmp_path: Path, monkeypatch) -> dict:
             "benchmark": {"shapes": [{"batch": 1}, {"batch": 8}]},
         }
     )
-    state = SimpleNamespace(
-        recipe=recipe,
-        run_dir=tmp_path / "run",
-        options=pipeline.RunOptions(quiet=True),
-        manifest={"versions": {}, "hardware": {"gpus": []}, "cache": []},
-        cache=StageCache(tmp_path / "cache"),
+    state = SimpleNamespace(recipe=recipe, run_dir=tmp_path / "run", cache=StageCache(tmp_path / "cache"))
+    return {"state": state, "paths": paths}
+
+
+def engine_stage(state: SimpleNamespace, paths: dict[str, Path], versions: dict[str, str] | None = None) -> dict:
+    """The engine stage as the pipeline runs it (its units through the stage cache, then its finish), on a
+    context that holds what the precision stage would have left: the variants' ONNX and their identities."""
+    ctx = Context(
+        recipe=state.recipe,
+        recipe_file=state.run_dir / "recipe.yaml",
+        targets={"tensorrt": {"status": "ran"}},
+        versions=versions or {"tensorrt": "10.9.0"},
+        hardware={"gpus": [{"name": "NVIDIA H100", "compute_capability": "9.0"}]},
+        task_metric_code=lambda: None,
+        say=Say(quiet=True),
+        run_dir=state.run_dir,
         progress=Progress(quiet=True),
+        io_specs=io_specs,
     )
-    state.cached = types.MethodType(pipeline._Run.cached, state)
-    return {"state": state, "paths": paths, "specs": specs}
+    for name, p in paths.items():
+        copy_onnx(p, ctx.art_dir / f"{name}.onnx")
+        ctx.paths[name], ctx.precisions[name] = ctx.art_dir / f"{name}.onnx", name
+        ctx.ids[f"onnx.{name}"] = onnx_sha256(p)
+        ctx.variants[name] = {}
+    ctx.artifacts["tensorrt"] = dict(ctx.paths)
+    state.manifest = ctx.manifest
+    done = [(unit, pipeline.execute(unit, ctx, state.cache)) for unit in engine.STAGE.units(ctx)]
+    engine.STAGE.finish(ctx, done, {})
+    return ctx.engines
+
+
+def io_specs(path: Path) -> tuple[list, list]:
+    with open_runner("onnxruntime-cpu", path) as r:
+        return r.inputs, r.outputs
 
 
 def test_engine_stage_builds_every_variant_and_records_the_precision_check(built) -> None:
-    sidecars = pipeline._build_engines(built["state"], built["paths"], {"fp32": "fp32", "fp16": "fp16"}, built["specs"])
+    sidecars = engine_stage(built["state"], built["paths"])
     assert list(sidecars) == ["fp32", "fp16"]
     assert sidecars["fp16"]["precision_check"]["status"] == "passed"
     assert sidecars["fp16"]["precision_check"]["saving_kept"] > 0.9  # the plan kept the FP16 weights
@@ -130,14 +152,13 @@ def test_engines_come_from_the_stage_cache_until_the_onnx_settings_or_tensorrt_c
     """Engines are cached like every stage (here built by the TEST DOUBLE, so this proves our keys and
     restore, not TensorRT): a second engine stage builds nothing and restores the same plans; another ONNX
     (one variant), build setting or TensorRT version builds again."""
-    state, precisions = built["state"], {"fp32": "fp32", "fp16": "fp16"}
+    state = built["state"]
     builds: list[str] = []
     build = engine.build_in_child
     monkeypatch.setattr(engine, "build_in_child", lambda req, t, progress: builds.append(req.variant) or build(req, t))
 
-    def stage() -> dict:
-        state.manifest["cache"].clear()
-        return pipeline._build_engines(state, built["paths"], precisions, built["specs"])
+    def stage(versions: dict[str, str] | None = None) -> dict:
+        return engine_stage(state, built["paths"], versions)
 
     first = stage()
     plans = {n: Path(s["plan_path"]).read_bytes() for n, s in first.items()}
@@ -163,9 +184,8 @@ def test_engines_come_from_the_stage_cache_until_the_onnx_settings_or_tensorrt_c
     builds.clear()
     stage()
     assert builds == ["fp32", "fp16"]
-    monkeypatch.setattr(engine, "tensorrt_version", lambda: "11.0.0.1")
     builds.clear()
-    stage()
+    stage({"tensorrt": "11.0.0.1"})
     assert builds == ["fp32", "fp16"]
 
 
@@ -174,7 +194,7 @@ def test_an_fp16_engine_that_came_out_fp32_fails_the_engine_stage(built, monkeyp
     with pytest.raises(
         StageError, match=r"engine: fp16: fp16 asked, but 0% of the layers run in fp16 .*; the engine kept -?\d+% of"
     ) as err:
-        pipeline._build_engines(built["state"], built["paths"], {"fp32": "fp32", "fp16": "fp16"}, built["specs"])
+        engine_stage(built["state"], built["paths"])
     assert err.value.exit_code == 3
 
 
@@ -240,7 +260,7 @@ def test_tensorrt_target_wiring_through_the_pipeline(write_recipe, tmp_path: Pat
     import json
 
     import optimize.runtimes as runtimes
-    from optimize import bench
+    from optimize import bench, evaluate, load
     from optimize.pipeline import RunOptions, run
 
     double = tensorrt_double.make()
@@ -253,13 +273,14 @@ def test_tensorrt_target_wiring_through_the_pipeline(write_recipe, tmp_path: Pat
     monkeypatch.setenv("OPTIMIZE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(engine, "build_in_child", build)
     monkeypatch.setattr(engine, "tensorrt_version", lambda: double.__version__)
-    monkeypatch.setattr(pipeline, "unavailable_reason", lambda target: None)
+    monkeypatch.setattr(load, "unavailable_reason", lambda target: None)
     real_open = runtimes.open_runner
 
     def open_runner(target, artifact, threads=None):
         return PlanOnOnnxRuntime(artifact) if target == "tensorrt" else real_open(target, artifact, threads)
 
-    monkeypatch.setattr(runtimes, "open_runner", open_runner)
+    for module in (evaluate, bench):  # the stages that run the TensorRT target
+        monkeypatch.setattr(module, "open_runner", open_runner)
     real_memory = bench.measure_memory
     monkeypatch.setattr(
         bench,

@@ -102,7 +102,7 @@ def test_fallback_moves_the_sensitive_node_to_fp32_and_the_lock_keeps_it(tiny_di
     # each trial is in the MLflow run, one step per trial
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    history = client.get_metric_history(result.registered["run_id"], "fallback.int8-dyn.excluded_count")
+    history = client.get_metric_history(result.registered.mlflow_run_id, "fallback.int8-dyn.excluded_count")
     assert [(m.step, m.value) for m in history] == [(0, 0.0), (1, 1.0)]
 
 

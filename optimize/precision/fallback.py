@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from optimize.lazy import lazy
 from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import FallbackSection, Gate
+
+np = lazy("numpy")
 
 
 @dataclass

@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.lazy import lazy
 from optimize.onnx_files import external_data_names, save_onnx
 from optimize.recipe import Fp16Variant
+
+np = lazy("numpy")
 
 onnx = lazy("onnx")
 ort = lazy("onnxruntime")

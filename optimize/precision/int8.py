@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -26,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from optimize.child import run_python
 from optimize.errors import RecipeError, RuntimeMissingError, StageError, first_line
 from optimize.files import write_json, write_npz, write_with
+from optimize.lazy import lazy
 from optimize.onnx_files import (
     atomic_onnx_path,
     copy_onnx,
@@ -38,14 +37,29 @@ from optimize.onnx_files import (
     uses_external_data,
     write_onnx_with,
 )
+from optimize.precision.fp16 import run_every_node
 from optimize.progress import NO_PROGRESS, Progress
 from optimize.recipe import Int8Variant
 
+onnx = lazy("onnx")
+ortq = lazy("onnxruntime.quantization")
+ortq_calibrate = lazy("onnxruntime.quantization.calibrate")
+ortq_registry = lazy("onnxruntime.quantization.registry")
+ortq_nbits = lazy("onnxruntime.quantization.matmul_nbits_quantizer")
+ort_optimizer = lazy("onnxruntime.transformers.optimizer")
+mo_quantization = lazy("modelopt.onnx.quantization")
+
 MODELOPT_INSTALL = "pip install 'optimize[modelopt]'"
+# ModelOpt calibration runs in a child process, stopped after this long: a hung calibration must not hold a CI
+# job forever. No recipe setting: six hours is past any calibration the memory budget allows on one machine
+# (per-node calibration of a large model included), so only a hang reaches it.
+MODELOPT_TIMEOUT_S = 6 * 3600
 # Op types whose presence marks a quantised graph (Q/DQ, integer and QLinear kernels).
 QUANT_OPS = re.compile(
     r"^(QuantizeLinear|DequantizeLinear|DynamicQuantizeLinear|.*Integer|QLinear.*|Q[A-Z]\w*|MatMulNBits)$"
 )
+
+np = lazy("numpy")
 
 
 @dataclass
@@ -78,7 +92,7 @@ def modelopt_quantization_available() -> str | None:
     if importlib.util.find_spec("modelopt") is None:
         return "nvidia-modelopt is not installed"
     try:
-        import modelopt.onnx.quantization  # noqa: F401
+        mo_quantization.quantize  # noqa: B018 (the first attribute read imports it)
     except Exception as e:  # nvidia-modelopt without its ONNX dependencies installs, but does not import
         return f"modelopt.onnx.quantization does not import ({first_line(e)})"
     return None
@@ -96,9 +110,7 @@ def require_backend(variant: Int8Variant, where: str) -> None:
 
 
 def _reader_class() -> type:
-    from onnxruntime.quantization import CalibrationDataReader
-
-    class BatchReader(CalibrationDataReader):
+    class BatchReader(ortq.CalibrationDataReader):
         """ONNX Runtime / ModelOpt calibration reader over in-memory batches (rewindable, rangeable). A batch
         counts as calibrated on `progress` when the calibrator asks for the next one (it runs them in order)."""
 
@@ -141,8 +153,6 @@ def batch_reader(batches: list[dict[str, np.ndarray]], progress: Progress = NO_P
 
 def graph_names(model_path: Path) -> tuple[list[str], list[str]]:
     """Node names and op types of a model (without loading its weights)."""
-    import onnx
-
     model = onnx.load(str(model_path), load_external_data=False)
     return [n.name for n in model.graph.node], sorted({n.op_type for n in model.graph.node})
 
@@ -167,13 +177,11 @@ def candidate_op_types(variant: Int8Variant) -> set[str]:
     """The op types the variant's quantiser touches: the recipe's `op_types`, else the backend's defaults."""
     if variant.op_types:
         return set(variant.op_types)
-    from onnxruntime.quantization.registry import IntegerOpsRegistry, QDQRegistry, QLinearOpsRegistry
-
     if variant.backend == "onnxruntime-dynamic":
-        return set(IntegerOpsRegistry)
+        return set(ortq_registry.IntegerOpsRegistry)
     if variant.backend == "onnxruntime" and variant.quant_format == "qoperator":
-        return set(QLinearOpsRegistry)
-    return set(QDQRegistry)
+        return set(ortq_registry.QLinearOpsRegistry)
+    return set(ortq_registry.QDQRegistry)
 
 
 def quant_op_counts(model: Any) -> dict[str, int]:
@@ -198,14 +206,14 @@ FUSED_OPS = (
 
 def fuse(src: Path, dest: Path, model_type: str, where: str) -> dict[str, int]:
     """ONNX Runtime's transformer optimizer (offline fusions) on `src` → `dest`; returns fused op counts."""
-    from onnxruntime.transformers.optimizer import MODEL_TYPES, optimize_model
-
-    if model_type not in MODEL_TYPES:
-        near = difflib.get_close_matches(model_type, MODEL_TYPES, n=1)
-        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(MODEL_TYPES))}"
+    if model_type not in ort_optimizer.MODEL_TYPES:
+        near = difflib.get_close_matches(model_type, ort_optimizer.MODEL_TYPES, n=1)
+        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(ort_optimizer.MODEL_TYPES))}"
         raise RecipeError(f"{where}.fusion: unknown model type {model_type!r}; {hint}")
     try:
-        optimized = optimize_model(str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0)
+        optimized = ort_optimizer.optimize_model(
+            str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0
+        )
     except Exception as e:
         raise StageError(f"{where}: transformer fusion ({model_type}) failed: {first_line(e)}") from None
     model = optimized.model
@@ -319,8 +327,6 @@ def quantize(
         raise StageError(f"{where}: INT8 quantisation with {variant.backend} failed: {first_line(e)}") from None
     if variant.exclude_as == "int8-weights" and excluded and not only:
         _weights_only(dest, excluded)
-    import onnx
-
     model = onnx.load(str(dest), load_external_data=False)
     counts = quant_op_counts(model)
     if not counts:
@@ -344,11 +350,8 @@ def _weights_only(path: Path, nodes: list[str]) -> None:
     accuracy_level 4 lets ONNX Runtime quantise the activations per block of 32 values at run time (int8
     compute); with the default (float compute) batch-1 MiniLM ran 1.37x slower than FP32, with 4 at 0.72x.
     """
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
     external = uses_external_data(path)
-    quantizer = MatMulNBitsQuantizer(
+    quantizer = ortq_nbits.MatMulNBitsQuantizer(
         onnx.load(str(path)), bits=8, block_size=32, is_symmetric=True, accuracy_level=4, nodes_to_include=list(nodes)
     )
     quantizer.process()
@@ -356,12 +359,10 @@ def _weights_only(path: Path, nodes: list[str]) -> None:
 
 
 def _ort_method(name: str | None) -> Any:
-    from onnxruntime.quantization import CalibrationMethod
-
     return {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
+        "minmax": ortq.CalibrationMethod.MinMax,
+        "entropy": ortq.CalibrationMethod.Entropy,
+        "percentile": ortq.CalibrationMethod.Percentile,
     }[name]
 
 
@@ -371,16 +372,12 @@ def sample_count(batches: list[dict[str, np.ndarray]]) -> int:
 
 
 def _quant_type(name: str) -> Any:
-    from onnxruntime.quantization import QuantType
-
-    return QuantType.QInt8 if name == "int8" else QuantType.QUInt8
+    return ortq.QuantType.QInt8 if name == "int8" else ortq.QuantType.QUInt8
 
 
 def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str], only: str | None) -> None:
-    from onnxruntime.quantization import quantize_dynamic
-
     def save(tmp: Path) -> None:
-        quantize_dynamic(
+        ortq.quantize_dynamic(
             str(src),
             str(tmp),
             op_types_to_quantize=list(variant.op_types) or None,
@@ -398,7 +395,6 @@ def _ort_dynamic(src: Path, dest: Path, variant: Int8Variant, excluded: list[str
 def _nodes_of_types(model_path: Path, op_types: list[str]) -> list[str]:
     if not op_types:
         return []
-    import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
     return [n.name for n in model.graph.node if n.op_type in set(op_types)]
@@ -415,8 +411,6 @@ def calibrate_ort(
     """Calibrate `src` with ONNX Runtime's calibrator for the variant's method, streaming chunks of batches
     that fit `memory_budget_gb`; returns the calibration cache (JSON ranges) and what it did. `progress`
     counts the batches calibrated."""
-    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
-
     cache = work_dir / "calibration.json"
     method = variant.calibration_method
     extra: dict[str, Any] = {}
@@ -428,7 +422,7 @@ def calibrate_ort(
     peak_reset = reset_peak_rss()
     t0 = time.perf_counter()
     augmented = work_dir / "augmented.onnx"
-    calibrator = create_calibrator(
+    calibrator = ortq_calibrate.create_calibrator(
         src,
         list(variant.op_types) or None,
         augmented_model_path=str(augmented),
@@ -463,7 +457,7 @@ def calibrate_ort(
             leftovers.update(onnx_files(augmented))
         for leftover in leftovers:
             leftover.unlink(missing_ok=True)
-    write_with(cache, lambda tmp: save_tensors_data(ranges, tmp))
+    write_with(cache, lambda tmp: ortq_calibrate.save_tensors_data(ranges, tmp))
     record = {
         "method": method,
         **{k: v for k, v in extra.items() if k != "percentile"},
@@ -504,8 +498,6 @@ def _ort_static(
     only: str | None,
     progress: Progress = NO_PROGRESS,
 ) -> dict[str, Any]:
-    from onnxruntime.quantization import QuantFormat, quantize_static
-
     # One calibration serves every fallback trial; the file name carries what the ranges depend on.
     key = calibration_key(src, variant, calibration)
     cache, record_path = work_dir / f"calibration-{key}.json", work_dir / f"calibration-{key}.record.json"
@@ -517,11 +509,11 @@ def _ort_static(
         write_json(record_path, record)
 
     def save(tmp: Path) -> None:
-        quantize_static(
+        ortq.quantize_static(
             str(src),
             str(tmp),
             None,
-            quant_format=QuantFormat.QDQ if variant.quant_format == "qdq" else QuantFormat.QOperator,
+            quant_format=ortq.QuantFormat.QDQ if variant.quant_format == "qdq" else ortq.QuantFormat.QOperator,
             op_types_to_quantize=list(variant.op_types) or None,
             per_channel=variant.per_channel,
             reduce_range=variant.reduce_range,
@@ -581,23 +573,22 @@ def _modelopt(
         args_path = work_dir / "modelopt-args.json"
         write_json(args_path, args)
         Path(args["result"]).unlink(missing_ok=True)
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(os.path.abspath(p) for p in sys.path if p)}
         try:
             # cwd: ModelOpt drops uuid-named external-data files (tens of MB) into the working directory
-            proc = subprocess.run(
-                [sys.executable, "-m", "optimize.precision.int8", str(args_path.resolve())],
-                env=env,
+            proc = run_python(
+                ["-m", "optimize.precision.int8", str(args_path.resolve())],
+                timeout_s=MODELOPT_TIMEOUT_S,
+                on_timeout=f"{where}: ModelOpt calibration took over {MODELOPT_TIMEOUT_S} s and was stopped; "
+                f"calibrate on fewer samples (data.{variant.calibration}.samples)",
                 cwd=work_dir,
-                stderr=subprocess.PIPE,
-                text=True,
+                capture_stdout=False,
+                echo_stderr=True,  # into the stage's log
             )
-            sys.stderr.write(proc.stderr)  # into the stage's log
             result = json.loads(Path(args["result"]).read_text()) if Path(args["result"]).is_file() else {}
             if "error" in result:
                 raise StageError(result["error"])
             if proc.returncode != 0 or not result:
-                tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-                raise StageError(f"{where}: ModelOpt quantisation failed (exit {proc.returncode}): {tail}")
+                raise proc.error(f"{where}: ModelOpt quantisation failed")
         finally:
             data.unlink(missing_ok=True)
     return {
@@ -611,8 +602,6 @@ def _modelopt(
 def _modelopt_child(args_path: Path) -> int:
     """The child process of `_modelopt`: calibrate and quantise, write the record (or the error) as JSON."""
     args = json.loads(args_path.read_text())
-    from modelopt.onnx.quantization import quantize as mo_quantize
-
     with np.load(args["data"]) as npz:
         batches: dict[int, dict[str, np.ndarray]] = {}
         for key in npz.files:
@@ -640,7 +629,7 @@ def _modelopt_child(args_path: Path) -> int:
         shapes = ",".join(f"{k}:{'x'.join(str(d) for d in v.shape)}" for k, v in calibration[0].items())
     peak_reset = reset_peak_rss()
     t0 = time.perf_counter()
-    mo_quantize(
+    mo_quantization.quantize(
         onnx_path=args["src"],
         quantize_mode="int8",
         calibration_data_reader=batch_reader(calibration),
@@ -670,8 +659,6 @@ def _modelopt_child(args_path: Path) -> int:
 
 def _activation_bytes(model_path: Path, feeds: dict[str, np.ndarray]) -> int:
     """Bytes of every float intermediate of one batch (an upper bound of what a calibrator holds for it)."""
-    from optimize.precision.fp16 import run_every_node
-
     values, _ = run_every_node(model_path, feeds)
     return sum(v.nbytes for v in values.values() if isinstance(v, np.ndarray) and v.dtype.kind == "f")
 

@@ -9,12 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize.files import write_json, write_npz, write_with
+from optimize.lazy import lazy
 from optimize.onnx_files import copy_onnx
 from optimize.recipe import Recipe
 from optimize.registry.smoke import ONNX_TARGETS, smoke_record
+
+np = lazy("numpy")
 
 
 def write_folders(

@@ -25,8 +25,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize import bench
 from optimize.errors import (
     GateFailedError,
@@ -40,6 +38,8 @@ from optimize.recipe import TARGETS
 from optimize.registry import tags as tag
 from optimize.registry.connection import session
 from optimize.runtimes import DeviceRunner, open_runner, unavailable_reason
+
+np = lazy("numpy")
 
 onnx = lazy("onnx")
 mlflow_artifacts = lazy("mlflow.artifacts")

@@ -8,13 +8,14 @@ back silently to another runtime.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from optimize.errors import RuntimeMissingError, StageError
 from optimize.runtimes import onnxruntime as ort_runtime
 from optimize.runtimes import tensorrt as trt_runtime
 from optimize.runtimes import torch as torch_runtime
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
-from optimize.runtimes.torch import TorchArtifact
+from optimize.runtimes.torch import TorchArtifact, supports
 
 __all__ = [
     "DeviceRunner",
@@ -24,6 +25,8 @@ __all__ = [
     "open_runner",
     "unavailable_reason",
     "require",
+    "runtime_libraries",
+    "target_refuses",
 ]
 
 
@@ -75,3 +78,33 @@ def open_runner(target: str, artifact: Path | TorchArtifact, threads: int | None
             )
         return torch_runtime.TorchCudaRunner(artifact.module, artifact.inputs, artifact.outputs, artifact.precision)
     raise RuntimeMissingError(f"runner: no runner for target {target!r}")
+
+
+def target_refuses(target: str, recipe: Any, name: str, precision: str) -> str | None:
+    """Why `target` does not run variant `name` (None when it does): torch runs the source module in FP32
+    or FP16 autocast, not INT8; TensorRT compiles Q/DQ INT8, not ONNX Runtime's own INT8 operators."""
+    if target.startswith("torch-"):
+        return supports(precision)
+    if target == "tensorrt" and precision == "int8":
+        variant = next(v for v in recipe.precision.variants if v.name == name)
+        if variant.backend == "onnxruntime-dynamic" or (
+            variant.backend == "onnxruntime" and variant.quant_format == "qoperator"
+        ):
+            return (
+                f"backend {variant.backend} writes ONNX Runtime's own INT8 operators; TensorRT takes Q/DQ INT8 "
+                "(backend modelopt, or onnxruntime with quant_format qdq)"
+            )
+    return None
+
+
+# The libraries whose versions change what each kind of target computes.
+RUNTIME_LIBRARIES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "numpy"),
+    "tensorrt": ("tensorrt", "torch", "numpy"),
+    "torch": ("torch", "numpy"),
+}
+
+
+def runtime_libraries(target: str) -> tuple[str, ...]:
+    """The libraries whose versions change what `target` computes (part of its cache keys)."""
+    return RUNTIME_LIBRARIES[target.split("-")[0]]

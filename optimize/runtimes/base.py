@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import numpy as np
+from optimize.lazy import lazy
+
+np = lazy("numpy")
 
 
 @dataclass(frozen=True)

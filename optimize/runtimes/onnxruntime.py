@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.lazy import lazy
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
+
+np = lazy("numpy")
 
 ort = lazy("onnxruntime")
 torch = lazy("torch")

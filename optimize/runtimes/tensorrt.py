@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from optimize.errors import RecipeError, RuntimeMissingError, StageError, first_line
 from optimize.files import sha256_file
 from optimize.gpu import gpu
 from optimize.lazy import lazy
 from optimize.runtimes.base import DeviceRunner, TensorSpec
+
+np = lazy("numpy")
 
 torch = lazy("torch")
 

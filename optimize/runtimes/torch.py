@@ -11,11 +11,11 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.lazy import lazy
 from optimize.runtimes.base import DeviceRunner, Runner, TensorSpec
+
+np = lazy("numpy")
 
 torch = lazy("torch")
 
