@@ -29,7 +29,7 @@ try:
 except ImportError:  # PyYAML built without libyaml
     CParser = None
 
-# The limits (README, Recipes). A real recipe is a few KiB, a few hundred values, 6 levels deep.
+# The limits (docs/recipes.md). A real recipe is a few KiB, a few hundred values, 6 levels deep.
 MAX_BYTES = 256 * 1024  # a recipe and every file it extends, together
 MAX_VALUES = 10_000  # values (scalars, lists, mappings) once aliases and merge keys are expanded, all files together
 MAX_CHARS = 1024 * 1024  # characters in those values, aliases expanded, all files together

@@ -182,7 +182,7 @@ def team_server(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> TeamServer:
     """`mlflow server --backend-store-uri postgresql… --artifacts-destination s3://mlflow/artifacts
-    --app-name basic-auth`, as README's "Registry server for teams" shows."""
+    --app-name basic-auth`, as docs/registry.md's "Registry server for teams" shows."""
     pytest.importorskip("flask_wtf", reason="mlflow[auth] (the `test` extra) is needed for --app-name basic-auth")
     endpoint, s3 = moto_s3
     folder = tmp_path_factory.mktemp("team-server")
