@@ -1,6 +1,6 @@
 """Runs the stages of one recipe and owns the run directory and its manifest.
 
-    load → export → precision → engine → evaluate → benchmark → gate → report → register
+    load → export → fusion → precision → engine → evaluate → benchmark → gate → report → register
 
 Each stage is declared next to its code (optimize/stage.py says how); this module runs them in order, each
 unit of cached work through the stage cache, and records in the manifest how far the run got. Every file in

@@ -25,12 +25,12 @@ from optimize.cache import StageCache, cache_root, key_of
 from optimize.console import Say
 from optimize.files import sha256_file
 from optimize.machine import environment
-from optimize.precision import build
+from optimize.precision import build, fusion
 from optimize.recipe import load_recipe
 from optimize.stage import Context, Identities, Unit
 
 # The stages with units of cached work, in the order a run makes them (optimize.pipeline.STAGES).
-WORK = (export.STAGE, build.STAGE, engine.STAGE, evaluate.STAGE, bench.STAGE)
+WORK = (export.STAGE, fusion.STAGE, build.STAGE, engine.STAGE, evaluate.STAGE, bench.STAGE)
 _SHOWN_CHANGES = 4  # per kind of change, at most this many named in a reason
 
 

@@ -209,6 +209,7 @@ class Context:
     datasets: dict[str, Any] = field(default_factory=dict)
     paths: dict[str, Path] = field(default_factory=dict)  # variant → its ONNX in the run directory
     precisions: dict[str, str] = field(default_factory=dict)  # variant → fp32, fp16, int8
+    fused: dict[str, dict[str, int]] = field(default_factory=dict)  # fusion model type → fused op counts
     built: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant → its precision record
     engines: dict[str, dict[str, Any]] = field(default_factory=dict)  # variant → its TensorRT plan's sidecar
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)  # metrics.json "variants"

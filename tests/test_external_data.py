@@ -36,7 +36,7 @@ from optimize.onnx_files import (
     write_onnx_with,
 )
 from optimize.onnx_files import onnx_files as files_of
-from optimize.precision import fp16, int8
+from optimize.precision import fp16, fusion, int8
 from optimize.recipe import ExportSection, Fp16Variant, Int8Variant
 from optimize.runtimes import open_runner
 
@@ -224,7 +224,7 @@ def test_fusion_and_int8_weights_keep_external_data(forced, tmp_path: Path) -> N
     src = tmp_path / "art" / "fp32.onnx"
     save_onnx(mlp_proto(), src)
     fused = tmp_path / "work" / "fused.onnx"
-    int8.fuse(src, fused, "bert", WHERE)
+    fusion.fuse(src, fused, "bert", WHERE)
     assert_external_artifact(fused)
     dest = tmp_path / "out" / "int8.onnx"
     variant = Int8Variant(

@@ -16,6 +16,7 @@ from optimize.lazy import lazy
 from optimize.models import import_entry_point
 from optimize.onnx_files import copy_onnx, external_data_threshold, onnx_sha256, onnx_size_bytes
 from optimize.precision import fallback, fp16, int8
+from optimize.precision.fusion import fused_path
 from optimize.recipe import Int8Variant, Recipe, to_plain
 from optimize.runtimes import TorchArtifact, open_runner, target_refuses
 from optimize.stage import Context, Done, Stage, Unit, restore, store
@@ -57,7 +58,10 @@ def _unit(ctx: Context, index: int) -> Unit:
         "precision",
         variant.name,
         inputs=ctx.inputs(
-            "onnx.fp32", f"data.{ctx.eval_name}", *(f"data.{n}" for n in preflight.variant_datasets(variant))
+            "onnx.fp32",
+            *([f"onnx.fused-{variant.fusion}"] if isinstance(variant, Int8Variant) and variant.fusion else []),
+            f"data.{ctx.eval_name}",
+            *(f"data.{n}" for n in preflight.variant_datasets(variant)),
         ),
         config=_config(ctx, variant),
         libraries=("onnx", "onnxruntime", "nvidia-modelopt", "numpy"),
@@ -177,9 +181,8 @@ def build_int8(ctx: Context, index: int, baseline: Path, dest: Path) -> tuple[di
     int8.require_backend(variant, where)
     work = ctx.run_dir / "work" / variant.name
     src, fusion = baseline, None
-    if variant.fusion:
-        src = work / "fused.onnx"
-        fusion = int8.fuse(baseline, src, variant.fusion, where)
+    if variant.fusion:  # made by the fusion stage, shared by the variants that fuse for the same model type
+        src, fusion = fused_path(ctx, variant.fusion), ctx.fused[variant.fusion]
     int8.check_exclusions(src, variant.nodes_to_exclude, variant.op_types_to_exclude, where)
     calib = ctx.datasets[variant.calibration].batches[: variant.calibration_batches] if variant.calibration else []
     checks = fallback.accuracy_gates(recipe.gates, variant.name, ctx.ran)

@@ -46,7 +46,6 @@ ortq = lazy("onnxruntime.quantization")
 ortq_calibrate = lazy("onnxruntime.quantization.calibrate")
 ortq_registry = lazy("onnxruntime.quantization.registry")
 ortq_nbits = lazy("onnxruntime.quantization.matmul_nbits_quantizer")
-ort_optimizer = lazy("onnxruntime.transformers.optimizer")
 mo_quantization = lazy("modelopt.onnx.quantization")
 
 MODELOPT_INSTALL = "pip install 'optimize[modelopt]'"
@@ -187,40 +186,6 @@ def candidate_op_types(variant: Int8Variant) -> set[str]:
 def quant_op_counts(model: Any) -> dict[str, int]:
     """How many quantisation-related nodes of each op type a model holds."""
     return dict(sorted(Counter(n.op_type for n in model.graph.node if QUANT_OPS.match(n.op_type)).items()))
-
-
-# --- fusion ---------------------------------------------------------------------------------------
-
-FUSED_OPS = (
-    "Attention",
-    "MultiHeadAttention",
-    "EmbedLayerNormalization",
-    "SkipLayerNormalization",
-    "LayerNormalization",
-    "SkipSimplifiedLayerNormalization",
-    "Gelu",
-    "FastGelu",
-    "BiasGelu",
-)
-
-
-def fuse(src: Path, dest: Path, model_type: str, where: str) -> dict[str, int]:
-    """ONNX Runtime's transformer optimizer (offline fusions) on `src` → `dest`; returns fused op counts."""
-    if model_type not in ort_optimizer.MODEL_TYPES:
-        near = difflib.get_close_matches(model_type, ort_optimizer.MODEL_TYPES, n=1)
-        hint = f"did you mean {near[0]!r}?" if near else f"known: {', '.join(sorted(ort_optimizer.MODEL_TYPES))}"
-        raise RecipeError(f"{where}.fusion: unknown model type {model_type!r}; {hint}")
-    try:
-        optimized = ort_optimizer.optimize_model(
-            str(src), model_type=model_type, num_heads=0, hidden_size=0, opt_level=0
-        )
-    except Exception as e:
-        raise StageError(f"{where}: transformer fusion ({model_type}) failed: {first_line(e)}") from None
-    model = optimized.model
-    external = uses_external_data(src)  # one file cannot hold a model over 2 GB
-    write_onnx_with(dest, lambda tmp: optimized.save_model_to_file(str(tmp), use_external_data_format=external))
-    counts = Counter(n.op_type for n in model.graph.node)
-    return {op: counts[op] for op in FUSED_OPS if counts.get(op)}
 
 
 # --- memory ---------------------------------------------------------------------------------------
