@@ -103,6 +103,7 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
                 opset_version=spec.opset,
                 external_data=external,
             )
+        _strip_stack_traces(tmp)
         _check_exported(tmp, spec)  # before the rename: a failed check leaves no file at `dest`
 
     try:
@@ -116,6 +117,32 @@ def export_onnx(loaded: LoadedModel, spec: ExportSection, dest: Path) -> float:
         why = f"{type(e).__name__} caused by " if root is not e else ""
         raise StageError(f"export: torch.onnx.export failed: {why}{type(root).__name__}: {first_line(root)}") from None
     return time.perf_counter() - t0
+
+
+# Node metadata the exporter writes with the Python stack of each op: file paths and line numbers of the
+# machine that exported (the venv, the checkout), so the same model exported from another path had another
+# sha256, and another cache key and registry identity after it.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
+
+
+def _strip_stack_traces(path: Path) -> None:
+    """Drop STACK_TRACE from every node (subgraphs and functions too); the graph and weights stay as written."""
+    model = onnx.load(str(path), load_external_data=False)
+    graphs = [model.graph, *(f for f in model.functions)]
+    changed = False
+    while graphs:
+        g = graphs.pop()
+        for node in g.node:
+            kept = [p for p in node.metadata_props if p.key != STACK_TRACE]
+            if len(kept) != len(node.metadata_props):
+                del node.metadata_props[:]
+                node.metadata_props.extend(kept)
+                changed = True
+            graphs += [a.g for a in node.attribute if a.HasField("g")] + [
+                sub for a in node.attribute for sub in a.graphs
+            ]
+    if changed:
+        onnx.save(model, str(path))  # tensors stored outside keep their references to the data file
 
 
 def _state_bytes(module: torch.nn.Module) -> int:

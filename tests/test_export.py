@@ -13,7 +13,7 @@ from conftest import mlp
 from onnx.external_data_helper import uses_external_data
 
 from optimize.errors import RecipeError, StageError
-from optimize.export import check_export, export_onnx
+from optimize.export import STACK_TRACE, check_export, export_onnx
 from optimize.models import LoadedModel
 from optimize.recipe import ExportSection
 from optimize.runtimes import open_runner
@@ -57,6 +57,19 @@ def test_export_writes_one_self_contained_checked_file(exported) -> None:
     assert model.graph.initializer and not any(uses_external_data(t) for t in model.graph.initializer)
     onnx.checker.check_model(model, full_check=True)
     assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+
+
+def test_export_keeps_no_stack_trace_so_its_bytes_do_not_depend_on_where_the_code_lies(exported, tmp_path) -> None:
+    """The exporter writes each node's Python stack (file paths, line numbers) as metadata: the same model
+    exported from another checkout or venv had another sha256. That one key goes; the rest of the metadata stays."""
+    loaded = exported[0]
+    torch.onnx.export(loaded.module, (loaded.example_inputs["x"],), str(tmp_path / "raw.onnx"), input_names=["x"])
+    raw = onnx.load(str(tmp_path / "raw.onnx"), load_external_data=False)
+    assert STACK_TRACE in {p.key for node in raw.graph.node for p in node.metadata_props}  # what torch writes
+    model = onnx.load(str(exported[1]), load_external_data=False)
+    keys = {p.key for node in model.graph.node for p in node.metadata_props}
+    assert STACK_TRACE not in keys
+    assert "pkg.torch.onnx.name_scopes" in keys  # the exporter's other metadata is kept
 
 
 def test_export_uses_the_recipe_names_and_dynamic_axes(exported) -> None:
