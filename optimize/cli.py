@@ -152,8 +152,9 @@ def run(
         ),
     ] = False,
 ) -> None:
-    """Build, measure and gate every variant of RECIPE; register those that pass. Progress goes to stderr; the
-    outcome (failed and skipped gates, the verdict, the report, what was registered) to stdout."""
+    """Build, measure and gate every variant of RECIPE; register those that pass. Progress goes to stderr, after
+    the plan's summary (`optimize plan`: what the stage cache holds, what will be made and why); the outcome
+    (failed and skipped gates, the verdict, the report, what was registered) to stdout."""
 
     if as_json:
         _state["json_error"] = lambda e, code, line: api.error_json(recipe, e, code, line)
