@@ -14,26 +14,28 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
-from optimize import __version__, api, preflight
-from optimize import plan as plan_mod
-from optimize.api import error_json, required_targets, status_of
+from optimize import __version__
 from optimize.cache import StageCache, cache_root, format_size, parse_age, parse_size
 from optimize.console import console, stdout_console
-from optimize.doctor import diagnose
-from optimize.doctor import render as render_diagnosis
 from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
 from optimize.files import append_text, display_path, write_bytes, write_text
-from optimize.pipeline import RunOptions
-from optimize.recipe import json_schema, load_recipe
-from optimize.registry import register_run, resolve_tracking_uri, retry_command
-from optimize.registry.promotion import canary_manifest as manifest
-from optimize.registry.promotion import promote as do_promote
-from optimize.registry.promotion import rollback as do_rollback
-from optimize.registry.smoke import smoke as do_smoke
-from optimize.reporting import ci, html
-from optimize.reporting import compare as cmp
-from optimize.reporting.runs import list_runs
-from optimize.reporting.runs import render as render_runs
+from optimize.lazy import lazy
+
+# The modules behind the commands, named here and imported when a command first uses one: `optimize --help`
+# imports none of them (the recipe models alone cost 0.2 s of pydantic), `validate` the recipe and preflight.
+api = lazy("optimize.api")
+doctor_mod = lazy("optimize.doctor")
+pipeline = lazy("optimize.pipeline")
+plan_mod = lazy("optimize.plan")
+preflight = lazy("optimize.preflight")
+recipe_mod = lazy("optimize.recipe")
+registry = lazy("optimize.registry")
+promotion = lazy("optimize.registry.promotion")
+smoke_mod = lazy("optimize.registry.smoke")
+ci = lazy("optimize.reporting.ci")
+cmp = lazy("optimize.reporting.compare")
+html = lazy("optimize.reporting.html")
+runs_mod = lazy("optimize.reporting.runs")
 
 if TYPE_CHECKING:
     from optimize.api import RunResult
@@ -160,7 +162,7 @@ def run(
         _state["json_error"] = lambda e, code, line: api.error_json(recipe, e, code, line)
     required = _required_targets(require_target)
 
-    options = RunOptions(runs_dir, tracking_uri, required, register, quiet, cache=cache, rebench=rebench)
+    options = pipeline.RunOptions(runs_dir, tracking_uri, required, register, quiet, cache=cache, rebench=rebench)
     try:
         with _stdout_to_stderr(as_json):
             if cache and not quiet:
@@ -219,7 +221,7 @@ def _print_run(result: RunResult) -> None:
             recipe_uri = (
                 json.loads((result.run_dir / "recipe.json").read_text()).get("registry", {}).get("tracking_uri")
             )
-            retry = retry_command(result.run_dir, str(result.tracking_uri), recipe_uri)
+            retry = registry.retry_command(result.run_dir, str(result.tracking_uri), recipe_uri)
             con.print(
                 escape(f"nothing new logged to MLflow; `{retry}` registers this run as new versions"), soft_wrap=True
             )
@@ -270,7 +272,7 @@ def validate(
     described = []
     for path in recipes:
         try:
-            r = load_recipe(path)
+            r = recipe_mod.load_recipe(path)
             preflight.check(r, path)
         except RecipeError as e:
             failed += 1
@@ -336,7 +338,7 @@ def plan(
 def schema() -> None:
     """Print the JSON schema of the recipe format (with every field's description)."""
 
-    typer.echo(json.dumps(json_schema(), indent=2))
+    typer.echo(json.dumps(recipe_mod.json_schema(), indent=2))
 
 
 @app.command()
@@ -356,8 +358,8 @@ def doctor(
     and whether each recipe target is available (and why not)."""
     required = _required_targets(require_target)
 
-    report = diagnose()
-    typer.echo(json.dumps(report, indent=2) if as_json else render_diagnosis(report), nl=as_json)
+    report = doctor_mod.diagnose()
+    typer.echo(json.dumps(report, indent=2) if as_json else doctor_mod.render(report), nl=as_json)
     missing = [(t, report["targets"][t]["reason"]) for t in required if report["targets"][t]["reason"]]
     if missing:
         raise RuntimeMissingError("; ".join(f"required target {t} is not available: {reason}" for t, reason in missing))
@@ -372,7 +374,7 @@ _TRACKING = typer.Option(
 
 def _tracking(uri: str | None) -> str:
 
-    return resolve_tracking_uri(uri, None)
+    return registry.resolve_tracking_uri(uri, None)
 
 
 @app.command()
@@ -391,7 +393,7 @@ def register(
     found registered already (same model bytes, same checks), as new versions. Never a second version for the
     same run, never an empty registered model."""
 
-    reg = register_run(run_dir, tracking_uri)
+    reg = registry.register_run(run_dir, tracking_uri)
     for variant, version in reg.versions.items():
         typer.echo(f"registered {reg.model_name} version {version} ({variant}) → models:/{reg.model_name}/{version}")
     if reg.already:
@@ -425,7 +427,7 @@ def promote(
     if (version is None) == (from_alias is None):
         raise _usage("promote: give exactly one of --version N and --from ALIAS")
 
-    done = do_promote(model, to, version=version, from_alias=from_alias, tracking_uri=_tracking(tracking_uri))
+    done = promotion.promote(model, to, version=version, from_alias=from_alias, tracking_uri=_tracking(tracking_uri))
     if as_json:
         _print_json("promote", {"uri": f"models:/{model}@{to}", "unchanged": False, **done})
         return
@@ -451,7 +453,7 @@ def rollback(
     if as_json:
         _state["json_error"] = _json_outcome("rollback", model=model, alias=alias, uri=f"models:/{model}@{alias}")
 
-    done = do_rollback(model, alias, tracking_uri=_tracking(tracking_uri))
+    done = promotion.rollback(model, alias, tracking_uri=_tracking(tracking_uri))
     if as_json:
         extra = {"uri": f"models:/{model}@{alias}", "already_rolled_back": False, "rolled_back_from": None}
         _print_json("rollback", {**extra, **done})
@@ -488,7 +490,7 @@ def smoke(
     if as_json:
         _state["json_error"] = _json_outcome("smoke", "passed", uri=uri, target=target)
 
-    result = do_smoke(uri, tracking_uri=_tracking(tracking_uri), target=target)
+    result = smoke_mod.smoke(uri, tracking_uri=_tracking(tracking_uri), target=target)
     if as_json:
         _print_json("smoke", result, ok="passed")
         return
@@ -508,7 +510,7 @@ def canary_manifest(
     """Print, as JSON, what a deployment step needs: model URI, version, sha256, runtime, target, GPU
     architecture, recipe and gates of the version ALIAS points to."""
 
-    typer.echo(json.dumps(manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
+    typer.echo(json.dumps(promotion.canary_manifest(model, alias, tracking_uri=_tracking(tracking_uri)), indent=2))
 
 
 @app.command()
@@ -607,11 +609,11 @@ def runs(
     measured, done, failed; incomplete without a readable manifest), verdict, per variant its p50 speed-up
     (worst shape) and cosine min on the first target that ran, and where its report is."""
 
-    lines = list_runs(runs_dir)
+    lines = runs_mod.list_runs(runs_dir)
     if as_json:
         typer.echo(json.dumps([r.as_json() for r in lines], indent=2))
     elif lines:
-        render_runs(lines)
+        runs_mod.render(lines)
     else:
         typer.echo(f"no runs in {runs_dir}")
 
@@ -743,7 +745,7 @@ def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, erro
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:
     """`--require-target` values, each a known target (exit 2 otherwise)."""
 
-    return required_targets(values, "--require-target")
+    return api.required_targets(values, "--require-target")
 
 
 def _usage(msg: str) -> OptimizeError:
@@ -817,7 +819,7 @@ def _usage_error_json() -> Callable[[BaseException | None, int, str], dict] | No
     if command not in _JSON_COMMANDS or "--json" not in args:
         return None
     if command == "run":
-        return lambda e, code, line: error_json(None, e, code, line)
+        return lambda e, code, line: api.error_json(None, e, code, line)
     return _json_outcome(command)
 
 
@@ -828,7 +830,7 @@ def _json_outcome(command: str, ok: str = "ok", **context: Any) -> Callable[[Bas
     return lambda _e, code, line: {
         "command": command,
         **context,
-        "status": status_of(code, ok),
+        "status": api.status_of(code, ok),
         "exit_code": code,
         "error": line,
     }
