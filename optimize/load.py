@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -173,24 +172,25 @@ def _plan_model_sha256(recipe: Recipe, file_sha256: Callable[[Path], str]) -> st
 
 
 def task_metric_sha256(recipe: Recipe, *, planning: bool = False) -> str | None:
-    """sha256 of the file that defines the recipe's task metric: editing it changes what is measured. A run
-    imports the entry point (a bad one fails in the stage that first needs it); a plan only finds its file."""
+    """sha256 of the module file that defines the recipe's task metric: editing it changes what is measured. A
+    run imports the entry point (a bad one fails in the stage that first needs it); a plan only finds the file
+    (the same file either way, so their keys agree)."""
     spec = recipe.evaluate.task_metric
     if not spec:
         return None
-    if planning:
-        module = spec.split(":", 1)[0]
-        paths = [str(p) for p in recipe.evaluate.task_metric_python_path]
-        sys.path[:0] = paths
-        try:
-            found = importlib.util.find_spec(module)
-        except (ImportError, ValueError):
-            found = None
-        finally:
-            del sys.path[: len(paths)]
-        if found is None or not found.origin or not Path(found.origin).is_file():
-            raise RecipeError(f"evaluate.task_metric: module {module!r} not found")
-        return sha256_file(Path(found.origin))
-    fn = import_entry_point(spec, recipe.evaluate.task_metric_python_path, "evaluate.task_metric")
-    source = inspect.getsourcefile(fn)
-    return sha256_file(Path(source)) if source else None
+    module = spec.split(":", 1)[0]
+    if not planning:
+        import_entry_point(spec, recipe.evaluate.task_metric_python_path, "evaluate.task_metric")
+        source = getattr(sys.modules.get(module), "__file__", None)
+        return sha256_file(Path(source)) if source else None
+    paths = [str(p) for p in recipe.evaluate.task_metric_python_path]
+    sys.path[:0] = paths
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        found = None
+    finally:
+        del sys.path[: len(paths)]
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise RecipeError(f"evaluate.task_metric: module {module!r} not found")
+    return sha256_file(Path(found.origin))

@@ -47,6 +47,8 @@ def onnx_recipe(tiny_dir: Path) -> Path:
             "model": {"source": "onnx", "path": "tiny.onnx", "entry_point": None, "python_path": None},
             "precision": {"variants": variants},
             "data": {"calib": {"kind": "npz", "path": "tiny-calib.npz", "batch_size": 16}},
+            # a task metric: its module's source is in the keys, found by the plan without importing it
+            "evaluate": {"task_metric": "tinynet:accuracy", "task_metric_python_path": ["."]},
             "gates": ["accuracy.cosine_min >= 0.8", "size.ratio <= 2.0"],
         },
     )
