@@ -55,7 +55,13 @@ class Plan:
 
     @property
     def to_make(self) -> list[PlannedUnit]:
-        return [u for u in self.units if u.status != "hit"]
+        """The units a run will make: misses and what comes after them (their inputs change)."""
+        return [u for u in self.units if u.status in ("miss", "after")]
+
+    @property
+    def unknown(self) -> list[PlannedUnit]:
+        """The units whose keys only the run can tell (an entry point's model or data)."""
+        return [u for u in self.units if u.status == "unknown"]
 
     @property
     def estimate_s(self) -> float:
@@ -67,8 +73,9 @@ class Plan:
             "recipe": self.recipe,
             "targets": self.targets,
             "units": [asdict(u) for u in self.units],
-            "hits": len(self.units) - len(self.to_make),
+            "hits": len(self.units) - len(self.to_make) - len(self.unknown),
             "to_make": len(self.to_make),
+            "unknown": len(self.unknown),
             "estimate_s": round(self.estimate_s, 1),
         }
 
@@ -137,7 +144,7 @@ def _plan_unit(
         if unit.produces:
             missed[unit.produces] = f"{unit.stage} {unit.name}"
         status = "after" if all(n in missed for n in waiting) else "unknown"
-        return PlannedUnit(unit.stage, unit.name, status, None, why, last_s)
+        return PlannedUnit(unit.stage, unit.name, status, None, list(dict.fromkeys(why)), last_s)
     description = unit.description(ctx.versions)
     key = key_of(description)
     entry = None if unit.refresh else cache.peek(unit.stage, key)
@@ -230,19 +237,23 @@ def render(plan: Plan, con: Console) -> None:
 
 
 def summarise(plan: Plan, con: Console, misses: bool = True) -> None:
-    """One line: how many units are cached and how many will be made, in about how long; then (`misses`) each
-    unit to make with why."""
-    todo = plan.to_make
-    estimate = f", about {_seconds(plan.estimate_s)} by their last runs" if todo and plan.estimate_s else ""
-    con.print(
-        escape(f"plan {plan.recipe}: {len(plan.units) - len(todo)} of {len(plan.units)} units cached, "
-        f"{len(todo)} to make{estimate}"),
-        highlight=False,
-    )  # fmt: skip
+    """One line: how many units are cached, how many will be made (in about how long by their last runs) and
+    how many only the run can tell; then (`misses`) each unit to make with why, and why some are unknown."""
+    todo, unknown = plan.to_make, plan.unknown
+    hits = len(plan.units) - len(todo) - len(unknown)
+    line = f"plan {plan.recipe}: {hits} of {len(plan.units)} units cached, {len(todo)} to make"
+    if todo and plan.estimate_s:
+        line += f" (about {_seconds(plan.estimate_s)} by their last runs)"
+    if unknown:
+        line += f", {len(unknown)} known only when the run builds the model or data"
+    con.print(escape(line), highlight=False)
     if misses:
         for u in todo:
             why = f": {'; '.join(u.why)}" if u.why else ""
             con.print(escape(f"  {u.status} {u.stage} {u.unit}{why}"), highlight=False)
+        reasons = dict.fromkeys(w for u in unknown for w in u.why if "which is not cached" not in w)
+        for why in reasons:
+            con.print(escape(f"  unknown: {why}"), highlight=False)
 
 
 def _seconds(s: float | None) -> str:

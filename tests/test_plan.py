@@ -3,6 +3,7 @@ made from the same declarations the run executes; without torch, ONNX Runtime or
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import merge, tiny_recipe
+from rich.console import Console
 
 from optimize import plan
 from optimize.errors import RecipeError
@@ -127,12 +129,19 @@ def test_a_changed_setting_library_or_code_is_named(onnx_recipe: Path, monkeypat
 
 
 def test_an_entry_point_model_is_unknown_until_a_run_builds_it(write_recipe) -> None:
-    units = plan.make(write_recipe()).units
-    assert units[0].stage == "export" and units[0].status == "unknown"
-    assert (
-        units[0].why == ["the model's identity is its built module's state dict (known once a run builds it)"] * 2
-    )  # the model, and the data (tokenised or checked with it)
-    assert {u.status for u in units[1:]} == {"unknown"}  # their data is identified with the model too
+    made = plan.make(write_recipe())
+    reason = "the model's identity is its built module's state dict (known once a run builds it)"
+    assert made.units[0].stage == "export" and made.units[0].status == "unknown"
+    assert made.units[0].why == [reason]  # the model, and the data tokenised or checked with it: said once
+    assert {u.status for u in made.units[1:]} == {"unknown"}
+    assert made.to_make == [] and len(made.unknown) == len(made.units)
+    out = io.StringIO()
+    plan.summarise(made, Console(file=out, width=200))
+    assert out.getvalue().splitlines() == [
+        f"plan tiny: 0 of {len(made.units)} units cached, 0 to make, {len(made.units)} known only when the run "
+        "builds the model or data",
+        f"  unknown: {reason}",
+    ]
 
 
 def test_plan_imports_no_torch_onnxruntime_or_mlflow_and_prints_json(onnx_recipe: Path) -> None:
