@@ -50,7 +50,12 @@ class LazyModule:
         object.__setattr__(self, "_name", name)
 
     def _module(self) -> ModuleType:
-        return sys.modules.get(self._name) or importlib.import_module(self._name)
+        module = sys.modules.get(self._name)
+        if module is None:
+            # the import statement's own path (not importlib.import_module), so `python -X importtime` lists it
+            __import__(self._name)
+            module = sys.modules[self._name]
+        return module
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self._module(), attr)
