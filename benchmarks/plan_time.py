@@ -48,6 +48,9 @@ def main() -> int:
     parser.add_argument("--recipe", type=Path, default=REPO / "recipes" / "int8.yaml")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--run", action="store_true", help="run the recipe first (--no-register) to warm the cache")
+    parser.add_argument(
+        "--change", default="calibration/sentences-calib.txt", help="the data file (text) whose first line is changed"
+    )
     args = parser.parse_args()
     recipe = args.recipe.resolve()
     if args.run:
@@ -74,12 +77,12 @@ def main() -> int:
         copy = Path(tmp)
         shutil.copytree(REPO / "recipes", copy / "recipes")
         shutil.copytree(REPO / "calibration", copy / "calibration")
-        changed = sorted((copy / "calibration").glob("*calib*"))[0]
+        changed = copy / args.change
         lines = changed.read_text().splitlines()
         lines[0] = lines[0] + " (changed)"
         changed.write_text("\n".join(lines) + "\n")
         _, after = plan_json(copy / recipe.relative_to(REPO), copy)
-    print(f"\nafter changing one line of calibration/{changed.name}:")
+    print(f"\nafter changing one line of {args.change}:")
     print("| unit | status | why |\n|---|---|---|")
     for u in after["units"]:
         if u["status"] != "hit":

@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from optimize.console import console_to
-from optimize.errors import RecipeError
 from optimize.pipeline import RunOptions
 from optimize.pipeline import run as run_pipeline
-from optimize.recipe import TARGETS
+from optimize.recipe import required_targets
 from optimize.registry import Registration
 from optimize.reporting.runs import MANIFEST, VariantLine, describe, json_object
 
@@ -221,16 +220,6 @@ def error_json(
         report_html=str(run_dir / "report.html") if (run_dir / "report.html").is_file() else None,
         report_md=str(run_dir / "report.md") if (run_dir / "report.md").is_file() else None,
     )
-    return out
-
-
-def required_targets(values: Iterable[str] | None, what: str) -> tuple[str, ...]:
-    """Targets a run must have (`what` names the option in the error), each a known one (RecipeError, exit 2)."""
-
-    out = tuple(values or ())
-    for t in out:
-        if t not in TARGETS:
-            raise RecipeError(f"{what}: unknown target {t!r}; known: {', '.join(TARGETS)}")
     return out
 
 

@@ -745,7 +745,7 @@ def _ci_error_files(junit: Path | None, summary: Path | None, recipe: Path, erro
 def _required_targets(values: list[str] | None) -> tuple[str, ...]:
     """`--require-target` values, each a known target (exit 2 otherwise)."""
 
-    return api.required_targets(values, "--require-target")
+    return recipe_mod.required_targets(values, "--require-target")
 
 
 def _usage(msg: str) -> OptimizeError:

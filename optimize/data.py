@@ -130,9 +130,11 @@ def check_disjoint(a: Batches, b: Batches) -> None:
 # --- shared helpers --------------------------------------------------------------------------------
 
 
-def _select(total: int, samples: int | None, seed: int, where: str, source: str | Path) -> np.ndarray:
+def _select(total: int, samples: int | None, seed: int, where: str, source: str | Path) -> Any:
+    """The indices of the samples used, in order: all of them (a list: a text dataset's identity is known
+    without importing numpy, for `optimize plan`), or `samples` drawn with `seed`."""
     if samples is None:
-        return np.arange(total)
+        return list(range(total))
     check_sample_count(where, samples, total, source)
     return np.sort(np.random.default_rng(seed).choice(total, size=samples, replace=False))
 

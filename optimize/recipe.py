@@ -10,6 +10,7 @@ import os
 import re
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -1083,3 +1084,12 @@ def _flatten(ann: Any) -> list[Any]:
     if origin is Union or origin is types.UnionType:
         return [t for a in typing.get_args(ann) for t in _flatten(a) if t is not type(None)]
     return [ann]
+
+
+def required_targets(values: Iterable[str] | None, what: str) -> tuple[str, ...]:
+    """Targets a run must have (`what` names the option in the error), each a known one (RecipeError, exit 2)."""
+    out = tuple(values or ())
+    for t in out:
+        if t not in TARGETS:
+            raise RecipeError(f"{what}: unknown target {t!r}; known: {', '.join(TARGETS)}")
+    return out
