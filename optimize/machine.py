@@ -30,8 +30,9 @@ LIBRARIES = (
 )
 
 
-def environment() -> dict[str, Any]:
-    """Library versions, hardware and OS for the manifest."""
+def environment(probe_gpus: bool = True) -> dict[str, Any]:
+    """Library versions, hardware and OS for the manifest. `probe_gpus=False` leaves `gpus` empty without
+    loading NVML (`optimize plan` where no GPU target runs: nothing it keys on depends on them)."""
     versions = {"python": platform.python_version(), "optimize": __version__}
     for lib in LIBRARIES:
         try:
@@ -71,7 +72,7 @@ def environment() -> dict[str, Any]:
             "cores": os.cpu_count(),
             "memory_gb": mem_gb,
             "gpu": gpu,
-            "gpus": [g.record() for g in gpus()],  # NVML: name, compute capability, driver, CUDA, memory
+            "gpus": [g.record() for g in gpus()] if probe_gpus else [],  # NVML: name, cc, driver, CUDA, memory
         },
         "os": f"{platform.system()} {platform.release()} ({platform.platform()})",
     }

@@ -26,7 +26,7 @@ from optimize.console import Say
 from optimize.files import sha256_file
 from optimize.machine import environment
 from optimize.precision import build, fusion
-from optimize.recipe import load_recipe
+from optimize.recipe import GPU_TARGETS, load_recipe
 from optimize.stage import Context, Identities, Unit
 
 # The stages with units of cached work, in the order a run makes them (optimize.pipeline.STAGES).
@@ -103,12 +103,14 @@ def context(
     why each identity it cannot know is unknown."""
     recipe = load_recipe(recipe_path)
     preflight.check(recipe, recipe_path)
-    env = environment()
+    targets = load.resolve_targets(recipe, require_targets, reason=load.installed_reason)
+    # the GPUs are in the keys of GPU targets only
+    env = environment(probe_gpus=any(t in GPU_TARGETS for t, s in targets.items() if s["status"] == "ran"))
     ids, unknown = load.plan_identities(recipe, file_sha256)
     ctx = Context(
         recipe=recipe,
         recipe_file=recipe_path.resolve(),
-        targets=load.resolve_targets(recipe, require_targets, reason=load.installed_reason),
+        targets=targets,
         versions=env["versions"],
         hardware=env["hardware"],
         task_metric_code=lambda: load.task_metric_sha256(recipe, planning=True),

@@ -139,6 +139,7 @@ def code_files(modules: tuple[str, ...]) -> list[Path]:
     return sorted(seen)
 
 
+@functools.cache
 def module_files(module: str) -> list[Path]:
     """The source files of an optimize module (`data`, `runtimes.base`) or package (`runtimes`): a package
     is its __init__ (what `import optimize.runtimes` runs), and its modules as they are imported."""
