@@ -317,13 +317,13 @@ def plan(
         typer.Option(
             "--json",
             help="Print one JSON object: recipe, targets, units (stage, unit, status, key, why, last_s), hits, "
-            "to_make, estimate_s.",
+            "unknown, to_make, estimate_s.",
         ),
     ] = False,
 ) -> None:
     """What `optimize run RECIPE` would make and what it would take from the stage cache: every unit of cached
-    work (export, precision per variant, engine per variant, evaluate per variant and target, benchmark per
-    target) with its cache key, hit or miss, why it misses (the input, config field, library version, device or
+    work (export, fusion, precision per variant, engine per variant, evaluate per variant and target, benchmark
+    per target) with its cache key, hit or miss, why it misses (the input, config field, library version, device or
     code that changed since that unit last ran) and its time then. Builds nothing; imports no torch, ONNX
     Runtime or MLflow. Status: hit, miss, after (waits for a miss upstream), unknown (an entry point's model or
     data is identified by running it)."""
