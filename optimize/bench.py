@@ -14,7 +14,7 @@ from typing import Any
 
 from optimize.child import run_python
 from optimize.errors import RecipeError, StageError
-from optimize.files import write_npz
+from optimize.files import read_npz, write_npz
 from optimize.gpu import ProcessGpuMemory, gpus
 from optimize.lazy import lazy
 from optimize.progress import NO_PROGRESS, Progress
@@ -498,8 +498,8 @@ def _unit(ctx: Context, target: str) -> Unit:
         return measured
 
     def use(done: Done) -> None:
-        with np.load(done.path("latency.npz")) as z:
-            ctx.distributions.update({f"latency_ms/{target}/{k}": z[k] for k in z.files})
+        series = read_npz(done.path("latency.npz"))
+        ctx.distributions.update({f"latency_ms/{target}/{k}": ms for k, ms in series.items()})
         for name in ctx.artifacts[target]:
             ctx.results[name][target]["shapes"] = done.record["shapes"][name]
             ctx.results[name][target]["memory"] = done.record["memory"][name]

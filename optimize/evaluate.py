@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from optimize import accuracy
-from optimize.files import write_npz
+from optimize.files import read_npz, write_npz
 from optimize.models import import_entry_point
 from optimize.recipe import to_plain
 from optimize.runtimes import open_runner, runtime_libraries
-from optimize.stage import Context, Done, Stage, Unit, read_npz
+from optimize.stage import Context, Done, Stage, Unit
 
 
 def _units(ctx: Context) -> list[Unit]:

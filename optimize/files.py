@@ -16,7 +16,7 @@ from typing import Any
 
 from optimize.lazy import lazy
 
-np = lazy("numpy")  # only write_npz needs it; `optimize validate` imports this module and no numpy
+np = lazy("numpy")  # only the npz helpers need it; `optimize validate` imports this module and no numpy
 
 
 @contextmanager
@@ -100,6 +100,12 @@ def write_npz(dest: Path, arrays: dict[str, Any]) -> None:
                     np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
 
     write_with(dest, _write)
+
+
+def read_npz(path: Path) -> dict[str, Any]:
+    """An .npz file's arrays by key, read whole (write_npz's counterpart; no pickled objects)."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def display_path(path: Path) -> str:

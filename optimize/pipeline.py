@@ -204,10 +204,6 @@ class _Run:
         write_json(self.run_dir / "recipe.json", plain)
         self.save_manifest()
 
-    @property
-    def targets(self) -> dict[str, dict[str, Any]]:
-        return self.ctx.targets
-
     def save_manifest(self) -> None:
         write_json(self.run_dir / "manifest.json", self.manifest)
 

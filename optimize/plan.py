@@ -133,9 +133,12 @@ def units(ctx: Context) -> Iterator[Unit]:
 def _plan_unit(
     cache: StageCache, ctx: Context, unit: Unit, unknown: dict[str, str], missed: dict[str, str]
 ) -> PlannedUnit:
-    last = cache.latest(unit.stage, f"{ctx.recipe.name}/{unit.name}")
-    last_s = last.get("record", {}).get("seconds") if last else None
+    def last_run() -> dict[str, Any] | None:  # the unit's newest entry: for a unit not taken from the cache
+        return cache.latest(unit.stage, f"{ctx.recipe.name}/{unit.name}")
+
     if not unit.known:
+        last = last_run()
+        last_s = last.get("record", {}).get("seconds") if last else None
         waiting = [n for n, v in unit.inputs.items() if v is None]
         why = []
         for name in waiting:
@@ -156,6 +159,8 @@ def _plan_unit(
         return PlannedUnit(unit.stage, unit.name, "hit", key, [], entry["record"].get("seconds"))
     if unit.produces:
         missed[unit.produces] = f"{unit.stage} {unit.name}"
+    last = last_run()
+    last_s = last.get("record", {}).get("seconds") if last else None
     if unit.refresh:
         why = ["--rebench measures it anew"]
     elif last is None:

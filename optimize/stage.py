@@ -37,11 +37,8 @@ from typing import Any
 
 from optimize import cache
 from optimize.files import write_with
-from optimize.lazy import lazy
 from optimize.onnx_files import copy_onnx, onnx_files
 from optimize.runtimes import target_refuses
-
-np = lazy("numpy")
 
 PACKAGE = Path(__file__).parent
 
@@ -305,11 +302,6 @@ def restore(done: Done, dest_dir: Path) -> None:
         if name not in models and name not in data:
             src = done.path(name)
             write_with(dest_dir / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
-
-
-def read_npz(path: Path) -> dict[str, Any]:
-    with np.load(path) as z:
-        return {k: z[k] for k in z.files}
 
 
 def _no_units(ctx: Context) -> list[Unit]:

@@ -32,6 +32,7 @@ from optimize.errors import (
     RecipeError,
     RuntimeMissingError,
 )
+from optimize.files import read_npz
 from optimize.lazy import lazy
 from optimize.onnx_files import onnx_files, onnx_sha256
 from optimize.recipe import TARGETS
@@ -277,12 +278,12 @@ def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str,
     if actual != expected:
         raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
     meta = json.loads((folder / META_FILE).read_text())
-    sample = _load_npz(folder / SAMPLE_FILE)
+    sample = read_npz(folder / SAMPLE_FILE)
     golden_file = meta.get("golden", {}).get(target, GOLDEN_FILE)
     golden_target = target if golden_file != GOLDEN_FILE else meta.get("golden_target")
     if not (folder / golden_file).is_file():
         raise IntegrityError(f"{where}: its artifacts lack {golden_file} (named in optimize.json)")
-    golden = _load_npz(folder / golden_file)
+    golden = read_npz(folder / golden_file)
     tolerance = meta.get("tolerance") or {}
     atol, rtol = float(tolerance.get("atol", 0.0)), float(tolerance.get("rtol", 0.0))
     record = meta.get("smoke") or {}
@@ -327,11 +328,6 @@ def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str,
         )
     result["latency_check"] = "passed"
     return result
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
 
 
 def compare_with_golden(
