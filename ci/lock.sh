@@ -19,6 +19,7 @@ say "resolving '.[test]' with $torch_pin in a throw-away venv"
 python3 -m venv "$tmp/venv"
 printf '%s\n' "$torch_pin" >"$tmp/torch.txt"
 "$tmp/venv/bin/pip" install -q -c "$tmp/torch.txt" -e '.[test]'
+"$tmp/venv/bin/pip" install -q --no-deps tritonclient # as ci/setup.sh installs it: its own pins clash with ml_dtypes
 {
   echo "# The CPU lock: exact versions of everything '.[test]' installs (Linux x86-64, $("$tmp/venv/bin/python" -V))."
   echo "# Written by \`bash ci/lock.sh\` on $(date -u +%Y-%m-%d); edit only through it. torch is the CPU build."

@@ -44,6 +44,9 @@ if [[ $mode == cpu ]]; then
   say "venv $VENV, optimize with the test extra, torch pinned to the CPU build"
   [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q -c constraints/cpu.txt -e '.[test]'
+  # tritonclient's own pins (ml_dtypes<=0.5.4) clash with the lock; its HTTP client's dependencies are in the
+  # test extra, and the lock pins its version
+  "$VENV/bin/pip" install -q --no-deps -c constraints/cpu.txt tritonclient
 else
   # The image's TensorRT (and torch, if it has one) are system packages: the venv sees them and pip keeps
   # them, since they satisfy the requirements already. No constraints file: GPU runners choose their torch.
@@ -54,6 +57,7 @@ else
     python3 -m venv --system-site-packages "$VENV"
   fi
   "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q --no-deps tritonclient # as on the CPU: its own pins clash with ml_dtypes
   "$VENV/bin/python" -c 'import tensorrt, torch; print("TensorRT", tensorrt.__version__, "· torch", torch.__version__, "CUDA", torch.version.cuda)'
 fi
 "$VENV/bin/optimize" --version
