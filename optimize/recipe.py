@@ -678,6 +678,92 @@ class Gate(_Strict):
         return float(_GATE_RE.match(self.check).group(3))  # type: ignore[union-attr]
 
 
+class SloSection(_Strict):
+    """The service budgets operators write down; the load test's `max_rps_at_slo` is the highest load that
+    keeps p99 and the error rate within them, and the `serving.*` gates judge the same numbers."""
+
+    p99_ms: float = Field(
+        default=500, gt=0, description="99th percentile latency budget (ms), from the intended send time."
+    )
+    error_rate: float = Field(
+        default=0.001, ge=0, le=1, description="Largest fraction of requests that may fail (any non-200)."
+    )
+    cpu_utilisation: float = Field(
+        default=0.7, gt=0, le=1, description="Server process CPU time / (wall time × the cores it may run on)."
+    )
+    memory_utilisation: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Server peak RSS / the memory it may use (cgroup limit, else the machine's).",
+    )
+
+
+class LoadSection(_Strict):
+    """Open-loop load: constant-arrival-rate steps, each `step_s` long; latency counts from the intended send
+    time (wrk2's method), so queueing cannot hide behind a slow client."""
+
+    rps: list[float] | None = Field(
+        default=None,
+        description="Explicit steps (requests per second); default: a search from `start_rps`, multiplying by "
+        "`growth` until a step breaks the SLO (or `max_rps`), then `refine` bisection steps.",
+    )
+    start_rps: float = Field(default=5, gt=0, description="First step of the search.")
+    max_rps: float = Field(default=2000, gt=0, description="The search stops here.")
+    growth: float = Field(default=2.0, gt=1, description="Factor between search steps.")
+    refine: int = Field(
+        default=2, ge=0, le=6, description="Bisection steps between the last passing and first failing step."
+    )
+    step_s: float = Field(default=5, gt=0, le=300, description="Seconds each step sends for.")
+    target_rps: float | None = Field(
+        default=None,
+        gt=0,
+        description="The load the service must carry: `serving.p99_ms`, `error_rate`, `cpu_utilisation` and "
+        "`rss_peak_mb` gates are judged at a step of this rate; default: at the `max_rps_at_slo` step.",
+    )
+    rows: int = Field(default=1, ge=1, description="Rows (samples) per request.")
+    high_priority: float = Field(default=0.0, ge=0, le=1, description="Fraction of requests sent with high priority.")
+    timeout_s: float = Field(
+        default=10, gt=0, description="Client timeout per request; a request past it counts as an error."
+    )
+
+
+class ServingSection(_Strict):
+    """`optimize serve` (dynamic batching, bounded queue, priorities, drain) and the load test that gates it."""
+
+    max_batch_size: int = Field(default=16, ge=1, description="Rows merged into one model run at most.")
+    max_queue_delay_ms: float = Field(
+        default=2, ge=0, description="How long the first queued request waits for others to join its batch."
+    )
+    max_queue: int = Field(default=256, ge=1, description="Requests waiting at most; past it: 503 with Retry-After.")
+    queue_timeout_ms: float = Field(
+        default=500,
+        gt=0,
+        description="A request that cannot start within this (or the client's `timeout` parameter, if sooner) "
+        "is answered 503 with Retry-After at once, not left to wait.",
+    )
+    drain_s: float = Field(
+        default=10, gt=0, description="On SIGTERM: stop accepting, answer what is in flight, exit within this."
+    )
+    max_body_mb: float = Field(default=64, gt=0, description="Largest request body; past it: 413.")
+    threads: int | None = Field(
+        default=None, gt=0, description="Intra-op threads of the runtime; default: the runtime's."
+    )
+    attention_mask: str | None = Field(
+        default="attention_mask",
+        description="The input whose zeros make padding inert: requests of different lengths along a dynamic "
+        "axis are padded (with 0) to one batch only when the model has this input; others merge only "
+        "with requests of the same shape. null: never pad.",
+    )
+    loadtest: bool = Field(
+        default=False,
+        description="`optimize run` serves each variant on 127.0.0.1 after the benchmark and load-tests it; "
+        "its numbers feed the `serving.*` gates, the report and the registered version.",
+    )
+    load: LoadSection = Field(default_factory=LoadSection, description="The load test's steps.")
+    slo: SloSection = Field(default_factory=SloSection, description="The service budgets.")
+
+
 class RegistrySection(_Strict):
     """Where passing variants are registered (MLflow)."""
 
@@ -713,6 +799,9 @@ class Recipe(_Strict):
     engine: EngineSection = Field(default_factory=EngineSection, description="TensorRT engine build (GPU runners).")
     gates: list[Gate] = Field(default_factory=list, description="Thresholds; a failed gate fails the run (exit 1).")
     registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow registration.")
+    serving: ServingSection = Field(
+        default_factory=ServingSection, description="Serving, and the load test against the service budgets."
+    )
 
     @model_validator(mode="after")
     def _cross_references(self) -> Recipe:
