@@ -23,6 +23,9 @@ from optimize.recipe import (
 )
 from optimize.stage import Context, Done, Stage, Unit
 
+# The targets `optimize run` serves and load-tests (serving.loadtest: true): a `serving.*` gate on another is
+# skipped there.
+SERVED_PREFIX = "onnxruntime-"
 OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
 
 
@@ -85,6 +88,10 @@ def evaluate_gates(
                 result = results[variant].get(target, {})
                 if "skipped" in result:  # this target does not run this variant (INT8 on torch, say)
                     row.update(status="skipped", reason=result["skipped"])
+                    rows.append(row)
+                    continue
+                if gate.metric.startswith("serving.") and not target.startswith(SERVED_PREFIX):
+                    row.update(status="skipped", reason=f"the load test serves ONNX Runtime targets only, not {target}")
                     rows.append(row)
                     continue
                 shape = shape_key(gate.shape) if gate.shape else None

@@ -1,6 +1,6 @@
 """Runs the stages of one recipe and owns the run directory and its manifest.
 
-    load → export → fusion → precision → engine → evaluate → benchmark → gate → report → register
+    load → export → fusion → precision → engine → evaluate → benchmark → serving → gate → report → register
 
 Each stage is declared next to its code (optimize/stage.py says how); this module runs them in order, each
 unit of cached work through the stage cache, and records in the manifest how far the run got. Every file in
@@ -133,7 +133,7 @@ def _register(ctx: Context, done: list[tuple[Unit, Done]], rec: dict[str, Any]) 
 
 STAGES = (
     Stage("load", lambda ctx: "model and data", _load),
-    *plan.WORK,  # export, precision, engine, evaluate, benchmark: the stages with cached units
+    *plan.WORK,  # export, precision, engine, evaluate, benchmark, serving: the stages with cached units
     gates.STAGE,
     Stage("report", lambda ctx: "metrics, verdict and reports", _measured, shown=False, logged=False),
     Stage("register", lambda ctx: f"MLflow at {ctx.tracking_uri}", _register, when=lambda ctx: ctx.register),

@@ -27,10 +27,12 @@ from optimize.files import sha256_file
 from optimize.machine import environment
 from optimize.precision import build, fusion
 from optimize.recipe import GPU_TARGETS, load_recipe
+from optimize.serving import stage as serving
 from optimize.stage import Context, Identities, Unit
 
-# The stages with units of cached work, in the order a run makes them (optimize.pipeline.STAGES).
-WORK = (export.STAGE, fusion.STAGE, build.STAGE, engine.STAGE, evaluate.STAGE, bench.STAGE)
+# The stages with units of cached work, in the order a run makes them (optimize.pipeline.STAGES); the serving
+# stage's load tests run only with `serving.loadtest: true`.
+WORK = (export.STAGE, fusion.STAGE, build.STAGE, engine.STAGE, evaluate.STAGE, bench.STAGE, serving.STAGE)
 _SHOWN_CHANGES = 4  # per kind of change, at most this many named in a reason
 
 

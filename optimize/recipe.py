@@ -580,6 +580,13 @@ METRICS: dict[str, str] = {
     "memory.gpu_session_mb": "max",
     "memory.engine_device_memory_mb": "max",
     "latency.gpu_compute_p50_speedup": "min",
+    # the load test of the served variant (`serving.loadtest: true`), at `serving.load.target_rps` or else at
+    # its `max_rps_at_slo` step
+    "serving.p99_ms": "max",
+    "serving.error_rate": "max",
+    "serving.max_rps_at_slo": "min",
+    "serving.cpu_utilisation": "max",
+    "serving.rss_peak_mb": "max",
 }
 _GATE_RE = re.compile(r"^\s*([a-z0-9_.]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+)\s*$")
 
@@ -854,6 +861,12 @@ class Recipe(_Strict):
                     raise _FieldError(
                         ("gates", i, "shape"), f"{shape_key(gate.shape)} is not a benchmark shape (those: {shown})"
                     )
+            if gate.metric.startswith("serving.") and not self.serving.loadtest:
+                raise _FieldError(("gates", i, "check"), "serving gates need `serving.loadtest: true`")
+            if gate.metric.startswith("serving.") and gate.target and not gate.target.startswith("onnxruntime-"):
+                raise _FieldError(
+                    ("gates", i, "target"), f"the load test serves ONNX Runtime targets only, not {gate.target}"
+                )
             if gate.metric == "accuracy.neighbour_agreement" and not self.evaluate.neighbour_outputs:
                 raise _FieldError(("gates", i, "check"), "neighbour-agreement gates need `evaluate.neighbour_outputs`")
             if gate.output is not None:
