@@ -41,6 +41,9 @@ def describe(
         "| gate | target | baseline | value | Δ | result |",
         "|---|---|---|---|---|---|",
     ]
+    line = serving_line(metrics, variant)
+    if line:
+        lines[2:2] = [line]
     for row in verdict["gates"]:
         if row["variant"] != variant:
             continue
@@ -62,6 +65,38 @@ def describe(
             for p in plots:  # one paragraph each: the UI shows them one under the other
                 lines += [f"![{Path(p).stem}]({artifact_link(run_id, p)})", ""]
     return "\n".join(lines)
+
+
+def served(metrics: dict[str, Any], variant: str) -> tuple[str, dict[str, Any]] | None:
+    """The target and load-test summary (metrics.json `results[variant][target]["serving"]`) a version's serving
+    numbers come from: its first load-tested target; None when it was not load-tested."""
+    for target, result in metrics.get("results", {}).get(variant, {}).items():
+        if isinstance(result, dict) and result.get("serving"):
+            return target, result["serving"]
+    return None
+
+
+def serving_line(metrics: dict[str, Any], variant: str) -> str | None:
+    """One line of a version's description: its load test on 127.0.0.1 (highest load within the SLO, and the
+    judged step's p99, errors, CPU and peak RSS); None when it was not load-tested."""
+    found = served(metrics, variant)
+    if found is None:
+        return None
+    target, s = found
+    slo = s.get("slo") or {}
+    line = f"Serving on {target}: {s.get('max_rps_at_slo') or 0:g} req/s within the SLO"
+    if slo.get("p99_ms") is not None:
+        line += f" (p99 ≤ {slo['p99_ms']:g} ms, errors ≤ {slo.get('error_rate', 0):.2%})"
+    judged = [
+        f"p99 {s['p99_ms']:.1f} ms" if s.get("p99_ms") is not None else None,
+        f"errors {s['error_rate']:.2%}" if s.get("error_rate") is not None else None,
+        f"CPU {s['cpu_utilisation']:.0%}" if s.get("cpu_utilisation") is not None else None,
+        f"peak RSS {s['rss_peak_mb']:.0f} MB" if s.get("rss_peak_mb") is not None else None,
+    ]
+    shown = [j for j in judged if j]
+    if s.get("rps") and shown:
+        line += f"; at {s['rps']:g} req/s: " + ", ".join(shown)
+    return line
 
 
 def artifact_link(run_id: str, path: str) -> str:

@@ -32,7 +32,7 @@ from optimize.registry.connection import (
     retrying_upsert,
     store_lock,
 )
-from optimize.registry.description import PLOTS_DIR, describe, run_plots
+from optimize.registry.description import PLOTS_DIR, describe, run_plots, served
 from optimize.registry.record import (
     Registration,
     check_finished_run,
@@ -480,6 +480,7 @@ def version_tags(
     (`identity_tags`) and its provenance: recipe hash, git commit of the recipe's repository and the optimize
     and MLflow run ids."""
     tags = identity_tags(run_dir, variant, metrics, verdict, manifest)
+    tags.update(serving_tags(metrics, variant))
     tags[tag.RECIPE_SHA256] = manifest["recipe_sha256"]
     tags[tag.OPTIMIZE_RUN_ID] = manifest["run_id"]
     tags[tag.MLFLOW_RUN_ID] = mlflow_run_id
@@ -487,6 +488,23 @@ def version_tags(
     if commit:
         tags[tag.GIT_COMMIT] = commit
     return tags
+
+
+def serving_tags(metrics: dict[str, Any], variant: str) -> dict[str, str]:
+    """A load-tested version's serving numbers as tags (`tags.SERVING_*`); none when it was not load-tested."""
+    found = served(metrics, variant)
+    if found is None:
+        return {}
+    target, s = found
+    values = {
+        tag.SERVING_TARGET: target,
+        tag.SERVING_MAX_RPS_AT_SLO: s.get("max_rps_at_slo"),
+        tag.SERVING_RPS: s.get("rps"),
+        tag.SERVING_P99_MS: s.get("p99_ms"),
+        tag.SERVING_ERROR_RATE: s.get("error_rate"),
+        tag.SERVING_SLO_P99_MS: (s.get("slo") or {}).get("p99_ms"),
+    }
+    return {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in values.items() if v is not None}
 
 
 def run_commit(manifest: dict[str, Any]) -> str | None:

@@ -196,6 +196,7 @@ def render(run: RunFiles, reuse: dict[str, bytes] | None = None) -> tuple[str, l
     body += _header(m, v, man)
     body += _gates(v)
     body += _latency(run, colour, figures)
+    body += _serving(m, v, colour, figures)
     body += _accuracy(run, colour, figures)
     body += _size_memory(m, v, colour, figures)
     body += _tradeoff(m, v, colour, figures)
@@ -454,6 +455,48 @@ def _latency_table(m: dict[str, Any], target: str, names: list[str]) -> list[str
     return html_table(
         ("model", "shape", "p50 ms", "p90 ms", "p99 ms", "mean ms", "CV", "items/s", "p50 speed-up"), rows
     )
+
+
+def _serving(m: dict[str, Any], v: dict[str, Any], colour: Any, figures: _Figures) -> list[str]:
+    """The load tests (`serving.loadtest: true`), per target: latency vs load, and a table of each model's
+    highest load within the SLO and the judged step's numbers. Nothing when no model was load-tested."""
+    base = m.get("baseline", BASELINE)
+    out = ['<section id="serving">', "<h2>Serving under load</h2>"]
+    shown = False
+    for t in targets_ran(m, v):
+        served = {n: r["serving"] for n in [base, *variants_of(m)] if (r := result_of(m, n, t)) and r.get("serving")}
+        if not served:
+            continue
+        shown = True
+        slo = next((s["slo"] for s in served.values() if s.get("slo")), None) or {}
+        out.append(f"<h3>{escape(t)}</h3>")
+        steps = {n: s.get("steps", []) for n, s in served.items()}
+        draw = partial(plots.serving, t, steps, slo.get("p99_ms"), colour)
+        caption = f"open-loop load test of each model served on 127.0.0.1 ({t}); latency from the intended send time"
+        out += figures.figure(f"serving-{t}", f"Serving on {t}", draw, caption)
+        rows = []
+        for n, s in served.items():
+            rps = s.get("max_rps_at_slo")
+            rows.append(
+                [
+                    escape(n),
+                    number_cell(_num(fmt_number(rps, 4), f"{n}/{t}/serving/max_rps_at_slo", rps)),
+                    number_cell(fmt_number(s.get("rps"), 4)),
+                    number_cell(fmt_number(s.get("p99_ms"), 4)),
+                    number_cell(fmt_number(s.get("error_rate"), 3)),
+                    number_cell(fmt_number(s.get("cpu_utilisation"), 3)),
+                    number_cell(fmt_number(s.get("rss_peak_mb"), 4)),
+                ]
+            )
+        head = ("model", "max rps at SLO", "judged rps", "p99 ms", "error rate", "CPU", "peak RSS MB")
+        out += html_table(head, rows)
+        if slo:
+            out.append(
+                f'<p class="note">SLO: p99 ≤ {escape(fmt_number(slo.get("p99_ms")))} ms, errors ≤ '
+                f"{escape(fmt_number(slo.get('error_rate')))}; judged at the target load, else at max rps at SLO. "
+                "Every step: <code>serving/&lt;model&gt;/&lt;target&gt;/loadtest.json</code>.</p>"
+            )
+    return [*out, "</section>"] if shown else []
 
 
 def _accuracy(run: RunFiles, colour: Any, figures: _Figures) -> list[str]:

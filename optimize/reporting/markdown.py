@@ -19,6 +19,7 @@ def markdown(metrics: dict[str, Any], verdict: dict[str, Any], manifest: dict[st
     if fallback:
         out += _fallback_section(fallback)
     out += _latency_section(metrics)
+    out += _serving_section(metrics)
     out += _size_memory_section(metrics)
     out += _engine_section(metrics)
     out += _stages_section(manifest)
@@ -118,6 +119,47 @@ def _latency_section(metrics: dict[str, Any]) -> list[str]:
     if warnings:
         out.append("")
         out.extend(warnings)
+    return out
+
+
+def _serving_section(metrics: dict[str, Any]) -> list[str]:
+    """The load tests (`serving.loadtest: true`): per served variant and target the highest load within the SLO
+    and the judged step's numbers, then every step. Nothing when no variant was load-tested."""
+    served = [
+        (variant, target, r["serving"])
+        for variant, by_target in metrics["results"].items()
+        for target, r in by_target.items()
+        if isinstance(r, dict) and r.get("serving")
+    ]
+    if not served:
+        return []
+    slo = next((s["slo"] for _, _, s in served if s.get("slo")), None) or {}
+    out = ["", "## Serving under load", ""]
+    if slo:
+        out.append(
+            f"Served on 127.0.0.1 and load-tested open-loop (latency from the intended send time); SLO: p99 ≤ "
+            f"{fmt_number(slo.get('p99_ms'))} ms, errors ≤ {fmt_number(slo.get('error_rate'))}. Judged at the "
+            "target load, else at `max_rps_at_slo`."
+        )
+        out.append("")
+    out.append("| variant | target | max rps at SLO | judged rps | p99 ms | error rate | CPU | peak RSS MB |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for variant, target, s in served:
+        out.append(
+            f"| {variant} | {target} | {fmt_number(s.get('max_rps_at_slo'), 4)} | {fmt_number(s.get('rps'), 4)} | "
+            f"{fmt_number(s.get('p99_ms'), 4)} | {fmt_number(s.get('error_rate'), 3)} | "
+            f"{fmt_number(s.get('cpu_utilisation'), 3)} | {fmt_number(s.get('rss_peak_mb'), 4)} |"
+        )
+    out += ["", "| variant | target | rps | achieved rps | p50 ms | p99 ms | error rate | within SLO |"]
+    out.append("|---|---|---|---|---|---|---|---|")
+    for variant, target, s in served:
+        for step in s.get("steps", []):
+            ok = {True: "yes", False: "no"}.get(step.get("within_slo"), "–")
+            out.append(
+                f"| {variant} | {target} | {fmt_number(step.get('rps'), 4)} | "
+                f"{fmt_number(step.get('achieved_rps'), 4)} | {fmt_number(step.get('p50_ms'), 4)} | "
+                f"{fmt_number(step.get('p99_ms'), 4)} | {fmt_number(step.get('error_rate'), 3)} | {ok} |"
+            )
     return out
 
 

@@ -313,6 +313,47 @@ def tradeoff(points: Sequence[TradeoffPoint], colour: _Palette) -> Plot:
     return Plot("tradeoff", "Speed-up vs accuracy", _png(fig))
 
 
+def serving(
+    target: str, steps: dict[str, Sequence[dict[str, Any]]], slo_p99_ms: float | None, colour: _Palette
+) -> Plot:
+    """The load tests on one target: p99 (solid, triangles) and p50 (dashed) latency against the offered load,
+    one line per model, the SLO's p99 budget as a dotted line; steps that broke the SLO drawn hollow. Right:
+    the error rate per step. `steps[model]` are the steps metrics.json keeps (rps, p50_ms, p99_ms, error_rate,
+    within_slo)."""
+    fig = _figure(9.4, 3.2)
+    lat_ax, err_ax = fig.subplots(1, 2)
+    for ax in (lat_ax, err_ax):
+        _style(ax)
+    for model, rows in steps.items():
+        rows = sorted((r for r in rows if r.get("rps") is not None), key=lambda r: r["rps"])
+        col = colour(model)
+        rps = [r["rps"] for r in rows]
+        p99 = [r.get("p99_ms") for r in rows]
+        lat_ax.plot(rps, [r.get("p50_ms") for r in rows], color=col, linewidth=1.0, linestyle="--")
+        lat_ax.plot(rps, p99, color=col, linewidth=1.4, label=model)
+        for r, v in zip(rows, p99, strict=True):
+            if v is not None:
+                face = col if r.get("within_slo") else "none"
+                lat_ax.plot(
+                    [r["rps"]], [v], marker="^", markersize=6, color=col, markerfacecolor=face, linestyle="none"
+                )
+        err_ax.plot(rps, [r.get("error_rate") for r in rows], color=col, linewidth=1.4, marker="o", markersize=4)
+    if slo_p99_ms is not None:
+        lat_ax.axhline(
+            slo_p99_ms, color=BASELINE_COLOUR, linewidth=0.9, linestyle=":", label=f"SLO p99 {slo_p99_ms:g} ms"
+        )
+    lat_ax.set_xlabel("offered load (requests/s)", fontsize=8)
+    lat_ax.set_ylabel("latency (ms)", fontsize=8)
+    lat_ax.set_title("p99 (solid; hollow: over the SLO) and p50 (dashed)", fontsize=9)
+    lat_ax.legend(fontsize=7, frameon=False, loc="upper left")
+    err_ax.set_xlabel("offered load (requests/s)", fontsize=8)
+    err_ax.set_ylabel("error rate", fontsize=8)
+    err_ax.set_title("errors (any non-200, timeouts)", fontsize=9)
+    fig.suptitle(f"Latency vs load on {target}, served on 127.0.0.1", fontsize=10)
+    _layout(fig)
+    return Plot(f"serving-{target}", f"Serving on {target}", _png(fig))
+
+
 def _layout(fig: Figure, title: bool = True) -> None:
     """Margins in inches, turned into the figure fractions subplots_adjust takes (a layout engine costs more)."""
     w, h = fig.get_size_inches()
