@@ -107,11 +107,11 @@ def artifact_link(run_id: str, path: str) -> str:
 
 def run_plots(run_dir: Path) -> list[str]:
     """The report's plots in `run_dir` as artifact paths (plots/<name>.png), in the report's order: trade-off,
-    latency, accuracy, size and memory, then any other."""
+    latency, serving under load, accuracy, size and memory, then any other."""
     folder = Path(run_dir) / PLOTS_DIR
     if not folder.is_dir():
         return []
-    order = ("tradeoff", "latency-", "accuracy-", "size-memory")
+    order = ("tradeoff", "latency-", "serving-", "accuracy-", "size-memory")
 
     def rank(p: Path) -> tuple[int, str]:
         return next((i for i, o in enumerate(order) if p.stem.startswith(o)), len(order)), p.name
