@@ -73,8 +73,10 @@ def _unit(ctx: Context, name: str, target: str) -> Unit:
         path = ctx.paths[name]
         inputs, _ = ctx.io_specs(path) if ctx.io_specs else ([], [])
         feeds = requests.requests_from_recipe(ctx.recipe, inputs)
-        with server.start_local(path, target=target, settings=serving, variant=name) as local:
-            doc = loadtest.run_loadtest(local.url, local.model, feeds, serving.load, serving.slo, local.pid)
+        # the recipe's serving settings, read by `optimize serve --recipe` as every serve reads them
+        with server.start_local(path, target=target, recipe=ctx.recipe_file) as local:
+            bar = ctx.progress.bar() if ctx.progress is not None else None
+            doc = loadtest.run_loadtest(local.url, local.model, feeds, serving.load, serving.slo, local.pid, bar)
         loadtest.write_loadtest(doc, folder / LOADTEST)
         loadtest.plot_latency_vs_load(doc, folder / PLOT)
         return summary(doc)
