@@ -1,0 +1,413 @@
+"""`optimize serve` against real clients: each server is a child process on 127.0.0.1 (start_local), serving a
+tiny ONNX model built here; tritonclient (in its own process: it imports gevent), bad requests, overload and
+priority, and the SIGTERM drain. All traffic goes to loopback and is bounded in count."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from conftest import merge, mlp_onnx, tiny_recipe
+
+from optimize.lazy import lazy
+from optimize.serving.server import LocalServer, model_sha256, start_local
+
+onnx = lazy("onnx")
+ort = lazy("onnxruntime")
+aiohttp = lazy("aiohttp")
+
+# The slow model: one 2048×2048 identity matrix applied 64 times (16 MB read per MatMul and row: ~100 ms a
+# request on one thread here), so three requests keep a queue of 2 full for a while.
+SLOW_WIDTH, SLOW_DEPTH = 2048, 64
+
+
+def matmul_chain_onnx(path: Path, width: int, depth: int) -> Path:
+    """x (N, width) → MatMul by one shared identity matrix `depth` times → y (N, width), so y == x, slowly."""
+    nodes, prev = [], "x"
+    for i in range(depth):
+        out = "y" if i == depth - 1 else f"h{i}"
+        nodes.append(onnx.helper.make_node("MatMul", [prev, "w"], [out], name=f"mm{i}"))
+        prev = out
+    graph = onnx.helper.make_graph(
+        nodes,
+        "chain",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])],
+        [onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def serving_recipe(folder: Path, serving: dict[str, Any]) -> Path:
+    """A recipe file whose `serving:` section is `serving` (the rest is the tiny recipe, never run)."""
+    path = folder / "serving.yaml"
+    path.write_text(yaml.safe_dump(merge(tiny_recipe(), {"serving": serving})))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    mlp_onnx(folder / "mlp.onnx")
+    matmul_chain_onnx(folder / "slow.onnx", SLOW_WIDTH, SLOW_DEPTH)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(models: Path) -> Iterator[LocalServer]:
+    """The tiny MLP (x (N, 8) → logits (N, 4)) served with a 10 KB body limit."""
+    recipe = serving_recipe(models, {"max_body_mb": 0.01})
+    started = time.monotonic()
+    with start_local(models / "mlp.onnx", recipe=recipe, timeout_s=60) as local:
+        local.ready["seconds_to_ready"] = time.monotonic() - started
+        yield local
+
+
+def reference(models: Path, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(models / "mlp.onnx"), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def request(
+    url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request; (status, headers, body) whatever the status."""
+    req = urllib.request.Request(url + path, data=body, headers=headers or {}, method="POST" if body else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+def infer_body(x: np.ndarray, name: str = "x", datatype: str = "FP32", **params: Any) -> bytes:
+    doc: dict[str, Any] = {
+        "inputs": [{"name": name, "datatype": datatype, "shape": list(x.shape), "data": x.ravel().tolist()}]
+    }
+    if params:
+        doc["parameters"] = params
+    return json.dumps(doc).encode()
+
+
+def requests_by_code(url: str) -> dict[str, float]:
+    """optimize_requests_total by code, read from the server's /metrics."""
+    _, _, text = request(url, "/metrics")
+    out = {}
+    for line in text.decode().splitlines():
+        if line.startswith("optimize_requests_total{"):
+            code = line.split('code="')[1].split('"')[0]
+            out[code] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def gauge(url: str, name: str) -> float:
+    _, _, text = request(url, "/metrics")
+    line = next(x for x in text.decode().splitlines() if x.startswith(name + " "))
+    return float(line.rsplit(" ", 1)[1])
+
+
+# --- a real client ----------------------------------------------------------------------------------------
+
+TRITON_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import tritonclient.http as http
+
+    url, = sys.argv[1:]
+    client = http.InferenceServerClient(url.removeprefix("http://"))
+    x = np.arange(24, dtype=np.float32).reshape(3, 8) / 10
+    out = {"live": client.is_server_live(), "ready": client.is_server_ready(),
+           "model_ready": client.is_model_ready("mlp"), "model_ready_v1": client.is_model_ready("mlp", "1"),
+           "metadata": client.get_model_metadata("mlp"), "x": x.tolist()}
+    binary = http.InferInput("x", list(x.shape), "FP32")
+    binary.set_data_from_numpy(x)  # binary tensors: tritonclient's default
+    out["binary"] = client.infer("mlp", [binary]).as_numpy("logits").tolist()
+    as_json = http.InferInput("x", list(x.shape), "FP32")
+    as_json.set_data_from_numpy(x, binary_data=False)
+    result = client.infer("mlp", [as_json], outputs=[http.InferRequestedOutput("logits", binary_data=False)],
+                          model_version="1", request_id="r-7")
+    out["json"] = result.as_numpy("logits").tolist()
+    out["json_response"] = result.get_response()
+    try:
+        client.infer("nope", [binary])
+    except http.InferenceServerException as e:
+        out["unknown_model"] = [e.status(), e.message()]
+    print(json.dumps(out))
+    """
+)
+
+
+def test_tritonclient_json_and_binary_metadata_and_readiness(server: LocalServer, models: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", TRITON_SCRIPT, server.url], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["live"] and out["ready"] and out["model_ready"] and out["model_ready_v1"]
+    assert out["metadata"] == {
+        "name": "mlp",
+        "versions": ["1"],
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}],
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, 4]}],
+    }
+    expected = reference(models, np.asarray(out["x"], dtype=np.float32))
+    np.testing.assert_allclose(np.asarray(out["binary"]), expected, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out["json"]), expected, rtol=1e-6, atol=1e-6)
+    response = out["json_response"]
+    assert (response["model_name"], response["model_version"], response["id"]) == ("mlp", "1", "r-7")
+    assert out["unknown_model"][0] == "404" and "unknown model 'nope'" in out["unknown_model"][1]
+
+
+def test_ready_within_3_s_of_start_and_the_ready_file(server: LocalServer) -> None:
+    ready = server.ready
+    assert ready["seconds_to_ready"] < 3.0, ready
+    assert ready["url"].startswith("http://127.0.0.1:") and ready["pid"] == server.pid
+    assert (ready["model"], ready["version"], ready["variant"], ready["target"]) == (
+        "mlp",
+        "1",
+        None,
+        "onnxruntime-cpu",
+    )
+    assert len(ready["sha256"]) == 64
+    status, _, body = request(server.url, "/v2")
+    assert status == 200 and json.loads(body)["name"] == "optimize"
+
+
+# --- bad requests: each a 4xx with a JSON error, and the server keeps serving -------------------------------
+
+
+def _good(server: LocalServer) -> None:
+    x = np.ones((2, 8), np.float32)
+    status, _, body = request(server.url, "/v2/models/mlp/infer", infer_body(x))
+    assert status == 200, body
+    assert json.loads(body)["outputs"][0]["shape"] == [2, 4]
+
+
+def _binary_body(x: np.ndarray, cut: int = 0) -> tuple[bytes, dict[str, str]]:
+    header = json.dumps(
+        {
+            "inputs": [
+                {"name": "x", "datatype": "FP32", "shape": list(x.shape), "parameters": {"binary_data_size": x.nbytes}}
+            ]
+        }
+    ).encode()
+    data = x.tobytes()
+    return header + data[: len(data) - cut], {"Inference-Header-Content-Length": str(len(header))}
+
+
+BAD = {
+    "wrong input name": (infer_body(np.ones((1, 8)), name="y"), {}, 400, "unknown input 'y'"),
+    "wrong dtype": (infer_body(np.ones((1, 8), np.int64), datatype="INT64"), {}, 400, "datatype 'INT64'"),
+    "wrong shape": (infer_body(np.ones((1, 7))), {}, 400, "has 7 at dim 1"),
+    "truncated binary body": (*_binary_body(np.ones((2, 8), np.float32), cut=4), 400, "truncated binary body"),
+    "body over the size limit": (b"{" + b" " * 20_000 + b"}", {}, 413, "over the limit of 10485 bytes"),
+    "malformed JSON": (b'{"inputs": [', {}, 400, "malformed JSON"),
+    "bad priority header": (infer_body(np.ones((1, 8))), {"X-Priority": "urgent"}, 400, "X-Priority 'urgent'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_a_bad_request_gets_a_4xx_json_error_and_the_server_keeps_serving(server: LocalServer, case: str) -> None:
+    body, headers, code, message = BAD[case]
+    before = requests_by_code(server.url)
+    status, got_headers, answer = request(server.url, "/v2/models/mlp/infer", body, headers)
+    assert status == code, answer
+    assert got_headers["content-type"] == "application/json"
+    assert message in json.loads(answer)["error"]
+    _good(server)
+    after = requests_by_code(server.url)
+    assert after.get(str(code), 0) == before.get(str(code), 0) + 1  # counted by its code
+    assert after["200"] == before.get("200", 0) + 1
+
+
+def test_a_body_over_the_limit_streamed_without_length_is_refused_too(server: LocalServer) -> None:
+    def chunks() -> Iterator[bytes]:
+        for _ in range(40):
+            yield b" " * 1000
+
+    req = urllib.request.Request(server.url + "/v2/models/mlp/infer", data=chunks(), method="POST")
+    req.add_header("Transfer-Encoding", "chunked")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 413 and "over the limit" in json.loads(e.value.read())["error"]
+    _good(server)
+
+
+@pytest.mark.parametrize(
+    ("path", "message"),
+    [
+        ("/v2/models/other/infer", "unknown model 'other'"),
+        ("/v2/models/mlp/versions/2/infer", "model 'mlp' has no version '2'"),
+    ],
+)
+def test_unknown_model_or_version_is_404(server: LocalServer, path: str, message: str) -> None:
+    status, _, body = request(server.url, path, infer_body(np.ones((1, 8))))
+    assert status == 404 and message in json.loads(body)["error"]
+    for meta in (path.removesuffix("/infer"), path.removesuffix("/infer") + "/ready"):
+        status, _, body = request(server.url, meta)
+        assert status == 404 and message in json.loads(body)["error"]
+    status, _, _ = request(server.url, "/v2/models/mlp/versions/1/infer", infer_body(np.ones((1, 8))))
+    assert status == 200
+
+
+# --- overload and priority ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def slow(models: Path) -> Iterator[LocalServer]:
+    """The slow model, one request a run, at most 2 waiting, one ONNX Runtime thread (a core left for the
+    server's event loop and the client)."""
+    recipe = serving_recipe(
+        models,
+        # a long queue timeout: the queue's size is the only reason to shed here
+        {"threads": 1, "max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue": 2, "queue_timeout_ms": 10_000},
+    )
+    with start_local(models / "slow.onnx", recipe=recipe, timeout_s=60) as local:
+        yield local
+
+
+SLOW_BODY = infer_body(np.full((1, SLOW_WIDTH), 0.5, np.float32))
+
+
+async def _send(session: Any, url: str, priority: str, results: list[dict[str, Any]]) -> None:
+    start = time.perf_counter()
+    async with session.post(url + "/v2/models/slow/infer", data=SLOW_BODY, headers={"X-Priority": priority}) as r:
+        body = await r.read()
+        results.append(
+            {
+                "status": r.status,
+                "ms": (time.perf_counter() - start) * 1000,
+                "retry_after": r.headers.get("Retry-After"),
+                "priority": priority,
+                "body": body,
+            }
+        )
+
+
+async def _fill(session: Any, url: str, results: list[dict[str, Any]]) -> list[asyncio.Task[None]]:
+    """Send low requests until the queue holds 2 (and one runs); returns their tasks."""
+    tasks = []
+    deadline = time.monotonic() + 10
+    while gauge(url, "optimize_queue_depth") < 2:
+        assert time.monotonic() < deadline, "the queue did not fill"
+        if len(tasks) < 3 or all(t.done() for t in tasks[-2:]):
+            tasks.append(asyncio.create_task(_send(session, url, "low", results)))
+        await asyncio.sleep(0.01)
+    return tasks
+
+
+def test_a_full_queue_answers_503_at_once_and_nothing_is_lost(slow: LocalServer) -> None:
+    before = sum(requests_by_code(slow.url).values())
+    filling: list[dict[str, Any]] = []
+    shed: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            tasks = await _fill(session, slow.url, filling)
+            for _ in range(10):  # one at a time, while the queue is full
+                await _send(session, slow.url, "low", shed)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert len(filling) >= 3 and {r["status"] for r in filling} == {200}, [r["status"] for r in filling]
+    for r in filling:
+        assert json.loads(r["body"])["outputs"][0]["data"][:3] == [0.5, 0.5, 0.5]  # identity chain: y == x
+    assert [r["status"] for r in shed] == [503] * 10
+    for r in shed:
+        assert int(r["retry_after"]) >= 1, r
+        assert "server busy: the queue is full (2 waiting)" in json.loads(r["body"])["error"]
+    assert max(r["ms"] for r in shed) < 50, [round(r["ms"], 1) for r in shed]  # at once, not after a wait
+    after = requests_by_code(slow.url)
+    sent = len(filling) + len(shed)
+    assert sum(after.values()) - before == sent, (after, sent)  # the server's count adds up to what was sent
+
+
+def test_with_the_queue_full_of_low_high_priority_still_gets_200(slow: LocalServer) -> None:
+    low: list[dict[str, Any]] = []
+    high: list[dict[str, Any]] = []
+
+    async def scenario() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            tasks = []
+            for _ in range(3):
+                tasks += await _fill(session, slow.url, low)
+                await _send(session, slow.url, "high", high)
+            await asyncio.gather(*tasks)
+
+    asyncio.run(scenario())
+    assert [r["status"] for r in high] == [200] * 3
+    evicted = [r for r in low if r["status"] == 503]
+    assert len(evicted) >= 3 and {r["status"] for r in low} == {200, 503}
+    for r in evicted:
+        assert "evicted by a high-priority request" in json.loads(r["body"])["error"]
+
+
+# --- SIGTERM -------------------------------------------------------------------------------------------------
+
+
+def test_sigterm_answers_everything_in_flight_goes_unready_and_exits_0(models: Path, tmp_path: Path) -> None:
+    recipe = serving_recipe(
+        tmp_path,
+        {"threads": 1, "max_batch_size": 1, "max_queue_delay_ms": 0, "max_queue": 16, "queue_timeout_ms": 10_000,
+         "drain_s": 5},
+    )  # fmt: skip
+    results: list[dict[str, Any]] = []
+    with start_local(models / "slow.onnx", recipe=recipe, timeout_s=60) as local:
+
+        async def scenario() -> dict[str, Any]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+                sent = [asyncio.create_task(_send(session, local.url, "low", results)) for _ in range(8)]
+                deadline = time.monotonic() + 5
+                while gauge(local.url, "optimize_in_flight") + len(results) < 8:  # all 8 accepted
+                    assert time.monotonic() < deadline, "the requests were not accepted"
+                    await asyncio.sleep(0.005)
+                os.kill(local.pid, signal.SIGTERM)
+                signalled = time.monotonic()
+                await asyncio.sleep(0.05)
+                seen: dict[str, Any] = {"signalled": signalled}
+                async with session.get(local.url + "/v2/health/ready") as r:
+                    seen["ready"] = r.status
+                late: list[dict[str, Any]] = []
+                try:
+                    await _send(session, local.url, "low", late)
+                    seen["late"] = late[0]["status"]
+                except aiohttp.ClientConnectionError:
+                    seen["late"] = "refused"
+                await asyncio.gather(*sent)
+                return seen
+
+        seen = asyncio.run(scenario())
+        code = local.proc.wait(timeout=10)
+        exited_after = time.monotonic() - seen["signalled"]
+    assert [r["status"] for r in results] == [200] * 8, "every request in flight is answered"
+    assert seen["ready"] == 503
+    assert seen["late"] in (503, "refused")
+    assert code == 0 and exited_after < 5, (code, exited_after)
+
+
+def test_model_sha256_is_onnx_sha256_with_and_without_external_data(tmp_path: Path) -> None:
+    from optimize.onnx_files import onnx_sha256
+
+    path = mlp_onnx(tmp_path / "mlp.onnx")
+    assert model_sha256(path) == onnx_sha256(path)
+    model = onnx.load(str(path))
+    external = tmp_path / "ext" / "mlp.onnx"
+    external.parent.mkdir()
+    onnx.save(model, str(external), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0)
+    assert (external.parent / "mlp.onnx.data").is_file() or list(external.parent.glob("*.data"))
+    assert model_sha256(external) == onnx_sha256(external)
