@@ -138,7 +138,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = self._admit(feeds, priority, timeout_s, loop)
         self.metrics.in_flight.inc()
-        loop.call_later(max(0.0, pending.deadline - time.monotonic()), self._expire_due)
+        loop.call_later(max(0.0, pending.deadline - time.monotonic()), self._expire, pending)
         try:
             return await pending.future
         finally:
@@ -182,9 +182,12 @@ class Batcher:
             self._cond.notify_all()
         return pending
 
-    def _expire_due(self) -> None:
+    def _expire(self, pending: _Pending) -> None:
+        """At `pending`'s deadline (a timer on the loop): still queued, it is answered Overloaded("deadline") now."""
         with self._cond:
-            self._expire_locked(time.monotonic())
+            if pending.state == _QUEUED:
+                self._remove_locked(pending)
+                self._fail_locked(pending, self._deadline_locked(pending, time.monotonic()))
 
     async def drain(self, timeout_s: float) -> bool:
         """Stop admitting (new submits: Overloaded("draining")) and wait until everything queued or running has
@@ -259,9 +262,12 @@ class Batcher:
         for queue in self._queues.values():
             for pending in [p for p in queue if p.deadline <= now]:
                 self._remove_locked(pending)
-                waited_ms = 1000 * (now - pending.enqueued)
-                why = f"queued {waited_ms:.0f} ms, its batch could not start before its deadline"
-                self._fail_locked(pending, self._shed_locked("deadline", pending.priority, why))
+                self._fail_locked(pending, self._deadline_locked(pending, now))
+
+    def _deadline_locked(self, pending: _Pending, now: float) -> Overloaded:
+        waited_ms = 1000 * (now - pending.enqueued)
+        why = f"queued {waited_ms:.0f} ms, its batch could not start within its deadline"
+        return self._shed_locked("deadline", pending.priority, why)
 
     def _record_rate(self, rows: int, seconds: float) -> None:
         if rows <= 0 or seconds <= 0:
