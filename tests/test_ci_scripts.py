@@ -4,6 +4,7 @@ promotes, smoke-checks and rolls back when the check fails."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from conftest import REPO, build_finished_run
 
 CI_VARS = ("CI", "JENKINS_URL", "GITHUB_STEP_SUMMARY", "MLFLOW_TRACKING_URI", "CI_OUT", "OPTIMIZE_VENV")
@@ -103,7 +105,18 @@ def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finis
     out = tmp_path / "ci-out"
     run1 = tmp_path / "run1"
     shutil.copytree(finished_run, run1)
-    recipe = finished_run.parent.parent.parent / "r.yaml"  # the finished run's recipe (name: tiny)
+    # the finished run's recipe (name: tiny), its canary load-tested in one short step; and the same with an SLO
+    # no server meets (p99 under 1 µs)
+    folder = finished_run.parent.parent.parent
+    plain = yaml.safe_load((folder / "r.yaml").read_text())
+    plain["model"]["python_path"] = [str(folder)]
+    plain["data"]["eval"]["path"] = str(folder / "tiny.npz")
+    plain["serving"] = {"load": {"rps": [10], "step_s": 1}}
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(plain))
+    plain["serving"]["slo"] = {"p99_ms": 0.001}
+    strict = tmp_path / "strict.yaml"
+    strict.write_text(yaml.safe_dump(plain))
 
     proc = ci("publish.sh", str(run1), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -113,6 +126,8 @@ def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finis
     proc = ci("canary.sh", "canary", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _aliases(uri)["canary"] == candidate
+    loadtest = json.loads((out / "loadtest" / "tiny-canary.json").read_text())
+    assert [s["rps"] for s in loadtest["steps"]] == [10] and loadtest["max_rps_at_slo"] == 10
     proc = ci("canary.sh", "production", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert _aliases(uri)["production"] == candidate
@@ -125,6 +140,13 @@ def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finis
     assert proc.returncode == 0, proc.stdout + proc.stderr
     new_candidate = _aliases(uri)["candidate"]
     assert new_candidate != candidate
+
+    # a canary over the SLO under load (exit 1) is rolled back: it cannot go to production
+    proc = ci("canary.sh", "canary", str(strict), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "load test of canary failed (exit 1): rolling canary back" in proc.stderr
+    assert _aliases(uri)["canary"] == candidate
+
     for golden in set(store.rglob("golden_outputs.npz")) - before:
         with np.load(golden) as z:
             bad = {k: z[k] + 1.0 for k in z.files}

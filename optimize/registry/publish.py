@@ -491,18 +491,18 @@ def version_tags(
 
 
 def serving_tags(metrics: dict[str, Any], variant: str) -> dict[str, str]:
-    """A load-tested version's serving numbers as tags (`tags.SERVING_*`); none when it was not load-tested."""
+    """A load-tested version's serving numbers as tags (`tags.LOADTEST_*`); none when it was not load-tested."""
     found = served(metrics, variant)
     if found is None:
         return {}
     target, s = found
     values = {
-        tag.SERVING_TARGET: target,
-        tag.SERVING_MAX_RPS_AT_SLO: s.get("max_rps_at_slo"),
-        tag.SERVING_RPS: s.get("rps"),
-        tag.SERVING_P99_MS: s.get("p99_ms"),
-        tag.SERVING_ERROR_RATE: s.get("error_rate"),
-        tag.SERVING_SLO_P99_MS: (s.get("slo") or {}).get("p99_ms"),
+        tag.LOADTEST_TARGET: target,
+        tag.LOADTEST_MAX_RPS_AT_SLO: s.get("max_rps_at_slo"),
+        tag.LOADTEST_RPS: s.get("rps"),
+        tag.LOADTEST_P99_MS: s.get("p99_ms"),
+        tag.LOADTEST_ERROR_RATE: s.get("error_rate"),
+        tag.LOADTEST_SLO_P99_MS: (s.get("slo") or {}).get("p99_ms"),
     }
     return {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in values.items() if v is not None}
 

@@ -38,14 +38,15 @@ LEGACY_GIT_COMMIT = "git_commit"
 IDENTITY = (VARIANT, SHA256, PRECISION, TARGET, RECIPE, VERDICT, FORMAT, GPU_SM, GPU, TENSORRT)
 
 # What the version's load test measured (`serving.loadtest: true`) on its first served target: measurements, not
-# identity (a model measured again is the same model). `serving.rps` is the judged step's rate (the recipe's
-# `serving.load.target_rps`, else `max_rps_at_slo`); p99 and error rate are at that rate.
-SERVING_TARGET = "serving.target"
-SERVING_MAX_RPS_AT_SLO = "serving.max_rps_at_slo"
-SERVING_RPS = "serving.rps"
-SERVING_P99_MS = "serving.p99_ms"
-SERVING_ERROR_RATE = "serving.error_rate"
-SERVING_SLO_P99_MS = "serving.slo_p99_ms"  # the p99 budget max_rps_at_slo was found under
+# identity (a model measured again is the same model). `loadtest.rps` is the judged step's rate (the recipe's
+# `serving.load.target_rps`, else `max_rps_at_slo`); p99 and error rate are at that rate. Named `loadtest.*`, not
+# after the `serving.*` gate metrics, which judge the same numbers in the run.
+LOADTEST_TARGET = "loadtest.target"
+LOADTEST_MAX_RPS_AT_SLO = "loadtest.max_rps_at_slo"
+LOADTEST_RPS = "loadtest.rps"
+LOADTEST_P99_MS = "loadtest.p99_ms"
+LOADTEST_ERROR_RATE = "loadtest.error_rate"
+LOADTEST_SLO_P99_MS = "loadtest.slo_p99_ms"  # the p99 budget max_rps_at_slo was found under
 
 # --- how alias moves are recorded (see optimize/registry/promotion.py) -------------------------------------
 ALIAS_HISTORY = "alias_history.{alias}"  # registered-model tag: the alias's moves, a JSON list, newest last

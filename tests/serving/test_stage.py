@@ -96,10 +96,10 @@ def test_a_served_tiny_model_is_load_tested_gated_reported_and_registered(write_
 
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("tiny", "candidate")
-    assert mv.tags[tag.SERVING_TARGET] == "onnxruntime-cpu"
-    assert float(mv.tags[tag.SERVING_MAX_RPS_AT_SLO]) == fp16["max_rps_at_slo"]
-    assert float(mv.tags[tag.SERVING_P99_MS]) == pytest.approx(fp16["p99_ms"], rel=1e-5)
-    assert float(mv.tags[tag.SERVING_RPS]) == fp16["rps"]
+    assert mv.tags[tag.LOADTEST_TARGET] == "onnxruntime-cpu"
+    assert float(mv.tags[tag.LOADTEST_MAX_RPS_AT_SLO]) == fp16["max_rps_at_slo"]
+    assert float(mv.tags[tag.LOADTEST_P99_MS]) == pytest.approx(fp16["p99_ms"], rel=1e-5)
+    assert float(mv.tags[tag.LOADTEST_RPS]) == fp16["rps"]
     assert "Serving on onnxruntime-cpu: 20 req/s within the SLO" in mv.description
 
     # the plan lists the serving units the run made, now cached; --rebench measures them anew
