@@ -3,7 +3,8 @@ and overall. A gate on a target that did not run is `skipped`; a variant passes 
 of its gates passed and none failed, and is `skipped` when all its gates were. The run passes when no
 variant failed and at least one passed. An accuracy gate with an `output` judges that output's value; without
 one, the worst over the outputs that have the metric. `check_outputs` refuses, once the model's outputs are
-known, a gate whose metric does not fit its output's shape."""
+known, a gate whose metric does not fit its output's shape. A `serving.*` gate (the load test's numbers) on a
+target the load test does not serve is `skipped` there."""
 
 from __future__ import annotations
 

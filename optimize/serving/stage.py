@@ -24,8 +24,9 @@ requests = lazy("optimize.serving.requests")
 LOADTEST = "loadtest.json"
 PLOT = "loadtest.png"
 RUN_FOLDER = "serving"  # a run's load tests: serving/<variant>/<target>/loadtest.json and loadtest.png
-# The libraries the served numbers depend on besides the runtime's: the server's.
-SERVER_LIBRARIES = ("starlette", "uvicorn")
+# The libraries the served numbers depend on besides the runtime's: the server's and the load generator's (their
+# versions are in the key as optimize.machine.LIBRARIES records them).
+SERVING_LIBRARIES = ("starlette", "uvicorn", "aiohttp")
 # What metrics.json keeps of each step (the whole document is loadtest.json).
 STEP_KEYS = ("rps", "achieved_rps", "sent", "ok", "error_rate", "within_slo")
 LATENCY_KEYS = ("p50", "p90", "p99", "max")
@@ -97,7 +98,7 @@ def _unit(ctx: Context, name: str, target: str) -> Unit:
             "variant": name,
             "precision": ctx.precision_of(name),
         },
-        libraries=(*runtime_libraries(target), *SERVER_LIBRARIES),
+        libraries=(*runtime_libraries(target), *SERVING_LIBRARIES),
         code=("serving.stage", "serving.server", "serving.loadtest", "serving.requests"),
         run=run,
         use=use,

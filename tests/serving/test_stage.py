@@ -16,8 +16,9 @@ from mlflow import MlflowClient
 
 from optimize import plan
 from optimize.errors import RecipeError
+from optimize.gates import evaluate_gates
 from optimize.pipeline import RunOptions, run
-from optimize.recipe import load_recipe
+from optimize.recipe import Gate, load_recipe
 from optimize.registry import tags as tag
 
 # Short, bounded load: one explicit step of 1 s at a rate a tiny MLP serves far within the default SLO
@@ -142,3 +143,21 @@ def test_without_the_load_test_nothing_is_served(write_recipe) -> None:
     assert units and not [u for u in units if u.stage == "serving"]
     planned = [u.unit for u in plan.make(_recipe(write_recipe, [], name="served.yaml")).units if u.stage == "serving"]
     assert planned == [f"{n}@onnxruntime-cpu" for n in SERVED]
+
+
+def test_a_serving_gate_is_judged_where_the_load_test_served_and_skipped_elsewhere() -> None:
+    gate = Gate(check="serving.p99_ms <= 50")
+    served = {"serving": {"p99_ms": 80.0}, "accuracy": {}}
+    results = {
+        "fp32": {"onnxruntime-cpu": {"serving": {"p99_ms": 20.0}}, "torch-cpu": {}},
+        "fp16": {"onnxruntime-cpu": served, "torch-cpu": {"accuracy": {}}},
+    }
+    targets = {"onnxruntime-cpu": {"status": "ran"}, "torch-cpu": {"status": "ran"}}
+    verdict = evaluate_gates([gate], results, targets)
+    rows = {r["target"]: r for r in verdict["gates"]}
+    assert rows["onnxruntime-cpu"]["status"] == "failed" and rows["onnxruntime-cpu"]["value"] == 80.0
+    assert rows["onnxruntime-cpu"]["baseline_value"] == 20.0
+    assert rows["onnxruntime-cpu"]["reason"] == "serving.p99_ms = 80, needs <= 50"
+    skipped = rows["torch-cpu"]
+    assert skipped["status"] == "skipped" and "serves ONNX Runtime targets only" in skipped["reason"]
+    assert verdict["status"] == "failed"
