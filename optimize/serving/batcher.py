@@ -2,9 +2,10 @@
 model runs and splits the outputs back, so that each caller gets exactly its own rows.
 
 Admission is decided at arrival, so an overloaded server answers 503 in milliseconds instead of after a wait:
-a full queue, or a predicted wait (rows queued ahead / the measured service rate) past the request's deadline, is
-`Overloaded` at once. A queued request whose deadline passes before its batch starts is answered when it passes
-(a timer on the event loop), not when the worker gets to it.
+a full queue, or a predicted wait past the request's deadline, is `Overloaded` at once. The wait is predicted from
+the rows queued ahead and the measured time of a model run by its batch size (what is left of the running batch,
+then one full batch per `max_batch_size` rows ahead). A queued request whose deadline passes before its batch
+starts is answered when it passes (a timer on the event loop), not when the worker gets to it.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ if TYPE_CHECKING:
 np = lazy("numpy")
 
 PRIORITIES = ("high", "low")
-# Weight of the newest run in the service rate (rows per second): a few runs follow a change of load.
-RATE_ALPHA = 0.2
+# Weight of the newest run in a batch size's run time (EWMA): a few runs follow a change of load or lengths.
+RUN_TIME_ALPHA = 0.2
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
 
 
@@ -117,7 +118,8 @@ class Batcher:
         self._busy = False
         self._draining = False
         self._stopping = False
-        self._rate: float | None = None  # rows per second of past runs (EWMA); None before the first
+        self._run_s: dict[int, float] = {}  # seconds per model run (EWMA), by rows in the run
+        self._run_started = 0.0  # time.monotonic() when the running batch started
         self._thread: threading.Thread | None = None
 
     # ---- the event loop's side
@@ -162,13 +164,14 @@ class Batcher:
             full = len(self._queues["high"]) + len(self._queues["low"]) >= self.max_queue
             if full and (priority == "low" or not self._queues["low"]):
                 raise self._shed_locked("queue_full", priority, f"the queue is full ({self.max_queue} waiting)")
-            ahead = self._running_rows + self._rows["high"] + (self._rows["low"] if priority == "low" else 0)
-            if self._rate is not None and ahead / self._rate > deadline_s:
+            ahead = self._rows["high"] + (self._rows["low"] if priority == "low" else 0)
+            wait_s = self._predicted_wait_locked(ahead, now)
+            if wait_s is not None and wait_s > deadline_s:
                 raise self._shed_locked(
                     "deadline",
                     priority,
-                    f"a {priority}-priority request would wait ~{1000 * ahead / self._rate:.0f} ms "
-                    f"({ahead} rows ahead), past its {1000 * deadline_s:.0f} ms deadline",
+                    f"a {priority}-priority request would wait ~{1000 * wait_s:.0f} ms ({ahead} rows queued ahead), "
+                    f"past its {1000 * deadline_s:.0f} ms deadline",
                 )
             if full:  # a high request takes the place of the newest low one
                 victim = self._queues["low"][-1]
@@ -216,17 +219,26 @@ class Batcher:
             self._thread = None
 
     def warm(self, feeds: dict[str, np.ndarray], runs: int = 3) -> None:
-        """Run `feeds` `runs` times on the runner (before serving), so the service rate is known from the start."""
+        """Before serving: run `feeds`, and the same rows repeated to `max_batch_size` rows, `runs` times each, so
+        that admission knows run times from the first request (real runs then update them)."""
         rows = self._describe(feeds)[0]
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            self.runner.run(feeds)
-            self._record_rate(rows, time.perf_counter() - t0)
+        sizes = [rows]
+        if self.batchable and 0 < rows < self.max_rows:
+            sizes.append(self.max_rows)
+        for size in sizes:
+            batch = feeds if size == rows else {k: np.resize(v, (size, *v.shape[1:])) for k, v in feeds.items()}
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                self.runner.run(batch)
+                with self._cond:
+                    self._record_run_locked(size, time.perf_counter() - t0)
 
     @property
     def service_rate(self) -> float | None:
-        """Rows per second of recent model runs (EWMA), None before the first."""
-        return self._rate
+        """Rows per second at full batches, from the measured run times (None before any run)."""
+        with self._cond:
+            seconds = self._run_time_locked(self.max_rows)
+        return None if not seconds else self.max_rows / seconds
 
     def retry_after_s(self) -> int:
         """Whole seconds until the queue as it is now should have drained (at least 1)."""
@@ -236,9 +248,43 @@ class Batcher:
     # ---- shared state (callers hold self._cond)
 
     def _retry_after_locked(self) -> int:
-        if not self._rate:
-            return 1
-        return max(1, math.ceil((self._running_rows + self._rows["high"] + self._rows["low"]) / self._rate))
+        rows = self._rows["high"] + self._rows["low"]
+        wait_s = self._predicted_wait_locked(rows, time.monotonic(), own_batch=False)
+        return 1 if wait_s is None else max(1, math.ceil(wait_s))
+
+    def _run_time_locked(self, rows: int) -> float | None:
+        """Seconds a run of `rows` takes: measured, else the next larger size measured (a run of fewer rows takes
+        no longer), else the largest measured scaled by rows (no gain from batching assumed); None before any."""
+        if not self._run_s:
+            return None
+        if rows in self._run_s:
+            return self._run_s[rows]
+        larger = [r for r in self._run_s if r > rows]
+        if larger:
+            return self._run_s[min(larger)]
+        largest = max(self._run_s)
+        return self._run_s[largest] * rows / largest
+
+    def _predicted_wait_locked(self, rows_ahead: int, now: float, own_batch: bool = True) -> float | None:
+        """Seconds until a request with `rows_ahead` queued rows ahead of it starts (`own_batch`: it joins the batch
+        after them; else: until they have all run), or None before any run was measured."""
+        per_run = self.max_rows if self.batchable else 1
+        wait_s = 0.0
+        if self._busy:
+            running = self._run_time_locked(max(1, self._running_rows))
+            if running is None:
+                return None
+            wait_s += max(0.0, running - (now - self._run_started))
+        full, rest = divmod(rows_ahead, per_run)
+        if own_batch:
+            rest = 0  # whatever is left over shares our batch
+        for size, count in ((per_run, full), (rest, 1)):
+            if size and count:
+                seconds = self._run_time_locked(size)
+                if seconds is None:
+                    return None
+                wait_s += count * seconds
+        return wait_s
 
     def _shed_locked(self, reason: str, priority: str, why: str) -> Overloaded:
         self.metrics.shed.labels(reason=reason, priority=priority).inc()
@@ -269,11 +315,11 @@ class Batcher:
         why = f"queued {waited_ms:.0f} ms, its batch could not start within its deadline"
         return self._shed_locked("deadline", pending.priority, why)
 
-    def _record_rate(self, rows: int, seconds: float) -> None:
+    def _record_run_locked(self, rows: int, seconds: float) -> None:
         if rows <= 0 or seconds <= 0:
             return
-        rate = rows / seconds
-        self._rate = rate if self._rate is None else RATE_ALPHA * rate + (1 - RATE_ALPHA) * self._rate
+        old = self._run_s.get(rows)
+        self._run_s[rows] = seconds if old is None else RUN_TIME_ALPHA * seconds + (1 - RUN_TIME_ALPHA) * old
 
     # ---- request shapes
 
@@ -354,6 +400,7 @@ class Batcher:
                     self._remove_locked(pending)
                     pending.state = _RUNNING
                 self._running_rows = sum(p.rows for p in batch)
+                self._run_started = now
                 self._busy = True
                 return batch
 
@@ -365,11 +412,12 @@ class Batcher:
         self.metrics.batch_size.observe(rows)
         results: list[dict[str, Any]] | None = None
         error: BaseException | None = None
+        run_s = 0.0
         try:
             feeds = self._merge(batch)
             t0 = time.perf_counter()
             outputs = self.runner.run(feeds)
-            self._record_rate(rows, time.perf_counter() - t0)
+            run_s = time.perf_counter() - t0
             results = self._split(batch, outputs)
         except Exception as e:  # the model run failed: answer this batch, keep serving
             error = RunFailed(f"model run failed for a batch of {len(batch)} request(s): {first_line(e)}")
@@ -382,6 +430,7 @@ class Batcher:
                     )
                 except RuntimeError:
                     pass
+            self._record_run_locked(rows if error is None else 0, run_s)
             self._running_rows = 0
             self._busy = False
 

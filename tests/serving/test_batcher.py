@@ -379,7 +379,7 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_arrival() -> None:
     runner = SleepRunner(0.05)
     metrics = ServerMetrics()
     batcher = _batcher(runner, metrics, max_batch_size=1, max_queue_delay_ms=0, queue_timeout_ms=5000)
-    batcher.warm(_x(-1))  # the service rate is measured: a little under 20 rows per second
+    batcher.warm(_x(-1))  # a run's time is measured: 50 ms
 
     async def go() -> tuple[float, Overloaded, dict[str, np.ndarray], list[Any]]:
         queued = [asyncio.ensure_future(batcher.submit(_x(i))) for i in range(30)]  # ~1.5 s of work
@@ -397,10 +397,38 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_arrival() -> None:
     finally:
         batcher.stop()
     assert error.reason == "deadline" and refused_after < 0.05
-    assert error.retry_after_s == 2  # ceil(30 rows / ~19.5 rows per second)
+    assert error.retry_after_s == 2  # ceil(what is left of the running 50 ms + 29 queued runs of 50 ms)
     assert high["y"][0, 0] == 102
     assert {type(r).__name__ for r in rest} == {"dict", "Overloaded"}
     assert _sample(metrics, "optimize_shed_total", reason="deadline", priority="low") == 1
+
+
+def test_the_predicted_wait_counts_batches_not_rows() -> None:
+    runner = SleepRunner(0.05)  # 50 ms a run, whatever its rows
+    batcher = _batcher(runner, max_batch_size=8, max_queue_delay_ms=0, queue_timeout_ms=5000)
+    batcher.warm(_x(-1))  # runs of 1 and of 8 rows: 50 ms each
+
+    async def go() -> tuple[dict[str, np.ndarray], Overloaded]:
+        first = asyncio.ensure_future(batcher.submit(_x(0)))
+        await _started(runner, runs=7)  # 2 x 3 warm-up runs, then this one
+        queued = [asyncio.ensure_future(batcher.submit(_x(i))) for i in range(1, 17)]  # two full batches
+        await asyncio.sleep(0)
+        # ~50 ms left of the running batch + 2 batches of 50 ms: within 250 ms (16 rows x 50 ms would not be)
+        admitted = await batcher.submit(_x(17), timeout_s=0.25)
+        await asyncio.gather(first, *queued)
+        blockers = [asyncio.ensure_future(batcher.submit(_x(i))) for i in range(20, 37)]
+        await _started(runner, runs=len(runner.order) + 1)
+        with pytest.raises(Overloaded) as e:  # 16 rows still queued ahead: 2 batches, past 80 ms
+            await batcher.submit(_x(40), timeout_s=0.08)
+        await asyncio.gather(*blockers)
+        return admitted, e.value
+
+    try:
+        admitted, refused = _run(go)
+    finally:
+        batcher.stop()
+    assert admitted["y"][0, 0] == 34
+    assert refused.reason == "deadline"
 
 
 def test_a_request_still_queued_at_its_deadline_is_answered_then() -> None:
