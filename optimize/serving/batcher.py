@@ -140,10 +140,11 @@ class Batcher:
         loop = asyncio.get_running_loop()
         pending = self._admit(feeds, priority, timeout_s, loop)
         self.metrics.in_flight.inc()
-        loop.call_later(max(0.0, pending.deadline - time.monotonic()), self._expire, pending)
+        timer = loop.call_later(max(0.0, pending.deadline - time.monotonic()), self._expire, pending)
         try:
             return await pending.future
         finally:
+            timer.cancel()
             self.metrics.in_flight.dec()
             if pending.state == _QUEUED:  # cancelled while queued: it must not run for nobody
                 with self._cond:

@@ -91,6 +91,8 @@ def _json_body(text: bytes, what: str) -> dict[str, Any]:
         doc = json.loads(text)
     except (UnicodeDecodeError, ValueError) as e:
         raise BadRequest(f"malformed JSON in the {what}: {e}") from None
+    except RecursionError:
+        raise BadRequest(f"malformed JSON in the {what}: nested too deeply") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"the {what} must be a JSON object, not {type(doc).__name__}")
     return doc
@@ -243,13 +245,21 @@ def _shape(name: str, shape: Any, spec: TensorSpec) -> tuple[int, ...]:
 
 
 def _flatten(data: Any) -> list[Any]:
+    """Nested lists in row-major order (as Triton reads them), without recursion."""
     if not isinstance(data, list):
         return [data]
     if not any(isinstance(x, list) for x in data):
         return data
     flat: list[Any] = []
-    for x in data:
-        flat.extend(_flatten(x))
+    stack = [iter(data)]
+    while stack:
+        for x in stack[-1]:
+            if isinstance(x, list):
+                stack.append(iter(x))
+                break
+            flat.append(x)
+        else:
+            stack.pop()
     return flat
 
 

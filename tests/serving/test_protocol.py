@@ -86,6 +86,13 @@ def test_binary_inputs_at_odd_offsets_decode_aligned() -> None:
         assert request.inputs[name].flags.aligned and request.inputs[name].dtype.isnative
 
 
+def test_nested_json_data_is_read_in_row_major_order() -> None:
+    rows = [[float(8 * r + c) for c in range(8)] for r in range(3)]
+    body = json.dumps({"inputs": [{"name": "x", "shape": [3, 8], "datatype": "FP32", "data": rows}]}).encode()
+    x = decode_infer(body, None, INPUTS[:1]).inputs["x"]
+    np.testing.assert_array_equal(x, np.arange(24, dtype=np.float32).reshape(3, 8))
+
+
 @pytest.mark.parametrize(
     ("value", "priority"), [(None, "low"), (1, "high"), (2, "low"), (0, "low"), ("high", "high"), ("LOW", "low")]
 )
@@ -174,6 +181,7 @@ BAD = {
                           "input 'x': data holds strings, not FP32"),
     "no data": (_json_body({"name": "x", "shape": [1, 8], "datatype": "FP32"}), None, "input 'x': no data"),
     "malformed JSON": (b'{"inputs": [', None, "malformed JSON in the request"),
+    "nested too deeply": (b'{"inputs": ' + b"[" * 100_000, None, "malformed JSON in the request: nested too deeply"),
     "not an object": (b"[1, 2]", None, "the request must be a JSON object"),
     "no inputs": (b'{"inputs": []}', None, "inputs: a request needs a non-empty list"),
     "missing input": (_json_body({"name": "x", "shape": [1, 8], "datatype": "FP32", "data": ROW}), None,
