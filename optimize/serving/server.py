@@ -90,6 +90,10 @@ def resolve_source(
         raise RecipeError(
             f"serve: --target {target}: serve loads an ONNX model on ONNX Runtime; use {' or '.join(SERVE_TARGETS)}"
         )
+    # Bad values and a target that cannot run here fail before anything is downloaded.
+    with_overrides(ServingSection(), overrides or {})
+    if target is not None and (why := unavailable_reason(target)):
+        raise RuntimeMissingError(f"serve: {source}: cannot run on {target}: {why}")
     asked = recipe_mod.load_recipe(recipe).serving if recipe is not None else None
     if source.startswith("models:/"):
         if variant is not None:
