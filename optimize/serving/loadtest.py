@@ -16,17 +16,19 @@ these streams, CPU the server under test would otherwise have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import ipaddress
 import json
 import math
 import os
 import resource
+import selectors
 import threading
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,9 @@ mpl_agg = lazy("matplotlib.backends.backend_agg")
 mpl_figure = lazy("matplotlib.figure")
 
 MAX_REQUESTS_PER_STEP = 200_000  # a step's bound whatever its rate and length
-MAX_IN_FLIGHT = 1024  # requests outstanding at once, at most (half the open-file limit where that is lower)
-SPIN_S = 0.001  # the event loop's timers wake up to 1 ms late (epoll's resolution): the last ms is polled
+MAX_IN_FLIGHT = 768  # requests outstanding at once, at most (half the open-file limit where that is lower)
+SPIN_S = 0.001  # an epoll loop's timers wake up to 1 ms late (epoll_wait counts ms): the last ms is polled there
+FD_SETSIZE = 1024  # select() watches descriptors below this only
 DRAIN_WAIT_S = 2.0  # between steps: wait for the server's queue to empty, this long at most
 SCRAPE_TIMEOUT_S = 5.0
 RSS_INTERVAL_S = 0.05
@@ -84,6 +87,26 @@ def _is_loopback(host: str) -> bool:
 def _max_in_flight() -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     return MAX_IN_FLIGHT if soft == resource.RLIM_INFINITY else max(16, min(MAX_IN_FLIGHT, soft // 2))
+
+
+def _lowest_free_fd() -> int:
+    fd = os.open(os.devnull, os.O_RDONLY)
+    os.close(fd)
+    return fd
+
+
+@contextlib.contextmanager
+def _event_loop(max_in_flight: int) -> Iterator[tuple[asyncio.AbstractEventLoop, bool]]:
+    """An event loop for the load, and whether its timers need the last millisecond polled. asyncio's default
+    (epoll) wakes timers up to 1 ms late, which would be counted in every latency; select() takes µs, so a
+    select loop is used wherever every connection's descriptor stays below FD_SETSIZE, else epoll with polling."""
+    precise = _lowest_free_fd() + max_in_flight + 64 < FD_SETSIZE
+    loop = asyncio.SelectorEventLoop(selectors.SelectSelector()) if precise else asyncio.new_event_loop()
+    try:
+        yield loop, not precise
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
 
 
 # --- the server process: CPU and memory -------------------------------------------------------------------
@@ -401,10 +424,14 @@ class _Step:
     in_flight: set[asyncio.Task] = field(default_factory=set)
 
 
-async def _sleep_until(due: float) -> None:
-    """Sleep until `due` (perf_counter seconds): the loop's timer up to 1 ms before, then polling the loop, so
-    a request leaves within tens of µs of its due time instead of up to 1 ms late."""
+async def _sleep_until(due: float, spin: bool) -> None:
+    """Sleep until `due` (perf_counter seconds). With `spin` (an epoll loop): the timer until 1 ms before, then
+    polling the loop, so a request leaves within tens of µs of its due time instead of up to 1 ms late."""
     delay = due - time.perf_counter()
+    if not spin:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return
     if delay > SPIN_S:
         await asyncio.sleep(delay - SPIN_S)
     while time.perf_counter() < due:
@@ -423,7 +450,7 @@ async def _request(client: Client, raw: bytes, timeout_s: float, i: int, rec: _S
 
 async def _send_step(
     client: Client, bodies: list[tuple[bytes, bool]], rps: float, count: int, timeout_s: float, max_in_flight: int,
-    progress: Any,
+    spin: bool, progress: Any,
 ) -> _Step:  # fmt: skip
     """Send `count` requests at `rps`, each at its due time (open loop), then wait for every answer."""
     nan = np.full(count, np.nan)
@@ -435,7 +462,7 @@ async def _send_step(
         rec.due[i] = due
         raw, high = bodies[i % len(bodies)]
         rec.high[i] = high
-        await _sleep_until(due)
+        await _sleep_until(due, spin)
         if len(rec.in_flight) >= max_in_flight:
             rec.done[i] = time.perf_counter()  # counted as an error, never delayed behind the others
             progress.advance()
@@ -516,6 +543,7 @@ class _Run:
     slo: SloSection
     monitor: ProcessMonitor | None
     max_in_flight: int
+    spin: bool
     progress: Any
     on_step: Callable[[dict[str, Any]], None] | None
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -545,7 +573,7 @@ class _Run:
 
     async def _send(self, rps: float, count: int) -> _Step:
         return await _send_step(
-            self.client, self.bodies, rps, count, self.load.timeout_s, self.max_in_flight, self.progress
+            self.client, self.bodies, rps, count, self.load.timeout_s, self.max_in_flight, self.spin, self.progress
         )
 
     async def search(self) -> None:
@@ -598,7 +626,7 @@ def run_loadtest(
     """Load-test model `model` of the KServe v2 server at `url` with `requests` (feeds, sent in turn) in
     open-loop steps (`load`), judged against `slo`; returns the loadtest.json document. `server_pid`: the
     server's process, for its CPU utilisation and peak RSS (None: not measured). `on_step(step)` is called as
-    each step ends. `max_in_flight`: requests outstanding at once (default: 1024, or half the open-file
+    each step ends. `max_in_flight`: requests outstanding at once (default: 768, or half the open-file
     limit); past it a due request is a `client_overload` error. Refuses a non-loopback `url` unless
     `allow_remote` (RecipeError)."""
     base = check_url(url, allow_remote)
@@ -622,7 +650,11 @@ def run_loadtest(
     }
     limit = max_in_flight or _max_in_flight()
     shown = progress or progress_api.NO_PROGRESS
-    run = asyncio.run(_main(base, model, requests, load, slo, monitor, limit, shown, on_step, binary))
+    with _event_loop(limit) as (loop, spin):
+        run = loop.run_until_complete(
+            _main(base, model, requests, load, slo, monitor, (limit, spin), shown, on_step, binary)
+        )
+    doc["client"]["timers"] = "epoll, last ms polled" if spin else "select (µs)"
     doc["client"]["max_in_flight"] = run.max_in_flight
     doc["steps"] = run.steps
     passing = [s for s in run.steps if s["within_slo"]]
@@ -700,7 +732,8 @@ def _bodies(
 
 async def _main(
     base: str, model: str, requests: list[dict[str, Any]], load: LoadSection, slo: SloSection,
-    monitor: ProcessMonitor | None, limit: int, progress: Any, on_step: Callable[[dict[str, Any]], None] | None,
+    monitor: ProcessMonitor | None, limits: tuple[int, bool], progress: Any,
+    on_step: Callable[[dict[str, Any]], None] | None,
     binary: bool,
 ) -> _Run:  # fmt: skip
     client = Client(base)
@@ -708,7 +741,7 @@ async def _main(
     bodies = _bodies(client, path, requests, load.high_priority, binary)
     try:
         await _warm_up(client, f"{base}{path}", bodies, load.timeout_s)
-        run = _Run(client, bodies, load, slo, monitor, limit, progress, on_step)
+        run = _Run(client, bodies, load, slo, monitor, *limits, progress, on_step)
         await run.search()
     finally:
         client.close()
