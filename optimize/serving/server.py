@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -279,7 +280,8 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
 
     Once ready, writes `ready_file` atomically ({"url", "pid", "model", "version", "sha256", "variant", "target",
     "drain_s"}) and prints `serving NAME (variant, target) at URL`."""
-    with open_runner(model.target, model.path, model.settings.threads) as runner:
+    sock = bind(host, port)  # a port in use fails before the model loads
+    with sock, open_runner(model.target, model.path, model.settings.threads) as runner:
         model = replace(model, inputs=tuple(runner.inputs), outputs=tuple(runner.outputs))
         metrics = ServerMetrics()
         metrics.set_model(model.name, model.version, model.sha256, model.variant or "", model.target)
@@ -291,7 +293,7 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
         app = make_app(model, batcher, metrics, model.settings)
         batcher.start()
         try:
-            asyncio.run(_serve_async(app, batcher, model, host, port, ready_file))
+            asyncio.run(_serve_async(app, batcher, model, sock, ready_file))
         finally:
             batcher.stop()
 
@@ -308,30 +310,43 @@ def _uvicorn_server(config: Any) -> Any:
     return Server(config)
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` (0: the OS picks), not listening yet: uvicorn listens on it once the
+    model is loaded, so a client is refused until then rather than left waiting in the backlog."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as e:
+        raise RecipeError(
+            f"serve: cannot listen on {host}:{port}: {e.strerror or e}; choose another --port (0: the OS picks one)"
+        ) from None
+    return sock
+
+
 async def _serve_async(
-    app: Any, batcher: Batcher, model: ServedModel, host: str, port: int, ready_file: Path | None
+    app: Any, batcher: Batcher, model: ServedModel, sock: socket.socket, ready_file: Path | None
 ) -> None:
     drain_s = model.settings.drain_s
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
-        loop="asyncio",
-        http="h11",
+        http="auto",  # httptools where installed (it parses faster than h11), else h11
         lifespan="off",
         access_log=False,  # one log line per request costs throughput
         log_level="warning",
         timeout_graceful_shutdown=max(1, int(drain_s)),
     )
     server = _uvicorn_server(config)
-    task = asyncio.create_task(server.serve())
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:
-        if task.done():  # it could not bind: uvicorn logged why and exits
+        if task.done():
             await task
-            raise StageError(f"serve: uvicorn could not listen on {host}:{port}")
+            raise StageError("serve: uvicorn stopped before it started serving")
         await asyncio.sleep(0.005)
-    bound = server.servers[0].sockets[0].getsockname()[1]
-    url = f"http://{host}:{bound}"
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
     loop = asyncio.get_running_loop()
     drain: dict[str, Any] = {}
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -18,7 +19,7 @@ from test_cli import cli, one_error_line
 from optimize import registry
 from optimize.errors import IntegrityError, RecipeError
 from optimize.files import read_npz
-from optimize.serving.server import resolve_source, start_local
+from optimize.serving.server import bind, resolve_source, start_local
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +125,14 @@ def test_help_names_the_sources_routes_and_drain(tmp_path: Path) -> None:
         "serving.drain_s",
     ):
         assert words in text, words
+
+
+def test_a_port_in_use_is_a_recipe_error_before_the_model_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RecipeError, match=rf"serve: cannot listen on 127.0.0.1:{port}: .*choose another --port"):
+            bind("127.0.0.1", port)
+    with bind("127.0.0.1", 0) as free:
+        assert free.getsockname()[1] > 0
