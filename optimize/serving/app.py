@@ -129,10 +129,16 @@ def make_app(model: ServedModel, batcher: Batcher, metrics: ServerMetrics, setti
         route("/v2/models/{name}/versions/{version}/infer", infer, methods=["POST"]),
         route("/metrics", prometheus, methods=["GET"]),
     ]
-    app = applications.Starlette(routes=routes)
+    app = applications.Starlette(routes=routes, exception_handlers={404: http_error, 405: http_error})
     app.state.ready = False
     app.state.draining = False
     return app
+
+
+async def http_error(request: Any, exc: Any) -> Any:
+    """An unknown path (404) or method (405), answered as JSON like every other error."""
+    what = "no such path" if exc.status_code == 404 else f"method {request.method} is not allowed"
+    return error_response(exc.status_code, f"{what}: {request.url.path}", getattr(exc, "headers", None))
 
 
 async def read_body(request: Any, limit_bytes: int) -> bytes:

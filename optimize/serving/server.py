@@ -295,7 +295,7 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
         try:
             asyncio.run(_serve_async(app, batcher, model, sock, ready_file))
         finally:
-            batcher.stop()
+            batcher.stop(timeout_s=0.5)  # after a drain it is idle; after a forced exit nobody waits for it
 
 
 def _uvicorn_server(config: Any) -> Any:

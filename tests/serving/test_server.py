@@ -265,6 +265,14 @@ def test_unknown_model_or_version_is_404(server: LocalServer, path: str, message
     assert status == 200
 
 
+def test_unknown_paths_and_methods_get_json_errors(server: LocalServer) -> None:
+    status, headers, body = request(server.url, "/v2/nothing")
+    assert status == 404 and json.loads(body) == {"error": "no such path: /v2/nothing"}
+    status, headers, body = request(server.url, "/v2/models/mlp/infer")  # a GET
+    assert status == 405 and json.loads(body) == {"error": "method GET is not allowed: /v2/models/mlp/infer"}
+    assert headers["allow"] == "POST"
+
+
 # --- overload and priority ---------------------------------------------------------------------------------
 
 
