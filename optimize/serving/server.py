@@ -459,7 +459,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready_file: Path, log_path: Path,
         if code is not None:
             raise _child_error(code, log_path)
         if time.monotonic() > deadline:
-            raise StageError(f"serve: the server did not get ready within {timeout_s:g} s (log: {log_path})")
+            last = (log_path.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise StageError(f"serve: the server did not get ready within {timeout_s:g} s; its last line: {last}")
         time.sleep(0.01)
     return json.loads(ready_file.read_text())
 

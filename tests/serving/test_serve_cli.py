@@ -81,6 +81,7 @@ def test_a_run_folder_variant_is_served_and_checked(finished_run: Path, tmp_path
         assert (local.ready["model"], local.ready["variant"]) == ("tiny", "fp16")
         assert local.ready["version"] == json.loads((run / "manifest.json").read_text())["run_id"]
         got = infer(local.url, "tiny", sample["x"])
+        assert local.log.read_text() == f"serving tiny (fp16, onnxruntime-cpu) at {local.url}\n"
     np.testing.assert_allclose(got, golden["logits"], atol=1e-4, rtol=1e-3)  # the recipe's tolerance
     with pytest.raises(RecipeError, match=r"name the variant to serve with --variant \(its variants: fp32, fp16, "):
         resolve_source(str(run), workdir=tmp_path)
@@ -136,3 +137,10 @@ def test_a_port_in_use_is_a_recipe_error_before_the_model_loads() -> None:
             bind("127.0.0.1", port)
     with bind("127.0.0.1", 0) as free:
         assert free.getsockname()[1] > 0
+
+
+def test_start_local_raises_the_childs_error_with_its_exit_codes_class(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"^serve: 'nothing-here' is neither models:/NAME@ALIAS") as e:
+        with start_local("nothing-here", timeout_s=60):
+            pytest.fail("a server that cannot start is never yielded")
+    assert e.value.exit_code == 2
