@@ -375,6 +375,33 @@ def test_with_the_queue_full_of_low_high_priority_still_gets_200(slow: LocalServ
 # --- SIGTERM -------------------------------------------------------------------------------------------------
 
 
+def gather_onnx(path: Path) -> Path:
+    """i (N,) int64 → Gather rows of a constant (4, 2) table → y (N, 2); an index past 3 fails in the run."""
+    table = onnx.numpy_helper.from_array(np.arange(8, dtype=np.float32).reshape(4, 2), "table")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "i"], ["y"], axis=0)],
+        "gather",
+        [onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, ["batch"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 2])],
+        [table],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+def test_a_failing_model_run_is_a_500_json_error_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    def body(index: int) -> bytes:
+        return json.dumps({"inputs": [{"name": "i", "datatype": "INT64", "shape": [1], "data": [index]}]}).encode()
+
+    with start_local(gather_onnx(tmp_path / "gather.onnx"), timeout_s=60) as local:
+        status, headers, answer = request(local.url, "/v2/models/gather/infer", body(9))
+        assert status == 500 and headers["content-type"] == "application/json", answer
+        assert "model run failed" in json.loads(answer)["error"]
+        status, _, answer = request(local.url, "/v2/models/gather/infer", body(3))
+        assert status == 200 and json.loads(answer)["outputs"][0]["data"] == [6.0, 7.0]
+        assert requests_by_code(local.url) == {"500": 1.0, "200": 1.0}
+
+
 def test_model_sha256_is_onnx_sha256_with_and_without_external_data(tmp_path: Path) -> None:
     from optimize.onnx_files import onnx_sha256
 
