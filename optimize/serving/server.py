@@ -279,7 +279,7 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
     `host`:`port` (0: the OS picks) until SIGTERM or SIGINT; then drain (see `_drain`) and return.
 
     Once ready, writes `ready_file` atomically ({"url", "pid", "model", "version", "sha256", "variant", "target",
-    "drain_s"}) and prints `serving NAME (variant, target) at URL`."""
+    "drain_s"}), removed when it stops, and prints `serving NAME (variant, target) at URL`."""
     sock = bind(host, port)  # a port in use fails before the model loads
     with sock, open_runner(model.target, model.path, model.settings.threads) as runner:
         model = replace(model, inputs=tuple(runner.inputs), outputs=tuple(runner.outputs))
@@ -379,6 +379,8 @@ async def _serve_async(
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+        if ready_file is not None:  # it says a server is ready there: not once it has stopped
+            ready_file.unlink(missing_ok=True)
 
 
 async def _drain(app: Any, batcher: Batcher, server: Any, drain_s: float) -> None:
@@ -406,6 +408,7 @@ class LocalServer:
     proc: subprocess.Popen[bytes]
     ready: dict[str, Any]
     log: Path
+    ready_file: Path
 
     @property
     def model(self) -> str:
@@ -447,7 +450,7 @@ def start_local(
         ready: dict[str, Any] = {}
         try:
             ready = _wait_ready(proc, ready_file, log_path, timeout_s)
-            yield LocalServer(ready["url"], proc.pid, proc, ready, log_path)
+            yield LocalServer(ready["url"], proc.pid, proc, ready, log_path, ready_file)
         finally:
             stop_local(proc, float(ready.get("drain_s", ServingSection().drain_s)))
 

@@ -451,3 +451,4 @@ def test_sigterm_answers_everything_in_flight_goes_unready_and_exits_0(slow: Loc
     assert seen["ready"] == 503
     assert seen["late"] in (503, "refused")
     assert code == 0 and exited_after < slow.ready["drain_s"], (code, exited_after)
+    assert not slow.ready_file.exists()  # the ready file goes with the server
