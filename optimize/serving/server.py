@@ -28,7 +28,7 @@ from optimize.lazy import lazy
 from optimize.onnx_files import onnx_sha256
 from optimize.recipe import ServingSection
 from optimize.registry import tags as tag
-from optimize.registry.connection import resolve_tracking_uri, session
+from optimize.registry.connection import http_status, is_connection_error, resolve_tracking_uri, session
 from optimize.registry.smoke import META_FILE, MODEL_FILE, _download, parse_model_uri, resolve_version
 from optimize.runtimes import TensorSpec, open_runner, unavailable_reason
 from optimize.serving.app import make_app
@@ -45,8 +45,6 @@ SERVE_TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda")
 DEFAULT_TARGET = "onnxruntime-cpu"
 # How long start_local waits for the child's ready file by default (imports, download, load, warm-up).
 START_TIMEOUT_S = 120.0
-# Settings the command line may override (flag → ServingSection field).
-OVERRIDABLE = ("max_batch_size", "max_queue_delay_ms", "max_queue")
 # The key an external tensor names its data file with (onnx TensorProto.external_data).
 _LOCATION = b"location"
 
@@ -153,8 +151,11 @@ def _registered(
         folder = _download(client, mv, workdir, store)
         recorded = None
         if asked is None and mv.run_id:
-            with contextlib.suppress(Exception):  # a version without its run's recipe.json: the defaults
+            try:
                 recorded = Path(client.download_artifacts(mv.run_id, "recipe.json", str(workdir)))
+            except Exception as e:  # a run without recipe.json: the defaults; a registry failure is one
+                if http_status(e) is not None or is_connection_error(e):
+                    raise
     where = f"serve: {uri} (version {mv.version})"
     model_file = folder / MODEL_FILE
     if not model_file.is_file():
@@ -162,7 +163,11 @@ def _registered(
     expected = tags.get(tag.SHA256)
     if not expected:
         raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
-    actual = model_sha256(model_file)
+    try:
+        actual = model_sha256(model_file)
+    except FileNotFoundError as e:  # its external data is not among the artifacts
+        missing = Path(str(e.filename)).name
+        raise IntegrityError(f"{where}: its artifacts lack {missing}, which model.onnx names") from None
     if actual != expected:
         raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
     meta = _read_json(folder / META_FILE)
