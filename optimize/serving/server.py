@@ -291,9 +291,8 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
         metrics = ServerMetrics()
         metrics.set_model(model.name, model.version, model.sha256, model.variant or "", model.target)
         batcher = Batcher(runner, model.settings, metrics, list(model.inputs), list(model.outputs))
-        # The first runs of a session allocate; the batcher learns its service rate from these.
-        if model.settings.max_batch_size > 1:
-            runner.run(warm_feeds(model.inputs, model.settings.max_batch_size))
+        # The first runs of a session allocate; the batcher times these (1 row and max_batch_size rows) to admit
+        # requests by their predicted wait from the first one. Dynamic axes other than the batch are 1 here.
         batcher.warm(warm_feeds(model.inputs, 1))
         app = make_app(model, batcher, metrics, model.settings)
         batcher.start()
