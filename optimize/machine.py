@@ -27,6 +27,11 @@ LIBRARIES = (
     "nvidia-modelopt",
     "tensorrt",
     "nvidia-ml-py",
+    # optimize serve and the load generator (the serving unit keys on them)
+    "starlette",
+    "uvicorn",
+    "prometheus-client",
+    "aiohttp",
 )
 
 
