@@ -22,6 +22,7 @@ import json
 import math
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ def smoke(uri: str, *, tracking_uri: str, target: str | None = None) -> dict[str
             mv = resolve_version(client, uri, tracking_uri)
             tags = dict(mv.tags or {})
             chosen = _choose_target(uri, tags, target)
-            folder = _download(client, mv, Path(tmp), tracking_uri)
+            folder = download_version(client, mv, Path(tmp), tracking_uri)
         return _check(uri, name, int(mv.version), tags, chosen, folder)
 
 
@@ -254,7 +255,7 @@ def _carries_nothing_for(target: str, fmt: str) -> str | None:
     return None
 
 
-def _download(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Path:
+def download_version(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Path:
     """Download the version's artifacts (its LoggedModel's folder) into `dest`; returns the local folder."""
     location = client.get_model_version_download_uri(mv.name, str(mv.version))
     if location.startswith("models:/"):  # no storage location recorded: ask the LoggedModel for its folder
@@ -264,6 +265,25 @@ def _download(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Path:
     )
 
 
+def verify_sha256(
+    model_file: Path, tags: dict[str, str], where: str, sha256: Callable[[Path], str] = onnx_sha256
+) -> str:
+    """`model_file`'s sha256 (`sha256(model_file)`, external data included), checked against the version's
+    `sha256` tag; no tag, a missing external-data file or another hash is IntegrityError (exit 6)."""
+    expected = tags.get(tag.SHA256)
+    if not expected:
+        raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
+    try:
+        actual = sha256(model_file)
+    except FileNotFoundError as e:  # its external data is not among the artifacts
+        raise IntegrityError(
+            f"{where}: its artifacts lack {Path(str(e.filename)).name}, which model.onnx names"
+        ) from None
+    if actual != expected:
+        raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
+    return actual
+
+
 def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str, folder: Path) -> dict[str, Any]:
     where = f"smoke: {uri} (version {version})"
     missing = [f for f in (MODEL_FILE, SAMPLE_FILE, GOLDEN_FILE, META_FILE) if not (folder / f).is_file()]
@@ -271,12 +291,7 @@ def _check(uri: str, name: str, version: int, tags: dict[str, str], target: str,
         missing = [p.name for p in onnx_files(folder / MODEL_FILE, unreadable_ok=True)[1:] if not p.is_file()]
     if missing:
         raise IntegrityError(f"{where}: its artifacts lack {', '.join(missing)}; it was not registered by optimize")
-    expected = tags.get(tag.SHA256)
-    if not expected:
-        raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
-    actual = onnx_sha256(folder / MODEL_FILE)
-    if actual != expected:
-        raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
+    actual = verify_sha256(folder / MODEL_FILE, tags, where)
     meta = json.loads((folder / META_FILE).read_text())
     sample = read_npz(folder / SAMPLE_FILE)
     golden_file = meta.get("golden", {}).get(target, GOLDEN_FILE)

@@ -29,7 +29,14 @@ from optimize.onnx_files import onnx_sha256
 from optimize.recipe import ServingSection
 from optimize.registry import tags as tag
 from optimize.registry.connection import http_status, is_connection_error, resolve_tracking_uri, session
-from optimize.registry.smoke import META_FILE, MODEL_FILE, _download, parse_model_uri, resolve_version
+from optimize.registry.smoke import (
+    META_FILE,
+    MODEL_FILE,
+    download_version,
+    parse_model_uri,
+    resolve_version,
+    verify_sha256,
+)
 from optimize.runtimes import TensorSpec, open_runner, unavailable_reason
 from optimize.serving.app import make_app
 from optimize.serving.batcher import Batcher
@@ -148,7 +155,7 @@ def _registered(
     with session(store) as client:
         mv = resolve_version(client, uri, store, command="serve")
         tags = dict(mv.tags or {})
-        folder = _download(client, mv, workdir, store)
+        folder = download_version(client, mv, workdir, store)
         recorded = None
         if asked is None and mv.run_id:
             try:
@@ -160,16 +167,7 @@ def _registered(
     model_file = folder / MODEL_FILE
     if not model_file.is_file():
         raise IntegrityError(f"{where}: its artifacts lack {MODEL_FILE}; it was not registered by optimize")
-    expected = tags.get(tag.SHA256)
-    if not expected:
-        raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
-    try:
-        actual = model_sha256(model_file)
-    except FileNotFoundError as e:  # its external data is not among the artifacts
-        missing = Path(str(e.filename)).name
-        raise IntegrityError(f"{where}: its artifacts lack {missing}, which model.onnx names") from None
-    if actual != expected:
-        raise IntegrityError(f"{where}: model.onnx sha256 {actual[:16]}… differs from the version's {expected[:16]}…")
+    actual = verify_sha256(model_file, tags, where, model_sha256)
     meta = _read_json(folder / META_FILE)
     gated = [t for t in tags.get(tag.TARGET, "").split(",") if t in SERVE_TARGETS and unavailable_reason(t) is None]
     return ServedModel(
