@@ -48,7 +48,9 @@ mpl_figure = lazy("matplotlib.figure")
 
 MAX_REQUESTS_PER_STEP = 200_000  # a step's bound whatever its rate and length
 MAX_IN_FLIGHT = 768  # requests outstanding at once, at most (half the open-file limit where that is lower)
-SPIN_S = 0.001  # an epoll loop's timers wake up to 1 ms late (epoll_wait counts ms): the last ms is polled there
+SPIN_S = 0.0005  # the scheduler polls the loop for the last 0.5 ms before a due time (see _spin_s) ...
+SPIN_SHARE = 0.1  # ... costing at most a tenth of a core (less time before each due time at higher rates)
+SPIN_EPOLL_S = 0.001  # an epoll loop's timers wake up to 1 ms late (epoll_wait counts ms): the last ms is polled
 FD_SETSIZE = 1024  # select() watches descriptors below this only
 DRAIN_WAIT_S = 2.0  # between steps: wait for the server's queue to empty, this long at most
 SCRAPE_TIMEOUT_S = 5.0
@@ -97,9 +99,9 @@ def _lowest_free_fd() -> int:
 
 @contextlib.contextmanager
 def _event_loop(max_in_flight: int) -> Iterator[tuple[asyncio.AbstractEventLoop, bool]]:
-    """An event loop for the load, and whether its timers need the last millisecond polled. asyncio's default
-    (epoll) wakes timers up to 1 ms late, which would be counted in every latency; select() takes µs, so a
-    select loop is used wherever every connection's descriptor stays below FD_SETSIZE, else epoll with polling."""
+    """An event loop for the load, and whether it is epoll. asyncio's default (epoll) wakes timers up to 1 ms
+    late, which would be counted in every latency; select() takes µs, so a select loop is used wherever every
+    connection's descriptor stays below FD_SETSIZE, else epoll."""
     precise = _lowest_free_fd() + max_in_flight + 64 < FD_SETSIZE
     loop = asyncio.SelectorEventLoop(selectors.SelectSelector()) if precise else asyncio.new_event_loop()
     try:
@@ -424,16 +426,19 @@ class _Step:
     in_flight: set[asyncio.Task] = field(default_factory=set)
 
 
-async def _sleep_until(due: float, spin: bool) -> None:
-    """Sleep until `due` (perf_counter seconds). With `spin` (an epoll loop): the timer until 1 ms before, then
-    polling the loop, so a request leaves within tens of µs of its due time instead of up to 1 ms late."""
+def _spin_s(rps: float, epoll: bool) -> float:
+    """How long before each due time the scheduler stops sleeping and polls the loop instead. A sleeping process
+    wakes 0.15-0.4 ms late on this machine's VM even with select's µs timers (1 ms with epoll's), lateness every
+    latency would carry; polling costs CPU the server may need, so at most SPIN_SHARE of a core."""
+    return SPIN_EPOLL_S if epoll else min(SPIN_S, SPIN_SHARE / rps)
+
+
+async def _sleep_until(due: float, spin_s: float) -> None:
+    """Sleep until `spin_s` before `due` (perf_counter seconds), then poll the loop (it keeps serving answers)
+    until `due`."""
     delay = due - time.perf_counter()
-    if not spin:
-        if delay > 0:
-            await asyncio.sleep(delay)
-        return
-    if delay > SPIN_S:
-        await asyncio.sleep(delay - SPIN_S)
+    if delay > spin_s:
+        await asyncio.sleep(delay - spin_s)
     while time.perf_counter() < due:
         await asyncio.sleep(0)
 
@@ -450,19 +455,20 @@ async def _request(client: Client, raw: bytes, timeout_s: float, i: int, rec: _S
 
 async def _send_step(
     client: Client, bodies: list[tuple[bytes, bool]], rps: float, count: int, timeout_s: float, max_in_flight: int,
-    spin: bool, progress: Any,
+    epoll: bool, progress: Any,
 ) -> _Step:  # fmt: skip
     """Send `count` requests at `rps`, each at its due time (open loop), then wait for every answer."""
     nan = np.full(count, np.nan)
     rec = _Step(np.zeros(count), nan.copy(), nan, ["client_overload"] * count, np.zeros(count, bool))
     progress.start(count, f"{rps:g} rps")
+    spin_s = _spin_s(rps, epoll)
     rec.t0 = time.perf_counter() + 0.005
     for i in range(count):
         due = rec.t0 + i / rps
         rec.due[i] = due
         raw, high = bodies[i % len(bodies)]
         rec.high[i] = high
-        await _sleep_until(due, spin)
+        await _sleep_until(due, spin_s)
         if len(rec.in_flight) >= max_in_flight:
             rec.done[i] = time.perf_counter()  # counted as an error, never delayed behind the others
             progress.advance()
@@ -543,7 +549,7 @@ class _Run:
     slo: SloSection
     monitor: ProcessMonitor | None
     max_in_flight: int
-    spin: bool
+    epoll: bool
     progress: Any
     on_step: Callable[[dict[str, Any]], None] | None
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -573,7 +579,7 @@ class _Run:
 
     async def _send(self, rps: float, count: int) -> _Step:
         return await _send_step(
-            self.client, self.bodies, rps, count, self.load.timeout_s, self.max_in_flight, self.spin, self.progress
+            self.client, self.bodies, rps, count, self.load.timeout_s, self.max_in_flight, self.epoll, self.progress
         )
 
     async def search(self) -> None:
@@ -650,11 +656,11 @@ def run_loadtest(
     }
     limit = max_in_flight or _max_in_flight()
     shown = progress or progress_api.NO_PROGRESS
-    with _event_loop(limit) as (loop, spin):
+    with _event_loop(limit) as (loop, epoll):
         run = loop.run_until_complete(
-            _main(base, model, requests, load, slo, monitor, (limit, spin), shown, on_step, binary)
+            _main(base, model, requests, load, slo, monitor, (limit, epoll), shown, on_step, binary)
         )
-    doc["client"]["timers"] = "epoll, last ms polled" if spin else "select (µs)"
+    doc["client"]["event_loop"] = "epoll" if epoll else "select"
     doc["client"]["max_in_flight"] = run.max_in_flight
     doc["steps"] = run.steps
     passing = [s for s in run.steps if s["within_slo"]]
