@@ -43,7 +43,7 @@ def requests_from_recipe(recipe: Recipe, input_specs: list[TensorSpec]) -> list[
     rows = recipe.serving.load.rows
     tokenizer_dir = huggingface_dir(recipe.model) if isinstance(recipe.model, HuggingFaceModel) else None
     ds = data.load_dataset(name, recipe.data[name], [s.name for s in input_specs], tokenizer_dir)
-    batches = ds.batches
+    batches = [_cast_floats(batch, input_specs) for batch in ds.batches]
     data.check_feeds(name, batches, input_specs)
     if ds.sample_count < rows:
         raise RecipeError(
@@ -56,6 +56,18 @@ def requests_from_recipe(recipe: Recipe, input_specs: list[TensorSpec]) -> list[
     for start in range(0, len(samples) - rows + 1, rows):
         group = samples[start : start + rows]
         out.append({s.name: _stack([g[s.name] for g in group], s.name in trimmed, group, mask) for s in input_specs})
+    return out
+
+
+def _cast_floats(batch: dict[str, np.ndarray], specs: list[TensorSpec]) -> dict[str, np.ndarray]:
+    """Float data in the float type the model takes (FP32 data for an FP16-I/O variant), as the runners cast
+    it in evaluation and benchmark: a client of that model sends that type."""
+    wanted = {s.name: s.dtype for s in specs}
+    out = {}
+    for name, array in batch.items():
+        want = wanted.get(name)
+        floats = array.dtype.kind == "f" and want in ("float16", "float32", "float64")
+        out[name] = array.astype(want) if floats and array.dtype.name != want else array
     return out
 
 

@@ -46,8 +46,16 @@ def test_npz_problems_are_recipe_errors(write_recipe: Callable[..., Path]) -> No
     with pytest.raises(RecipeError, match=r"serving.load.rows: 100 rows per request, data.eval has 64 samples"):
         requests_from_recipe(recipe, X)
     recipe = load_recipe(write_recipe())
-    with pytest.raises(RecipeError, match="array 'x' has dtype float32, the model's input wants float16"):
-        requests_from_recipe(recipe, [TensorSpec("x", "float16", ("batch", 8))])
+    with pytest.raises(RecipeError, match="array 'x' has dtype float32, the model's input wants int64"):
+        requests_from_recipe(recipe, [TensorSpec("x", "int64", ("batch", 8))])
+
+
+def test_float_data_goes_in_the_models_float_type(write_recipe: Callable[..., Path], tiny_dir: Path) -> None:
+    """An FP16-I/O variant gets FP16 requests (its runner casts the same data in evaluation and benchmark)."""
+    requests = requests_from_recipe(load_recipe(write_recipe()), [TensorSpec("x", "float16", ("batch", 8))])
+    x = np.load(tiny_dir / "tiny.npz")["x"]
+    assert len(requests) == 64 and all(r["x"].dtype == np.float16 for r in requests)
+    np.testing.assert_array_equal(np.concatenate([r["x"] for r in requests]), x.astype(np.float16))
 
 
 def test_text_requests_have_their_real_lengths(write_recipe: Callable[..., Path], tiny_dir: Path) -> None:
