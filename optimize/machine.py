@@ -31,7 +31,6 @@ LIBRARIES = (
     "starlette",
     "uvicorn",
     "prometheus-client",
-    "aiohttp",
 )
 
 

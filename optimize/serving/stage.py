@@ -26,7 +26,7 @@ PLOT = "loadtest.png"
 RUN_FOLDER = "serving"  # a run's load tests: serving/<variant>/<target>/loadtest.json and loadtest.png
 # The libraries the served numbers depend on besides the runtime's: the server's and the load generator's (their
 # versions are in the key as optimize.machine.LIBRARIES records them).
-SERVING_LIBRARIES = ("starlette", "uvicorn", "aiohttp")
+SERVING_LIBRARIES = ("starlette", "uvicorn", "prometheus-client")
 # What metrics.json keeps of each step (the whole document is loadtest.json).
 STEP_KEYS = ("rps", "achieved_rps", "sent", "ok", "error_rate", "within_slo")
 LATENCY_KEYS = ("p50", "p90", "p99", "max")
