@@ -16,8 +16,8 @@ import typer
 
 from optimize import __version__
 from optimize.cache import StageCache, cache_root, format_size, parse_age, parse_size
-from optimize.console import console, stdout_console
-from optimize.errors import OptimizeError, RecipeError, RuntimeMissingError
+from optimize.console import Progress, Say, console, stdout_console
+from optimize.errors import GateFailedError, OptimizeError, RecipeError, RuntimeMissingError
 from optimize.files import append_text, display_path, write_bytes, write_text
 from optimize.lazy import lazy
 
@@ -36,6 +36,8 @@ ci = lazy("optimize.reporting.ci")
 cmp = lazy("optimize.reporting.compare")
 html = lazy("optimize.reporting.html")
 runs_mod = lazy("optimize.reporting.runs")
+serving = lazy("optimize.serving.server")
+loadtest_mod = lazy("optimize.serving.loadtest")
 
 if TYPE_CHECKING:
     from optimize.api import RunResult
@@ -115,7 +117,9 @@ def run(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
     rebench: Annotated[
         bool,
-        typer.Option("--rebench", help="Measure latency and memory again instead of taking them from the cache."),
+        typer.Option(
+            "--rebench", help="Measure latency and memory, and load-test, again instead of taking them from the cache."
+        ),
     ] = False,
     cache: Annotated[
         bool,
@@ -501,6 +505,177 @@ def smoke(
     )
 
 
+@app.command()
+def serve(
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SOURCE",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, a run folder of `optimize run` (with --variant) or an "
+            ".onnx file.",
+        ),
+    ],
+    variant: Annotated[
+        str | None,
+        typer.Option("--variant", metavar="V", help="The run folder's variant (default: its one passing variant)."),
+    ] = None,
+    target: Annotated[
+        str | None,
+        typer.Option(
+            "--target",
+            metavar="TARGET",
+            help="onnxruntime-cpu or onnxruntime-cuda (default: the first the version was gated on that runs here, "
+            "else onnxruntime-cpu).",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option("--host", metavar="HOST", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=0, help="Port; 0: the OS picks one.")] = 8000,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            metavar="RECIPE",
+            help="Take the serving settings from this recipe's `serving:` section (default: the recipe recorded "
+            "with the version or run, else the defaults).",
+        ),
+    ] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--ready-file",
+            metavar="FILE",
+            help="Once ready, write JSON here (atomically): url, pid, model, version, sha256, variant, target, "
+            "drain_s.",
+        ),
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option("--max-batch-size", metavar="N", help="Overrides serving.max_batch_size.")
+    ] = None,
+    max_queue_delay_ms: Annotated[
+        float | None,
+        typer.Option("--max-queue-delay-ms", metavar="MS", help="Overrides serving.max_queue_delay_ms."),
+    ] = None,
+    max_queue: Annotated[
+        int | None, typer.Option("--max-queue", metavar="N", help="Overrides serving.max_queue.")
+    ] = None,
+) -> None:
+    """Serve a model over HTTP with the Open Inference Protocol (KServe v2, as Triton speaks it; JSON and binary
+    tensors): /v2/health/live and /ready, /v2/models/NAME[/versions/V][/ready|/infer], /metrics (Prometheus).
+    A registered version's model.onnx is verified against its sha256 first (exit 6). Requests are batched
+    dynamically; a full queue or a request that cannot start within its deadline gets 503 with Retry-After at
+    once. Ready (200) once loaded and warmed. SIGTERM or Ctrl-C: readiness goes 503, what is queued or running is
+    answered, exit 0 within serving.drain_s."""
+    overrides = {"max_batch_size": max_batch_size, "max_queue_delay_ms": max_queue_delay_ms, "max_queue": max_queue}
+    serving.main(
+        source,
+        variant=variant,
+        target=target,
+        host=host,
+        port=port,
+        recipe=recipe,
+        tracking_uri=tracking_uri,
+        ready_file=ready_file,
+        overrides=overrides,
+    )
+
+
+@app.command()
+def loadtest(
+    target: Annotated[
+        str,
+        typer.Argument(
+            metavar="URL|MODEL_URI",
+            help="A running server (http://127.0.0.1:PORT), or models:/NAME@ALIAS or models:/NAME/VERSION to serve on "
+            "127.0.0.1 for the test (`optimize serve` in a child process, stopped after).",
+        ),
+    ],
+    recipe: Annotated[
+        Path,
+        typer.Option(
+            "--recipe",
+            metavar="RECIPE",
+            help="Its evaluation dataset gives the requests (real inputs), `serving.load` the steps, `serving.slo` "
+            "the budgets.",
+        ),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", metavar="FILE", help="Where the results go (JSON, written atomically).")
+    ] = Path("loadtest.json"),
+    plot: Annotated[
+        Path | None, typer.Option("--plot", metavar="PNG", help="Also draw p50 and p99 against the load here.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", metavar="NAME", help="The served model (default: the one the server's /metrics names)."
+        ),
+    ] = None,
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    server_pid: Annotated[
+        int | None,
+        typer.Option(
+            "--server-pid",
+            metavar="PID",
+            help="The server's process on this machine, for its CPU utilisation and peak RSS (with models:/, the "
+            "child's own); without it they are not measured nor gated.",
+        ),
+    ] = None,
+    allow_remote: Annotated[
+        bool,
+        typer.Option(
+            "--allow-remote", help="Send load to a host that is not loopback (refused otherwise: this is a test tool)."
+        ),
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, url, model, max_rps_at_slo, judged, steps, out, status (passed, failed: "
+            "the judged step broke the SLO, error), exit_code, error.",
+        ),
+    ] = False,
+) -> None:
+    """Load-test a KServe v2 server with open-loop, constant-arrival-rate steps (latency from each request's due
+    time, wrk2's method) built from the recipe's evaluation data; find max_rps_at_slo by a bounded step search; write
+    --out (and --plot). Exit 1 when the judged step (serving.load.target_rps, else max_rps_at_slo) breaks
+    serving.slo: p99, error rate, and the server's CPU and memory utilisation where measured."""
+    if as_json:
+        _state["json_error"] = _json_outcome("loadtest", "passed", url=target)
+    rec = recipe_mod.load_recipe(recipe)
+    progress, say = Progress(quiet), Say(quiet)
+
+    def on_step(step: dict[str, Any]) -> None:
+        say.line(loadtest_mod.step_line(step))
+
+    with _stdout_to_stderr(as_json), progress.stage("loadtest", target) as record:
+        if target.startswith("models:/"):
+            with serving.start_local(target, recipe=recipe, tracking_uri=_tracking(tracking_uri)) as local:
+                doc = loadtest_mod.loadtest_server(
+                    local.url, rec, model=local.model, server_pid=local.pid, progress=progress.bar(), on_step=on_step
+                )
+        else:
+            doc = loadtest_mod.loadtest_server(
+                target, rec, model=model, server_pid=server_pid, allow_remote=allow_remote, progress=progress.bar(),
+                on_step=on_step,
+            )  # fmt: skip
+        record["detail"] = f"{target}: max_rps_at_slo {doc['max_rps_at_slo']:g}"
+    loadtest_mod.write_loadtest(doc, out)
+    if plot is not None:
+        loadtest_mod.plot_latency_vs_load(doc, plot)
+    shown = {k: doc[k] for k in ("url", "model", "max_rps_at_slo", "judged", "steps")} | {"out": display_path(out)}
+    failures = loadtest_mod.judge(doc, rec.serving.slo)
+    if failures:
+        if as_json:
+            _state["json_error"] = _json_outcome("loadtest", "passed", **shown)
+        raise GateFailedError(f"loadtest {doc['url']}: {'; '.join(failures)} (see {display_path(out)})")
+    if as_json:
+        _print_json("loadtest", shown, ok="passed")
+        return
+    typer.echo(loadtest_mod.summary_text(doc))
+
+
 @app.command("canary-manifest")
 def canary_manifest(
     model: Annotated[str, typer.Argument(metavar="MODEL", help="Registered model name.")],
@@ -790,7 +965,7 @@ def main() -> None:
 
 
 # The commands that take --json for their outcome: a failure prints a JSON object too.
-_JSON_COMMANDS = ("run", "promote", "rollback", "smoke", "compare")
+_JSON_COMMANDS = ("run", "promote", "rollback", "smoke", "compare", "loadtest")
 
 
 def _fail(code: int, line: str, error: BaseException) -> NoReturn:
