@@ -744,10 +744,11 @@ class ServingSection(_Strict):
     )
     max_queue: int = Field(default=256, ge=1, description="Requests waiting at most; past it: 503 with Retry-After.")
     queue_timeout_ms: float = Field(
-        default=500,
+        default=250,
         gt=0,
         description="A request that cannot start within this (or the client's `timeout` parameter, if sooner) "
-        "is answered 503 with Retry-After at once, not left to wait.",
+        "is answered 503 with Retry-After at once, not left to wait. Default: half the default p99 budget, so an "
+        "admitted request has the other half for its model run.",
     )
     drain_s: float = Field(
         default=10, gt=0, description="On SIGTERM: stop accepting, answer what is in flight, exit within this."

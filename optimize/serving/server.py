@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -24,7 +25,7 @@ from optimize import errors
 from optimize.child import child_env
 from optimize.errors import IntegrityError, OptimizeError, RecipeError, RuntimeMissingError, StageError, first_line
 from optimize.files import write_json
-from optimize.lazy import lazy
+from optimize.lazy import available, lazy
 from optimize.onnx_files import onnx_sha256
 from optimize.recipe import ServingSection
 from optimize.registry import tags as tag
@@ -44,6 +45,7 @@ from optimize.serving.metrics import ServerMetrics
 
 np = lazy("numpy")
 uvicorn = lazy("uvicorn")
+uvloop = lazy("uvloop")
 recipe_mod = lazy("optimize.recipe")
 pydantic = lazy("pydantic")
 
@@ -52,6 +54,8 @@ SERVE_TARGETS = ("onnxruntime-cpu", "onnxruntime-cuda")
 DEFAULT_TARGET = "onnxruntime-cpu"
 # How long start_local waits for the child's ready file by default (imports, download, load, warm-up).
 START_TIMEOUT_S = 120.0
+# How far the model's threads yield to the event loop (added to their nice value; see yield_to_event_loop).
+WORKER_NICENESS = 10
 # The key an external tensor names its data file with (onnx TensorProto.external_data).
 _LOCATION = b"location"
 
@@ -294,10 +298,28 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
         batcher.warm(warm_feeds(model.inputs, 1))
         app = make_app(model, batcher, metrics, model.settings)
         batcher.start()
+        yield_to_event_loop()
+        run = uvloop.run if available("uvloop") else asyncio.run  # uvloop: less CPU per request than asyncio's loop
         try:
-            asyncio.run(_serve_async(app, batcher, model, sock, ready_file))
+            run(_serve_async(app, batcher, model, sock, ready_file))
         finally:
             batcher.stop(timeout_s=0.5)  # after a drain it is idle; after a forced exit nobody waits for it
+
+
+def yield_to_event_loop(niceness: int = WORKER_NICENESS) -> None:
+    """Lower the scheduling priority of every thread of this process but the calling one (the event loop's): the
+    model's threads (the batcher's worker, ONNX Runtime's pool) then yield the CPU to the loop, so that under
+    overload it still reads requests at once and answers 503 in milliseconds, and health checks stay prompt; the
+    model gets the rest. Linux threads have their own nice values; elsewhere (or without /proc) a no-op."""
+    tasks = Path("/proc/self/task")
+    if not hasattr(os, "setpriority") or not tasks.is_dir():
+        return
+    me = threading.get_native_id()
+    for entry in tasks.iterdir():
+        tid = int(entry.name)
+        if tid != me:
+            with contextlib.suppress(OSError):  # a thread that has ended since
+                os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + niceness))
 
 
 def _uvicorn_server(config: Any) -> Any:
