@@ -368,11 +368,17 @@ class Batcher:
         return None
 
     def _mergeable_locked(self, seed: _Pending) -> list[_Pending]:
-        """The requests that go with `seed` (itself first): same key, high before low, up to max_batch_size rows."""
+        """The requests that go with `seed` (itself first): same key, high before low, up to max_batch_size rows;
+        within a priority, those closest to the seed's length along the padded axes first, so a batch pads little
+        (a batch runs as long as its longest request). The seed is the oldest request of the highest priority, so
+        a request of an unusual length waits its turn to seed a batch, never longer."""
         batch, rows = [seed], seed.rows
         for priority in PRIORITIES:
-            for pending in self._queues[priority]:
-                if pending is not seed and pending.key == seed.key and rows + pending.rows <= self.max_rows:
+            candidates = [p for p in self._queues[priority] if p is not seed and p.key == seed.key]
+            if seed.lengths:
+                candidates.sort(key=lambda p: sum(abs(p.lengths[a] - n) for a, n in seed.lengths.items()))
+            for pending in candidates:
+                if rows + pending.rows <= self.max_rows:
                     batch.append(pending)
                     rows += pending.rows
         return batch

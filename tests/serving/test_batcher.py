@@ -224,6 +224,31 @@ def test_batched_answers_equal_unbatched_ones_for_requests_of_different_lengths(
         assert len(recorder.shapes) < len(lengths)
 
 
+def test_a_batch_takes_the_requests_closest_to_its_length(text_runner: Any) -> None:
+    """Short and long requests queued together: each batch fills with the lengths nearest its oldest request's, so
+    short ones are not padded to the long ones' length (a batch runs as long as its longest)."""
+    rng = np.random.default_rng(5)
+
+    def request(length: int) -> dict[str, np.ndarray]:
+        ids = rng.integers(1, VOCAB, (1, length)).astype(np.int64)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+    requests = [request(4 + i // 2 % 2) if i % 2 == 0 else request(40 + i % 3) for i in range(16)]  # short, long, ...
+    recorder = RecordingRunner(text_runner)
+    batcher = _batcher(recorder, max_batch_size=8, max_queue_delay_ms=50)
+
+    async def go() -> list[dict[str, np.ndarray]]:
+        return await asyncio.gather(*(batcher.submit(r) for r in requests))
+
+    try:
+        answers = _run(go)
+    finally:
+        batcher.stop()
+    for got, req in zip(answers, requests, strict=True):
+        _assert_equal_outputs(got, text_runner.run(req))
+    assert sorted(s["input_ids"][1] for s in recorder.shapes) == [5, 42], recorder.shapes  # 8 short, 8 long
+
+
 def _ab(rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
     return {
         "a": rng.standard_normal((rows, 8)).astype(np.float32),
