@@ -5,9 +5,7 @@ Admission is decided at arrival, so an overloaded server answers 503 in millisec
 a full queue, or a predicted wait past the request's deadline, is `Overloaded` at once. The wait is predicted from
 the rows queued ahead and the measured time of a model run by its batch size (what is left of the running batch,
 then one full batch per `max_batch_size` rows ahead). A queued request whose deadline passes before its batch
-starts runs late (the prediction was wrong; a shed answer should come at arrival), unless it is still queued at
-twice the deadline or at the client's own timeout: then it is answered 503 (a timer on the event loop), not when
-the worker gets to it.
+starts is answered when it passes (a timer on the event loop), not when the worker gets to it.
 """
 
 from __future__ import annotations
@@ -35,10 +33,6 @@ PRIORITIES = ("high", "low")
 # Weight of the newest run in a batch size's run time (EWMA): a few runs follow a change of load or lengths.
 RUN_TIME_ALPHA = 0.2
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
-# An admitted request whose start the prediction got wrong runs late rather than being dropped after its wait (a
-# shed answer should come at once, at arrival); only one still queued at LATE_FACTOR x the server's deadline, or
-# at the client's own timeout (the client has given up), is answered 503 then.
-LATE_FACTOR = 2.0
 
 
 class Overloaded(Exception):
@@ -64,8 +58,7 @@ class _Pending:
     lengths: dict[str, int]  # the request's own length along each padded axis (by axis name)
     priority: str
     enqueued: float  # time.monotonic()
-    deadline: float  # its batch should start before this (time.monotonic()): what admission predicts against
-    expires: float  # still queued at this time, it is answered Overloaded("deadline") (see LATE_FACTOR)
+    deadline: float  # its batch must start before this (time.monotonic())
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[dict[str, Any]]
     state: str = field(default=_QUEUED)
@@ -141,14 +134,13 @@ class Batcher:
         self, feeds: dict[str, np.ndarray], priority: str = "low", timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
         """Queue `feeds` (one request, any rows) and return its own outputs: its rows, and along a padded axis its
-        own length. Raises Overloaded at once when it cannot be taken (a full queue, or a predicted wait past its
-        deadline, the min of `queue_timeout_ms` and `timeout_s`), or when it is still queued at the client's
-        `timeout_s` or at LATE_FACTOR x `queue_timeout_ms`; BadRequest when the feeds disagree on their batch size or on
+        own length. Raises Overloaded at once when it cannot be taken, or when it is still queued at its deadline
+        (min of `queue_timeout_ms` and `timeout_s`); BadRequest when the feeds disagree on their batch size or on
         a shared axis; RunFailed when the model run raised."""
         loop = asyncio.get_running_loop()
         pending = self._admit(feeds, priority, timeout_s, loop)
         self.metrics.in_flight.inc()
-        timer = loop.call_later(max(0.0, pending.expires - time.monotonic()), self._expire, pending)
+        timer = loop.call_later(max(0.0, pending.deadline - time.monotonic()), self._expire, pending)
         try:
             return await pending.future
         finally:
@@ -187,8 +179,7 @@ class Batcher:
                 self._remove_locked(victim)
                 self._fail_locked(victim, self._shed_locked("queue_full", "low", "evicted by a high-priority request"))
             future: asyncio.Future[dict[str, Any]] = loop.create_future()
-            expires = now + min(LATE_FACTOR * self.queue_timeout_s, math.inf if timeout_s is None else timeout_s)
-            pending = _Pending(feeds, rows, key, lengths, priority, now, now + deadline_s, expires, loop, future)
+            pending = _Pending(feeds, rows, key, lengths, priority, now, now + deadline_s, loop, future)
             self._queues[priority].append(pending)
             self._rows[priority] += rows
             self.metrics.queue_depth.set(len(self._queues["high"]) + len(self._queues["low"]))
@@ -196,7 +187,7 @@ class Batcher:
         return pending
 
     def _expire(self, pending: _Pending) -> None:
-        """When `pending` expires (a timer on the loop): still queued, it is answered Overloaded("deadline") now."""
+        """At `pending`'s deadline (a timer on the loop): still queued, it is answered Overloaded("deadline") now."""
         with self._cond:
             if pending.state == _QUEUED:
                 self._remove_locked(pending)
@@ -316,7 +307,7 @@ class Batcher:
 
     def _expire_locked(self, now: float) -> None:
         for queue in self._queues.values():
-            for pending in [p for p in queue if p.expires <= now]:
+            for pending in [p for p in queue if p.deadline <= now]:
                 self._remove_locked(pending)
                 self._fail_locked(pending, self._deadline_locked(pending, now))
 
