@@ -33,6 +33,8 @@ PRIORITIES = ("high", "low")
 # Weight of the newest run in a batch size's run time (EWMA): a few runs follow a change of load or lengths.
 RUN_TIME_ALPHA = 0.2
 _QUEUED, _RUNNING, _DONE = "queued", "running", "done"
+# The window over which the high-priority arrival rate is measured (it stretches a low request's predicted wait).
+HIGH_RATE_WINDOW_S = 1.0
 
 
 class Overloaded(Exception):
@@ -120,6 +122,7 @@ class Batcher:
         self._stopping = False
         self._run_s: dict[int, float] = {}  # seconds per model run (EWMA), by rows in the run
         self._run_started = 0.0  # time.monotonic() when the running batch started
+        self._high_arrivals: collections.deque[tuple[float, int]] = collections.deque()  # (time, rows), last window
         self._thread: threading.Thread | None = None
 
     # ---- the event loop's side
@@ -167,6 +170,8 @@ class Batcher:
                 raise self._shed_locked("queue_full", priority, f"the queue is full ({self.max_queue} waiting)")
             ahead = self._rows["high"] + (self._rows["low"] if priority == "low" else 0)
             wait_s = self._predicted_wait_locked(ahead, now)
+            if priority == "low" and wait_s is not None:
+                wait_s *= self._overtaking_locked(now)
             if wait_s is not None and wait_s > deadline_s:
                 raise self._shed_locked(
                     "deadline",
@@ -182,6 +187,8 @@ class Batcher:
             pending = _Pending(feeds, rows, key, lengths, priority, now, now + deadline_s, loop, future)
             self._queues[priority].append(pending)
             self._rows[priority] += rows
+            if priority == "high":
+                self._high_arrivals.append((now, rows))
             self.metrics.queue_depth.set(len(self._queues["high"]) + len(self._queues["low"]))
             self._cond.notify_all()
         return pending
@@ -286,6 +293,21 @@ class Batcher:
                     return None
                 wait_s += count * seconds
         return wait_s
+
+    def _overtaking_locked(self, now: float) -> float:
+        """How much longer than its rows ahead predict a low request waits: high requests arriving meanwhile go
+        ahead of it, so the model serves low rows at (service rate − high arrival rate) rows per second, not at the
+        service rate. 1 without high traffic; capped at 10 (high traffic near the service rate)."""
+        while self._high_arrivals and self._high_arrivals[0][0] < now - HIGH_RATE_WINDOW_S:
+            self._high_arrivals.popleft()
+        if not self._high_arrivals:
+            return 1.0
+        seconds = self._run_time_locked(self.max_rows if self.batchable else 1)
+        if not seconds:
+            return 1.0
+        service = (self.max_rows if self.batchable else 1) / seconds  # rows per second, at full batches
+        high = sum(rows for _, rows in self._high_arrivals) / HIGH_RATE_WINDOW_S
+        return min(10.0, service / max(service - high, service / 10))
 
     def _shed_locked(self, reason: str, priority: str, why: str) -> Overloaded:
         self.metrics.shed.labels(reason=reason, priority=priority).inc()

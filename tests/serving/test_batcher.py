@@ -428,6 +428,41 @@ def test_a_deadline_that_cannot_be_met_is_refused_at_arrival() -> None:
     assert _sample(metrics, "optimize_shed_total", reason="deadline", priority="low") == 1
 
 
+@pytest.mark.parametrize("with_high", [False, True], ids=["low-only", "high-traffic"])
+def test_a_low_request_expects_the_high_ones_that_will_overtake_it(with_high: bool) -> None:
+    """Runs take 50 ms (20 rows/s). Three lows queued put a fourth ~150 ms from its start: within a 250 ms
+    deadline, unless high requests arrive at ~10/s, which go ahead of it: then lows are served at ~10/s and it
+    would wait ~2x as long, so it is refused at once instead of being shed after its wait."""
+    runner = SleepRunner(0.05)
+    batcher = _batcher(runner, max_batch_size=1, max_queue_delay_ms=0, queue_timeout_ms=250)
+
+    async def go() -> BaseException | None:
+        for i in range(3):  # the run time is measured
+            await batcher.submit(_x(i))
+        if with_high:
+            t0 = time.perf_counter()
+            while time.perf_counter() - t0 < 0.5:  # one high at a time: ~25 in the window, none refused
+                await batcher.submit(_x(100), priority="high")
+        queued = [asyncio.ensure_future(batcher.submit(_x(200 + i))) for i in range(3)]
+        await asyncio.sleep(0)
+        try:
+            await batcher.submit(_x(300))
+            error = None
+        except Overloaded as e:
+            error = e
+        await asyncio.gather(*queued)
+        return error
+
+    try:
+        error = _run(go)
+    finally:
+        batcher.stop()
+    if with_high:
+        assert isinstance(error, Overloaded) and error.reason == "deadline" and "low-priority" in str(error)
+    else:
+        assert error is None
+
+
 def test_the_predicted_wait_counts_batches_not_rows() -> None:
     runner = SleepRunner(0.05)  # 50 ms a run, whatever its rows
     batcher = _batcher(runner, max_batch_size=8, max_queue_delay_ms=0, queue_timeout_ms=5000)
