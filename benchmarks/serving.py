@@ -11,7 +11,8 @@ cores but the last, the load generator on the last, each with intra-op threads =
   3. per model (FP32, INT8):
      a. max_rps_at_slo with dynamic batching (batch-1 requests of real sentences, p99 <= 500 ms);
      b. a bare `session.run` loop at the batch size the batcher chose (the mean batch of that step, rounded),
-        on the same sentences padded per batch as the batcher pads them: rows per second;
+        on the same sentences padded per batch as the batcher pads them: rows per second; and, for reference,
+        what batching can give at most here: bare rows/s at batch 16 of length-sorted sentences / at batch 1;
      c. max_rps_at_slo without batching (max_batch_size 1, max_queue_delay_ms 0);
      d. overload at 3 x max_rps_at_slo (a) for --overload-s, 10 % high priority: p99 of the accepted, the
         slowest shed answer, connection errors and timeouts, the server's RSS before and after, p99 of high.
@@ -274,6 +275,10 @@ def measure_model(name: str, path: Path, args: Any, tmp: Path, cores: dict[str, 
     batch = max(1, round(best["server"]["batch_size_mean"])) if best else 1
     with on_cores(cores["server"]):
         row["bare_rows_per_s"] = bare_rows_per_s(path, requests, batch, threads, args.bare_s)
+        # what batching can give at most on these cores: batches of 16 equal-ish lengths against batch 1
+        by_length = sorted(requests, key=lambda r: next(iter(r.values())).shape[-1])
+        row["bare_16_sorted"] = bare_rows_per_s(path, by_length, 16, threads, args.bare_s)
+        row["bare_1"] = bare_rows_per_s(path, requests, 1, threads, args.bare_s)
     row["bare_batch"] = batch
     return row
 
@@ -305,6 +310,8 @@ def verdicts(
         checks.append(
             (f"{m}: batched / unbatched rps at SLO", f"{a:.0f} / {c:.0f} = {a / max(c, 1e-9):.2f}", a >= 2 * c)
         )
+        ceiling = r["bare_16_sorted"] / r["bare_1"]
+        checks.append((f"  {m}: bare rows/s, batch 16 (lengths sorted) / batch 1", f"{ceiling:.2f}", None))
         o = r.get("overload")
         if o is None:
             checks.append((f"{m}: overload", "no passing step to overload", False))
@@ -337,6 +344,7 @@ def main() -> int:
     ap.add_argument("--overload-s", type=float, default=30.0)
     ap.add_argument("--bare-s", type=float, default=5.0)
     ap.add_argument("--drain-requests", type=int, default=32)
+    ap.add_argument("--out", type=Path, help="also write every load-test document and number here (JSON)")
     args = ap.parse_args()
     if args.quick:
         args.step_s, args.overload_s, args.refine = 2.0, 10.0, 3
@@ -376,6 +384,10 @@ def main() -> int:
                 flush=True,
             )
     checks = verdicts(rows, honesty, ready, drain)
+    if args.out:
+        args.out.write_text(
+            json.dumps({"honesty": honesty, "ready_s": ready, "drain": drain, "models": rows}, indent=1)
+        )
     width = max(len(c[0]) for c in checks)
     print(f"\n{'check':<{width}}  {'measured':<28}  bar")
     for what, value, ok in checks:
