@@ -49,6 +49,8 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     trt = [g for g in verdict["gates"] if g["target"] == "tensorrt"]
     assert trt and all(g["status"] == "skipped" for g in trt)
 
+    served_batches_equal_unbatched(run_dir)
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     mv = client.get_model_version_by_alias("minilm-fp16", "candidate")
@@ -85,6 +87,56 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert "(same model bytes, same checks); this run not logged" in (rerun_dir / "report.html").read_text()
     assert len(client.search_model_versions("name = 'minilm-fp16'")) == 1
     assert len(client.search_runs([client.get_run(mv.run_id).info.experiment_id])) == 1
+
+
+def served_batches_equal_unbatched(run_dir: Path) -> None:
+    """`optimize serve` on the run's FP32 MiniLM merges 160 concurrent one-sentence requests of their own lengths into
+    padded batches; each caller's answer equals its sentence run alone, within the recipe's export tolerance (the
+    FP32 model: FP16's own rounding moves with the batch's shape, by ~1e-4 here)."""
+    import http.client
+    import urllib.parse
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from optimize.recipe import load_recipe
+    from optimize.runtimes import open_runner
+    from optimize.serving.requests import encode_request, requests_from_recipe
+    from optimize.serving.server import start_local
+
+    recipe = load_recipe(REPO / "recipes" / "fp16.yaml")
+    model = run_dir / "artifacts" / "fp32.onnx"
+    with open_runner("onnxruntime-cpu", model) as runner:
+        requests = requests_from_recipe(recipe, runner.inputs)
+        alone = [runner.run(r)["sentence_embedding"] for r in requests]
+    assert len(requests) == 160 and len({r["input_ids"].shape[1] for r in requests}) > 5  # real, varied lengths
+
+    with start_local(model) as server:
+        parts = urllib.parse.urlsplit(server.url)
+
+        def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            body, headers = encode_request(feeds, binary=False)
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+            try:
+                conn.request("POST", f"/v2/models/{server.model}/infer", body=body, headers=headers)
+                answer = conn.getresponse()
+                assert answer.status == 200, answer.read()[:300]
+                (out,) = json.loads(answer.read())["outputs"]
+            finally:
+                conn.close()
+            return np.asarray(out["data"], dtype=np.float32).reshape(out["shape"])
+
+        with ThreadPoolExecutor(16) as pool:
+            served = list(pool.map(infer, requests))
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+        conn.request("GET", "/metrics")
+        metrics = conn.getresponse().read().decode()
+    batches = float(next(ln.split()[-1] for ln in metrics.splitlines() if ln.startswith("optimize_batch_size_count")))
+    assert batches < 160 - 40, f"{batches:.0f} model runs for 160 requests: the server did not batch"
+    tol = recipe.export.tolerance
+    for i, (got, want) in enumerate(zip(served, alone, strict=True)):
+        assert got.shape == want.shape == (1, 384), i
+        np.testing.assert_allclose(got, want, atol=tol.atol, rtol=tol.rtol, err_msg=f"request {i}")
 
 
 def test_digits_vision_recipe(tmp_path: Path) -> None:
