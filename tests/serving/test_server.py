@@ -415,6 +415,34 @@ def test_model_sha256_is_onnx_sha256_with_and_without_external_data(tmp_path: Pa
     assert model_sha256(external) == onnx_sha256(external)
 
 
+def test_a_load_test_of_a_deliberately_slow_model_fails_its_gate(models: Path) -> None:
+    """`optimize loadtest URL --recipe R` against the slow model (64 chained 2048 x 2048 MatMuls a request, one
+    thread, no batching): at 20 rps its p99 is over a 2-ms budget, exit 1 naming the numbers; the same load with a
+    5-s budget passes, so it is the model's time that failed the gate."""
+    rows = np.linspace(-1, 1, 16 * SLOW_WIDTH, dtype=np.float32).reshape(16, SLOW_WIDTH)
+    np.savez(models / "slow-eval.npz", x=rows, label=np.zeros(16, np.int64))
+    settings = {"threads": 1, "max_batch_size": 1, "max_queue_delay_ms": 0, "queue_timeout_ms": 10_000}
+
+    def loadtest(p99_ms: float) -> subprocess.CompletedProcess:
+        serving = {**settings, "load": {"rps": [20], "step_s": 1}, "slo": {"p99_ms": p99_ms}}
+        recipe = models / f"slow-{p99_ms:g}.yaml"
+        recipe.write_text(
+            yaml.safe_dump(merge(tiny_recipe(), {"data": {"eval": {"path": "slow-eval.npz"}}, "serving": serving}))
+        )
+        with start_local(models / "slow.onnx", recipe=recipe, timeout_s=60) as local:
+            cmd = [sys.executable, "-m", "optimize", "loadtest", local.url, "--recipe", str(recipe), "-q"]
+            cmd += ["--out", str(models / f"slow-{p99_ms:g}.json"), "--server-pid", str(local.pid)]
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+    failed = loadtest(2)
+    assert failed.returncode == 1, failed.stderr
+    judged = json.loads((models / "slow-2.json").read_text())["judged"]
+    assert judged["p99_ms"] > 2 and judged["error_rate"] == 0
+    assert f"at 20 rps p99 {judged['p99_ms']:.1f} ms > 2 ms" in failed.stderr
+    passed = loadtest(5000)
+    assert passed.returncode == 0, passed.stderr
+
+
 def test_sigterm_answers_everything_in_flight_goes_unready_and_exits_0(slow: LocalServer) -> None:
     """Last of the module: it ends the slow server."""
     results: list[dict[str, Any]] = []
