@@ -111,7 +111,12 @@ def served_batches_equal_unbatched(run_dir: Path) -> None:
         alone = [runner.run(r)["sentence_embedding"] for r in requests]
     assert len(requests) == 160 and len({r["input_ids"].shape[1] for r in requests}) > 5  # real, varied lengths
 
-    with start_local(model) as server:
+    # No shedding here (a busy CI machine's slow runs are not what this checks): the queue waits up to a minute.
+    patient = run_dir.parents[2] / "patient.yaml"  # beside runs/, not in the run folder
+    patient.write_text(
+        json.dumps({"extends": str(REPO / "recipes" / "fp16.yaml"), "serving": {"queue_timeout_ms": 60000}})
+    )
+    with start_local(model, recipe=patient) as server:
         parts = urllib.parse.urlsplit(server.url)
 
         def infer(feeds: dict[str, np.ndarray]) -> np.ndarray:
