@@ -459,6 +459,23 @@ def test_identity_covers_the_data_file_and_not_its_name(forced, tmp_path: Path) 
     assert onnx_sha256(single) == sha256_file(single)  # what existing tags and cache keys hold
 
 
+def test_a_self_contained_model_is_hashed_without_parsing_it(forced, tmp_path: Path, monkeypatch) -> None:
+    """A file without the bytes `location` cannot name external data: onnx_sha256 is its bytes' sha256, read once,
+    the model never parsed (optimize serve's start imports no onnx for it); a file that has them is parsed."""
+    import optimize.onnx_files as onnx_files_mod
+
+    single, external = tmp_path / "single.onnx", tmp_path / "ext" / "m.onnx"
+    onnx.save(mlp_proto(), str(single))
+    save_onnx(mlp_proto(), external)  # `forced`: its weights go to m.onnx.data
+    with_data = onnx_sha256(external)
+    parsed = []
+    real_proto = onnx_files_mod._proto
+    monkeypatch.setattr(onnx_files_mod, "_proto", lambda path: parsed.append(path) or real_proto(path))
+    onnx_files_mod._file_external_data_names.cache_clear()
+    assert onnx_sha256(single) == sha256_file(single) and parsed == []
+    assert onnx_sha256(external) == with_data and parsed, "a model with external data is parsed"
+
+
 def test_a_data_location_outside_the_model_folder_is_refused(forced, tmp_path: Path) -> None:
     dest = tmp_path / "m.onnx"
     save_onnx(mlp_proto(), dest)

@@ -22,7 +22,6 @@ import json
 import math
 import re
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,16 +264,14 @@ def download_version(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Pat
     )
 
 
-def verify_sha256(
-    model_file: Path, tags: dict[str, str], where: str, sha256: Callable[[Path], str] = onnx_sha256
-) -> str:
-    """`model_file`'s sha256 (`sha256(model_file)`, external data included), checked against the version's
+def verify_sha256(model_file: Path, tags: dict[str, str], where: str) -> str:
+    """`model_file`'s sha256 (`onnx_sha256`, external data included), checked against the version's
     `sha256` tag; no tag, a missing external-data file or another hash is IntegrityError (exit 6)."""
     expected = tags.get(tag.SHA256)
     if not expected:
         raise IntegrityError(f"{where}: the version has no sha256 tag; its model.onnx cannot be verified")
     try:
-        actual = sha256(model_file)
+        actual = onnx_sha256(model_file)
     except FileNotFoundError as e:  # its external data is not among the artifacts
         raise IntegrityError(
             f"{where}: its artifacts lack {Path(str(e.filename)).name}, which model.onnx names"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -57,7 +56,6 @@ START_TIMEOUT_S = 120.0
 # How far the model's threads yield to the event loop (added to their nice value; see yield_to_event_loop).
 WORKER_NICENESS = 10
 # The key an external tensor names its data file with (onnx TensorProto.external_data).
-_LOCATION = b"location"
 
 
 @dataclass(frozen=True)
@@ -122,7 +120,7 @@ def resolve_source(
                 path.stem,
                 "1",
                 path.resolve(),
-                model_sha256(path),
+                onnx_sha256(path),
                 None,
                 target or DEFAULT_TARGET,
                 asked or ServingSection(),
@@ -171,7 +169,7 @@ def _registered(
     model_file = folder / MODEL_FILE
     if not model_file.is_file():
         raise IntegrityError(f"{where}: its artifacts lack {MODEL_FILE}; it was not registered by optimize")
-    actual = verify_sha256(model_file, tags, where, model_sha256)
+    actual = verify_sha256(model_file, tags, where)
     meta = _read_json(folder / META_FILE)
     gated = [t for t in tags.get(tag.TARGET, "").split(",") if t in SERVE_TARGETS and unavailable_reason(t) is None]
     return ServedModel(
@@ -211,7 +209,7 @@ def _run_folder(run_dir: Path, variant: str | None, target: str | None, asked: S
     else:
         entry = metrics["variants"][variant]
         path, meta, expected = run_dir / entry["path"], {}, entry.get("sha256")
-    actual = model_sha256(path)
+    actual = onnx_sha256(path)
     if expected and actual != expected:
         raise IntegrityError(
             f"serve: {path}: sha256 {actual[:16]}… differs from the run's record {expected[:16]}…; "
@@ -230,20 +228,6 @@ def _run_folder(run_dir: Path, variant: str | None, target: str | None, asked: S
         settings=settings,
         tolerance=_tolerance(tolerance),
     )
-
-
-def model_sha256(path: Path) -> str:
-    """`onnx_sha256(path)` without importing onnx (a second of a start) when the file cannot have external data:
-    an external tensor's `location` key is in the file as those bytes, so a file without them is self-contained
-    and its identity is its bytes' sha256."""
-    h, tail = hashlib.sha256(), b""
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            if _LOCATION in tail + chunk[: len(_LOCATION)] or _LOCATION in chunk:
-                return onnx_sha256(path)
-            h.update(chunk)
-            tail = chunk[-len(_LOCATION) :]
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:
