@@ -12,26 +12,12 @@ from optimize.lazy import lazy
 from optimize.models import huggingface_dir
 from optimize.recipe import HuggingFaceModel, Recipe
 from optimize.runtimes.base import TensorSpec
+from optimize.serving import protocol
 
 np = lazy("numpy")
 
-# KServe v2 tensor datatypes by numpy dtype name (the Open Inference Protocol's table). The client keeps its own
-# copy rather than the server's codec: a load test must not share the server's encoding bugs.
-DATATYPES = {
-    "bool": "BOOL",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-}
-NUMPY_DTYPES = {v: k for k, v in DATATYPES.items()}
+# The numeric KServe v2 datatypes (the protocol's table): requests are built from datasets of numbers, never BYTES.
+NUMPY_DTYPES = {kind: dtype for kind, dtype in protocol.DATATYPES.items() if kind != "BYTES"}
 
 
 def requests_from_recipe(recipe: Recipe, input_specs: list[TensorSpec]) -> list[dict[str, np.ndarray]]:
@@ -102,8 +88,8 @@ def encode_request(feeds: dict[str, np.ndarray], binary: bool = True, priority: 
     raw = []
     for name, array in feeds.items():
         array = np.ascontiguousarray(array)
-        datatype = DATATYPES.get(array.dtype.name)
-        if datatype is None:
+        datatype = protocol.datatype(array.dtype.name)
+        if datatype not in NUMPY_DTYPES:
             raise RecipeError(f"load test request: input {name!r} has dtype {array.dtype}, not a KServe v2 datatype")
         entry: dict[str, Any] = {"name": name, "shape": list(array.shape), "datatype": datatype}
         if binary:
