@@ -162,6 +162,22 @@ def _batcher(runner: Runner, metrics: ServerMetrics | None = None, **settings: A
     return b
 
 
+def _submit_all(
+    batcher: Batcher, requests: list[dict[str, np.ndarray]], priorities: list[str] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """Submit every request at once (low priority unless `priorities` says), their answers in order; then stop
+    the batcher."""
+
+    async def go() -> list[dict[str, np.ndarray]]:
+        each = priorities or ["low"] * len(requests)
+        return await asyncio.gather(*(batcher.submit(r, p) for r, p in zip(requests, each, strict=True)))
+
+    try:
+        return _run(go)
+    finally:
+        batcher.stop()
+
+
 def _sample(metrics: ServerMetrics, name: str, **labels: str) -> float:
     value = metrics.registry.get_sample_value(name, labels)
     return 0.0 if value is None else value
@@ -202,14 +218,7 @@ def test_batched_answers_equal_unbatched_ones_for_requests_of_different_lengths(
     recorder = RecordingRunner(text_runner)
     metrics = ServerMetrics()
     batcher = _batcher(recorder, metrics, max_batch_size=16, max_queue_delay_ms=20, attention_mask=attention_mask)
-
-    async def go() -> list[dict[str, np.ndarray]]:
-        return await asyncio.gather(*(batcher.submit(r) for r in requests))
-
-    try:
-        answers = _run(go)
-    finally:
-        batcher.stop()
+    answers = _submit_all(batcher, requests)
     for got, want in zip(answers, alone, strict=True):
         _assert_equal_outputs(got, want)  # its own rows, its own sequence length
     rows = sum(r["input_ids"].shape[0] for r in requests)
@@ -236,14 +245,7 @@ def test_a_batch_takes_the_requests_closest_to_its_length(text_runner: Any) -> N
     requests = [request(4 + i // 2 % 2) if i % 2 == 0 else request(40 + i % 3) for i in range(16)]  # short, long, ...
     recorder = RecordingRunner(text_runner)
     batcher = _batcher(recorder, max_batch_size=8, max_queue_delay_ms=50)
-
-    async def go() -> list[dict[str, np.ndarray]]:
-        return await asyncio.gather(*(batcher.submit(r) for r in requests))
-
-    try:
-        answers = _run(go)
-    finally:
-        batcher.stop()
+    answers = _submit_all(batcher, requests)
     for got, req in zip(answers, requests, strict=True):
         _assert_equal_outputs(got, text_runner.run(req))
     assert sorted(s["input_ids"][1] for s in recorder.shapes) == [5, 42], recorder.shapes  # 8 short, 8 long
@@ -262,15 +264,7 @@ def test_two_input_model_batched_equals_unbatched_and_each_caller_gets_its_rows(
     alone = [two_runner.run(r) for r in requests]
     recorder = RecordingRunner(two_runner)
     batcher = _batcher(recorder, max_batch_size=8, max_queue_delay_ms=20)
-
-    async def go() -> list[dict[str, np.ndarray]]:
-        priorities = ["high" if i % 3 else "low" for i in range(len(requests))]
-        return await asyncio.gather(*(batcher.submit(r, p) for r, p in zip(requests, priorities, strict=True)))
-
-    try:
-        answers = _run(go)
-    finally:
-        batcher.stop()
+    answers = _submit_all(batcher, requests, ["high" if i % 3 else "low" for i in range(len(requests))])
     for got, want in zip(answers, alone, strict=True):
         _assert_equal_outputs(got, want)
     assert len(recorder.shapes) < len(requests) / 2
@@ -283,14 +277,7 @@ def test_no_batching_runs_each_request_alone(two_runner: Any) -> None:
     recorder = RecordingRunner(two_runner)
     metrics = ServerMetrics()
     batcher = _batcher(recorder, metrics, max_batch_size=1, max_queue_delay_ms=0)
-
-    async def go() -> list[dict[str, np.ndarray]]:
-        return await asyncio.gather(*(batcher.submit(r) for r in requests))
-
-    try:
-        answers = _run(go)
-    finally:
-        batcher.stop()
+    answers = _submit_all(batcher, requests)
     for got, r in zip(answers, requests, strict=True):
         _assert_equal_outputs(got, two_runner.run(r))
     assert [s["a"][0] for s in recorder.shapes] == [1] * 12
