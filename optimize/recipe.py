@@ -772,6 +772,120 @@ class ServingSection(_Strict):
     slo: SloSection = Field(default_factory=SloSection, description="The service budgets.")
 
 
+class ReplicasSection(_Strict):
+    """How many serving pods the autoscaler may run."""
+
+    min: int = Field(default=2, ge=1, description="Fewest pods (the HorizontalPodAutoscaler's minReplicas).")
+    max: int = Field(default=10, ge=1, description="Most pods (maxReplicas).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ReplicasSection:
+        if self.max < self.min:
+            raise ValueError(f"max {self.max} is below min {self.min}; max must be at least min")
+        return self
+
+
+class AnalysisSection(_Strict):
+    """How a canary step is judged from Prometheus (Argo Rollouts' AnalysisTemplate and `optimize canary analyze`
+    run the same queries): every `interval_s`, over the last `window_s`, the canary's p99 and error rate against
+    `serving.slo`, and its p99 against the stable version's."""
+
+    interval_s: float = Field(default=60, gt=0, description="Seconds between two measurements of one step.")
+    count: int = Field(default=3, ge=1, description="Measurements per step; all must pass to go to the next step.")
+    window_s: float = Field(
+        default=120, gt=0, description="The range each measurement's rates and quantiles are taken over."
+    )
+    min_requests: int = Field(
+        default=50,
+        ge=1,
+        description="Fewest canary requests in a window for a measurement to count; fewer: not enough data.",
+    )
+    max_p99_ratio: float = Field(
+        default=1.25,
+        gt=1,
+        description="The canary fails when its p99 exceeds the stable version's by more than this factor.",
+    )
+    failure_limit: int = Field(
+        default=0, ge=0, description="Failed measurements tolerated before the canary is rolled back."
+    )
+
+
+class AlertsSection(_Strict):
+    """The PrometheusRule's alerts besides the `serving.slo` budgets themselves."""
+
+    for_s: float = Field(default=300, ge=0, description="How long a budget must be broken before its alert fires.")
+    window_s: float = Field(default=300, gt=0, description="Range of the rates and quantiles the alerts evaluate.")
+    shed_rate: float = Field(
+        default=0.01, gt=0, le=1, description="Fraction of requests shed (503 from the queue) that alerts."
+    )
+    queue_saturation: float = Field(
+        default=0.8, gt=0, le=1, description="Queue depth / serving.max_queue that alerts."
+    )
+
+
+class CircuitBreakerSection(_Strict):
+    """Istio's outlier detection: a pod answering 5xx in a row leaves the load balancing pool for a while."""
+
+    consecutive_5xx: int = Field(default=5, ge=1, description="5xx answers in a row that eject a pod.")
+    interval_s: float = Field(default=10, gt=0, description="How often pods are checked.")
+    base_ejection_s: float = Field(default=30, gt=0, description="How long an ejected pod stays out (at least).")
+    max_ejection_percent: int = Field(default=50, ge=1, le=100, description="Most pods ejected at once (%).")
+
+
+class RolloutSection(_Strict):
+    """`optimize deploy render`: the Kubernetes + Istio canary, autoscaling, alerts and Argo Rollouts analysis
+    that guard the registered version in production, derived from `serving:` and its measured load test."""
+
+    namespace: str | None = Field(
+        default=None,
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Kubernetes namespace of every object; default: none set (kubectl's).",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="The port `optimize serve` listens on in the pod.")
+    replicas: ReplicasSection = Field(default_factory=ReplicasSection, description="Autoscaling bounds.")
+    rps: float | None = Field(
+        default=None,
+        gt=0,
+        description="The request rate the service must carry; the render states the pods it takes (from the "
+        "load test's max_rps_at_slo) and fails when that exceeds replicas.max.",
+    )
+    steps: list[int] = Field(
+        default=[10, 50, 100],
+        description="Canary traffic weights (%), increasing, ending at 100; the first step sends this share "
+        "to the canary and the rest to the stable version.",
+    )
+    analysis: AnalysisSection = Field(default_factory=AnalysisSection, description="How each step is judged.")
+    alerts: AlertsSection = Field(default_factory=AlertsSection, description="Alert rules beside the SLO.")
+    circuit_breaker: CircuitBreakerSection = Field(
+        default_factory=CircuitBreakerSection, description="Istio outlier detection."
+    )
+    cpu: float | None = Field(
+        default=None,
+        gt=0,
+        description="CPU cores requested per pod; default: derived from the load test (the version's "
+        "loadtest.* tags). Needed when the version was not load-tested.",
+    )
+    memory_mb: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory (MiB) per pod; default: derived from the load test's peak RSS. Needed when the "
+        "version was not load-tested.",
+    )
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, steps: list[int]) -> list[int]:
+        if not steps:
+            raise ValueError("give at least one weight, e.g. [10, 50, 100]")
+        if any(not 0 < w <= 100 for w in steps):
+            raise ValueError(f"weights are percentages in 1..100, got {steps}")
+        if any(b <= a for a, b in zip(steps, steps[1:], strict=False)):
+            raise ValueError(f"weights must increase, got {steps}")
+        if steps[-1] != 100:
+            raise ValueError(f"the last step must send all traffic to the canary (100), got {steps[-1]}")
+        return steps
+
+
 class RegistrySection(_Strict):
     """Where passing variants are registered (MLflow)."""
 
@@ -809,6 +923,11 @@ class Recipe(_Strict):
     registry: RegistrySection = Field(default_factory=RegistrySection, description="MLflow registration.")
     serving: ServingSection = Field(
         default_factory=ServingSection, description="Serving, and the load test against the service budgets."
+    )
+    rollout: RolloutSection = Field(
+        default_factory=RolloutSection,
+        description="The production rollout `optimize deploy render` writes (Kubernetes, Istio, Argo Rollouts, "
+        "alerts) from the same budgets.",
     )
 
     @model_validator(mode="after")
