@@ -818,9 +818,7 @@ class AlertsSection(_Strict):
     shed_rate: float = Field(
         default=0.01, gt=0, le=1, description="Fraction of requests shed (503 from the queue) that alerts."
     )
-    queue_saturation: float = Field(
-        default=0.8, gt=0, le=1, description="Queue depth / serving.max_queue that alerts."
-    )
+    queue_saturation: float = Field(default=0.8, gt=0, le=1, description="Queue depth / serving.max_queue that alerts.")
 
 
 class CircuitBreakerSection(_Strict):

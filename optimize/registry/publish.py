@@ -503,6 +503,8 @@ def serving_tags(metrics: dict[str, Any], variant: str) -> dict[str, str]:
         tag.LOADTEST_P99_MS: s.get("p99_ms"),
         tag.LOADTEST_ERROR_RATE: s.get("error_rate"),
         tag.LOADTEST_SLO_P99_MS: (s.get("slo") or {}).get("p99_ms"),
+        tag.LOADTEST_CPU_CORES: (s.get("capacity") or {}).get("cpu_cores"),
+        tag.LOADTEST_RSS_PEAK_MB: (s.get("capacity") or {}).get("rss_peak_mb"),
     }
     return {k: v if isinstance(v, str) else f"{v:.6g}" for k, v in values.items() if v is not None}
 

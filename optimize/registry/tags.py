@@ -47,6 +47,9 @@ LOADTEST_RPS = "loadtest.rps"
 LOADTEST_P99_MS = "loadtest.p99_ms"
 LOADTEST_ERROR_RATE = "loadtest.error_rate"
 LOADTEST_SLO_P99_MS = "loadtest.slo_p99_ms"  # the p99 budget max_rps_at_slo was found under
+# What the server used at max_rps_at_slo (the load test's `capacity`): `optimize deploy render` sizes pods from it.
+LOADTEST_CPU_CORES = "loadtest.cpu_cores"  # CPU seconds per second
+LOADTEST_RSS_PEAK_MB = "loadtest.rss_peak_mb"
 
 # --- how alias moves are recorded (see optimize/registry/promotion.py) -------------------------------------
 ALIAS_HISTORY = "alias_history.{alias}"  # registered-model tag: the alias's moves, a JSON list, newest last

@@ -195,6 +195,7 @@ class ProcessMonitor:
         cpu = self._cpu_or_fail() - self._cpu0
         self.result = {
             "cpu_utilisation": round(cpu / (wall * self.cores), 4) if wall > 0 else None,
+            "cpu_cores": round(cpu / wall, 4) if wall > 0 else None,  # what a Kubernetes CPU request counts
             "rss_peak_mb": round(self.rss_peak / 2**20, 1),
             "memory_utilisation": round(self.rss_peak / self.limit, 4),
         }
@@ -564,7 +565,7 @@ class _Run:
             process = self.monitor.result
         else:
             rec = await self._send(rps, count)
-            process = {"cpu_utilisation": None, "rss_peak_mb": None, "memory_utilisation": None}
+            process = {"cpu_utilisation": None, "cpu_cores": None, "rss_peak_mb": None, "memory_utilisation": None}
         after = await scrape(self.client)
         step = _client_numbers(rec, rps, self.load.step_s, self.slo)
         within = step.pop("within_slo")
@@ -666,7 +667,18 @@ def run_loadtest(
     passing = [s for s in run.steps if s["within_slo"]]
     doc["max_rps_at_slo"] = max((s["rps"] for s in passing), default=0)
     doc["judged"] = judged_step(run.steps, load, doc["max_rps_at_slo"])
+    doc["capacity"] = capacity(run.steps, doc["max_rps_at_slo"])
     return doc
+
+
+def capacity(steps: list[dict[str, Any]], max_rps_at_slo: float) -> dict[str, Any] | None:
+    """What the server used at its highest load within the SLO (the last step at `max_rps_at_slo`): CPU (cores)
+    and peak RSS, the numbers a deployment's resources are sized from; None when no step was within the SLO."""
+    at = [s for s in steps if s["rps"] == max_rps_at_slo and s["within_slo"]] if max_rps_at_slo else []
+    if not at:
+        return None
+    server = at[-1]["server"]
+    return {"rps": max_rps_at_slo, "cpu_cores": server.get("cpu_cores"), "rss_peak_mb": server.get("rss_peak_mb")}
 
 
 def loadtest_server(
@@ -784,6 +796,7 @@ def judged_step(steps: list[dict[str, Any]], load: LoadSection, max_rps_at_slo: 
         "p99_ms": (chosen["latency_ms"] or {}).get("p99"),
         "error_rate": chosen["error_rate"],
         "cpu_utilisation": server["cpu_utilisation"],
+        "cpu_cores": server.get("cpu_cores"),
         "rss_peak_mb": server["rss_peak_mb"],
         "memory_utilisation": server["memory_utilisation"],
         "within_slo": chosen["within_slo"],

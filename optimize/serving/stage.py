@@ -51,6 +51,7 @@ def summary(doc: dict[str, Any]) -> dict[str, Any]:
     return {
         **{k: judged.get(k) for k in JUDGED_KEYS},
         "max_rps_at_slo": doc.get("max_rps_at_slo"),
+        "capacity": doc.get("capacity"),
         "slo": doc.get("slo"),
         "steps": steps,
     }

@@ -101,6 +101,10 @@ def test_a_served_tiny_model_is_load_tested_gated_reported_and_registered(write_
     assert float(mv.tags[tag.LOADTEST_MAX_RPS_AT_SLO]) == fp16["max_rps_at_slo"]
     assert float(mv.tags[tag.LOADTEST_P99_MS]) == pytest.approx(fp16["p99_ms"], rel=1e-5)
     assert float(mv.tags[tag.LOADTEST_RPS]) == fp16["rps"]
+    # what the server used at max_rps_at_slo, which `optimize deploy render` sizes pods from
+    assert float(mv.tags[tag.LOADTEST_CPU_CORES]) == pytest.approx(fp16["capacity"]["cpu_cores"], rel=1e-5)
+    assert float(mv.tags[tag.LOADTEST_RSS_PEAK_MB]) == pytest.approx(fp16["capacity"]["rss_peak_mb"], rel=1e-5)
+    assert 0 < fp16["capacity"]["cpu_cores"] and fp16["capacity"]["rss_peak_mb"] > 0
     assert "Serving on onnxruntime-cpu: 20 req/s within the SLO" in mv.description
 
     # the plan lists the serving units the run made, now cached; --rebench measures them anew
