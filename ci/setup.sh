@@ -47,6 +47,26 @@ if [[ $mode == cpu ]]; then
   # tritonclient's own pins (ml_dtypes<=0.5.4) clash with the lock; its HTTP client's dependencies are in the
   # test extra, and the lock pins its version
   "$VENV/bin/pip" install -q --no-deps -c constraints/cpu.txt tritonclient
+  # promtool (`check rules`/`test rules` on the rendered alerts) and the Prometheus server (a real scrape in the
+  # canary-analysis tests) from Debian's prometheus package, unpacked into the venv: no service is installed or
+  # started, and no dependency (its web UI's JavaScript) is needed for either binary
+  if [[ ! -x "$VENV/bin/promtool" || ! -x "$VENV/bin/prometheus" ]]; then
+    say "prometheus (Debian's package, unpacked into $VENV/opt/prometheus)"
+    tmp="$(mktemp -d)"
+    chmod a+rwx "$tmp" # apt-get download writes as the _apt user where it can
+    if ! (cd "$tmp" && apt-get download -q prometheus >/dev/null 2>&1); then
+      as_root=()
+      [[ $(id -u) -eq 0 ]] || as_root=(sudo -n)
+      "${as_root[@]}" apt-get update -q >/dev/null
+      (cd "$tmp" && apt-get download -q prometheus >/dev/null)
+    fi
+    rm -rf "$VENV/opt/prometheus" && mkdir -p "$VENV/opt/prometheus"
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$VENV/opt/prometheus"
+    rm -rf "$tmp"
+    ln -sfn ../opt/prometheus/usr/bin/promtool "$VENV/bin/promtool"
+    ln -sfn ../opt/prometheus/usr/bin/prometheus "$VENV/bin/prometheus"
+  fi
+  "$VENV/bin/promtool" --version 2>&1 | head -n 1
 else
   # The image's TensorRT (and torch, if it has one) are system packages: the venv sees them and pip keeps
   # them, since they satisfy the requirements already. No constraints file: GPU runners choose their torch.
