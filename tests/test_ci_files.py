@@ -187,7 +187,7 @@ def test_gpu_stages_agree_on_recipes_stashes_and_decisions() -> None:
     assert gpu_recipes and gpu_recipes.group(1).split() == recipes, "GPU_RECIPES and the matrix axis differ"
     matrix = _workflow()["jobs"]["gpu"]["strategy"]["matrix"]["recipe"]
     assert [f"recipes/{r}.yaml" for r in matrix] == recipes, "the workflow's GPU matrix differs from Jenkins'"
-    for job in ("canary", "production"):
+    for job in ("canary", "cluster", "production"):
         (run,) = [r for j, r in _workflow_runs() if j == job and "canary.sh" in r]
         assert RECIPE_PATH.findall(run) == recipes, f"workflow job {job} rolls out other recipes"
     # Register unstashes what each matrix cell stashed
@@ -219,10 +219,11 @@ def test_rollout_runs_only_on_main_with_an_approval_before_production() -> None:
     jobs = _workflow()["jobs"]
     assert jobs["register"]["if"] == "github.ref == 'refs/heads/main'"
     assert jobs["register"]["needs"] == ["cpu", "gpu-tests", "gpu"]
-    assert jobs["canary"]["needs"] == "register" and jobs["production"]["needs"] == "canary"
+    assert jobs["canary"]["needs"] == "register" and jobs["cluster"]["needs"] == "canary"
+    assert jobs["production"]["needs"] == "cluster"
     assert jobs["production"]["environment"] == "production"
     text = JENKINSFILE.read_text()
-    for stage in ("Rollout", "Production"):  # Rollout holds Register and Canary
+    for stage in ("Rollout", "Cluster", "Production"):  # Rollout holds Register and Canary
         body = text.split(f"stage('{stage}')", 1)[1][:200]
         assert "branch 'main'" in body, f"Jenkins stage {stage} is not limited to main"
     rollout = text.split("stage('Rollout')", 1)[1].split("stage('Production')", 1)[0]
