@@ -165,17 +165,19 @@ def _per_pod(metric: str, app: str, namespace: str | None, extra: dict[str, str]
 
 
 def cpu_utilisation(app: str, namespace: str | None, window_s: float) -> str:
-    """The busiest pod's CPU: cores used by the `server` container over the last `window_s` / its CPU limit."""
+    """Each pod's CPU, one series per pod (labels namespace, pod): cores the `server` container used over the last
+    `window_s` / its CPU limit. `max(...)` of it is the busiest pod's."""
     used = _per_pod("container_cpu_usage_seconds_total", app, namespace, {}, window_s)
     limit = _per_pod("kube_pod_container_resource_limits", app, namespace, {"resource": "cpu"})
-    return f"max({used} / {limit})"
+    return f"{used} / {limit}"
 
 
 def memory_utilisation(app: str, namespace: str | None) -> str:
-    """The fullest pod's memory: the `server` container's working set / its memory limit, now."""
+    """Each pod's memory, one series per pod (labels namespace, pod): the `server` container's working set now / its
+    memory limit. `max(...)` of it is the fullest pod's."""
     used = _per_pod("container_memory_working_set_bytes", app, namespace, {})
     limit = _per_pod("kube_pod_container_resource_limits", app, namespace, {"resource": "memory"})
-    return f"max({used} / {limit})"
+    return f"{used} / {limit}"
 
 
 def exported_metric_names() -> set[str]:
