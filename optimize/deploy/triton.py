@@ -114,7 +114,7 @@ def config_text(inputs: DeployInputs, platform: str | None = None, gpu: bool | N
         raise StageError(f"triton: platform {platform!r} is not rendered; use one of {sorted(MODEL_FILES)}")
     serving = inputs.serving
     batch = serving.max_batch_size if batches(inputs) else 0
-    lines = [f'name: "{inputs.app}"', f'platform: "{platform}"', f"max_batch_size: {batch}"]
+    lines = [f"name: {_quote(inputs.app)}", f"platform: {_quote(platform)}", f"max_batch_size: {batch}"]
     lines += _tensors_text("input", inputs.inputs, batch > 0)
     lines += _tensors_text("output", inputs.outputs, batch > 0)
     lines += ["dynamic_batching {"]
@@ -175,13 +175,18 @@ def _tensors_text(key: str, specs: tuple[TensorSpec, ...], batching: bool) -> li
                 f"Triton takes {', '.join(sorted(set(TRITON_TYPES) - {'str', 'bytes'}))}"
             )
         dims = [-1 if _dynamic(d) else int(d) for d in (spec.shape[1:] if batching else spec.shape)]
-        entry = [f'    name: "{spec.name}"', f"    data_type: {dtype}"]
+        entry = [f"    name: {_quote(spec.name)}", f"    data_type: {dtype}"]
         if dims:
             entry.append(f"    dims: [ {', '.join(map(str, dims))} ]")
         else:  # one value per row (or a scalar): Triton wants dims [1], reshaped to the model's empty shape
             entry += ["    dims: [ 1 ]", "    reshape: { shape: [ ] }"]
         entries.append("  {\n" + "\n".join(entry) + "\n  }")
     return [f"{key} [", ",\n".join(entries), "]"] if entries else []
+
+
+def _quote(text: str) -> str:
+    """A protobuf text-format string literal (an ONNX tensor name may hold any character)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _dynamic(dim: int | str | None) -> bool:

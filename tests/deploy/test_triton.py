@@ -341,3 +341,10 @@ def test_one_value_per_row_is_reshaped(tmp_path: Path, deploy_inputs: DeployInpu
     output = parsed(repo).output[0]
     assert list(output.dims) == [1] and output.HasField("reshape") and list(output.reshape.shape) == []
     assert triton.check_repository(repo) == []
+
+
+def test_tensor_names_are_quoted(deploy_inputs: DeployInputs) -> None:
+    name = 'input:0 "quoted" \\ back'
+    inputs = dataclasses.replace(deploy_inputs, inputs=(TensorSpec(name, "float32", ("batch", 2)),))
+    config, errors = triton.parse_config(triton.config_text(inputs))
+    assert errors == [] and config.input[0].name == name
