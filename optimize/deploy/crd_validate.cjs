@@ -56,12 +56,6 @@ function pointer(segments) {
   return segments.map((s) => "/" + String(s).replace(/~/g, "~0").replace(/\//g, "~1")).join("");
 }
 
-function setAt(root, segments, value) {
-  let node = root;
-  for (const s of segments.slice(0, -1)) node = node[s];
-  node[segments[segments.length - 1]] = value;
-}
-
 // The fields of a valid object that its schema does not describe: each key is replaced by PROBE in turn; a key
 // the schema knows then fails validation, an unknown one passes.
 function unknownFields(Model, data) {
@@ -74,11 +68,13 @@ function unknownFields(Model, data) {
     if (!node || typeof node !== "object") return;
     for (const key of Object.keys(node)) {
       const at = [...segments, key];
-      const probe = structuredClone(data);
-      setAt(probe, at, PROBE);
+      const value = node[key];
+      node[key] = PROBE; // in place (the model copies what it validates), put back at once
+      const errors = schemaErrors(Model, data);
+      node[key] = value;
       // the object is valid without the probe: any error now (at the field, or at a parent's oneOf) is the schema
       // looking at the field
-      if (schemaErrors(Model, probe).length > 0) visit(node[key], at);
+      if (errors.length > 0) visit(value, at);
       else unknown.push(pointer(at));
     }
   };

@@ -4,11 +4,14 @@ meant to catch it: wrong weights, a missing subset, a host with no Service, an H
 metric nobody exports, a typo in a Kubernetes field (strict schemas), a bad or unknown Istio/Argo field (the
 @kubernetes-models schemas under node), a kind no schema knows.
 
-node's packages and promtool come from `bash ci/setup.sh cpu`; without them these tests fail, they do not skip."""
+Then the folders the renderers write for recipes/fp16.yaml and recipes/int8.yaml (and a first rollout) validate with
+0 errors. node's packages and promtool come from `bash ci/setup.sh cpu`; without them these tests fail, they do not
+skip."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
-from optimize.deploy import queries, tools
+from optimize.deploy import queries, render, tools
+from optimize.deploy.inputs import DeployInputs
 from optimize.deploy.validate import (
     CRD,
     K8S,
@@ -32,6 +36,7 @@ from optimize.deploy.validate import (
     semantic_errors,
     validate_folder,
 )
+from optimize.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 APP = "demo"
@@ -534,3 +539,33 @@ def test_a_missing_validator_is_skipped_and_exits_4_unless_allowed(
     allowed = validate_folder(folder, allow_missing=True)
     assert allowed.exit_code == 0 and "(allowed)" in format_report(allowed)
     assert isinstance(allowed, ValidationReport)
+
+
+# --- what the renderers write -----------------------------------------------------------------------------------
+
+
+def _recipe_inputs(deploy_inputs: DeployInputs, recipe: str) -> DeployInputs:
+    """deploy_inputs (STATED load-test numbers, see conftest) with recipes/<recipe>.yaml's model, serving: and
+    rollout: sections."""
+    loaded = load_recipe(REPO / "recipes" / f"{recipe}.yaml")
+    model = loaded.registry.model_name or loaded.name
+    return dataclasses.replace(
+        deploy_inputs,
+        canary=dataclasses.replace(deploy_inputs.canary, model=model, variant=recipe, precision=recipe),
+        stable=dataclasses.replace(deploy_inputs.stable, model=model, variant=recipe, precision=recipe),
+        serving=loaded.serving,
+        rollout=loaded.rollout,
+    )
+
+
+@pytest.mark.parametrize("recipe, first", [("fp16", False), ("int8", False), ("int8", True)])
+def test_the_rollout_rendered_for_each_minilm_recipe_validates_with_0_errors(
+    recipe: str, first: bool, deploy_inputs: DeployInputs, tmp_path: Path, node_modules: Path, promtool: Path
+) -> None:
+    inputs = _recipe_inputs(deploy_inputs, recipe)
+    if first:
+        inputs = dataclasses.replace(inputs, stable=None)  # a first rollout: the canary takes all traffic
+    out = render.render(inputs, tmp_path / "out").out
+    report = validate_folder(out)
+    assert report.errors == [] and report.skipped == [], format_report(report)
+    assert report.checked[K8S] >= 7 and report.checked[CRD] >= 7 and report.checked[PROMTOOL] == 2, report.checked
