@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from optimize.deploy import queries, render, tools
+from optimize.deploy import queries, render, tools, triton
 from optimize.deploy.inputs import DeployInputs
 from optimize.deploy.validate import (
     CRD,
@@ -27,6 +27,7 @@ from optimize.deploy.validate import (
     NODE_MODULES_ENV,
     PROMTOOL,
     SEMANTIC,
+    TRITON,
     Doc,
     ValidationReport,
     crd_errors,
@@ -36,6 +37,7 @@ from optimize.deploy.validate import (
     semantic_errors,
     validate_folder,
 )
+from optimize.errors import RuntimeMissingError
 from optimize.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
@@ -521,6 +523,24 @@ def test_promtool_failures_are_errors(tmp_path: Path, promtool: Path) -> None:
     assert report.exit_code == 1
 
 
+def test_the_triton_repository_is_checked_by_triton_check_repository(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "triton" / APP
+    model.mkdir(parents=True)
+    (model / "config.pbtxt").write_text(f'name: "{APP}"\nplatform: "onnxruntime_onnx"\nmax_batch_sise: 8\n')
+    report = validate_folder(tmp_path)
+    assert report.checked[TRITON] == 1 and len(report.errors) == 1, format_report(report)
+    assert report.errors[0][0] == "triton/" and 'no field named "max_batch_sise"' in report.errors[0][2]
+
+    def missing(path: Path) -> list[str]:
+        raise RuntimeMissingError("tritonclient is not installed")
+
+    monkeypatch.setattr(triton, "check_repository", missing)
+    report = validate_folder(tmp_path)
+    assert report.errors == [] and report.skipped == [(TRITON, "tritonclient is not installed")]
+
+
 # --- missing tools ----------------------------------------------------------------------------------------------
 
 
@@ -558,7 +578,8 @@ def _recipe_inputs(deploy_inputs: DeployInputs, recipe: str) -> DeployInputs:
     )
 
 
-@pytest.mark.parametrize("recipe, first", [("fp16", False), ("int8", False), ("int8", True)])
+# each recipe once (a whole folder's check takes seconds): fp16 replacing a stable version, int8 as a first rollout
+@pytest.mark.parametrize("recipe, first", [("fp16", False), ("int8", True)])
 def test_the_rollout_rendered_for_each_minilm_recipe_validates_with_0_errors(
     recipe: str, first: bool, deploy_inputs: DeployInputs, tmp_path: Path, node_modules: Path, promtool: Path
 ) -> None:
