@@ -146,7 +146,8 @@ class _World:
 
     def target(self, version: str) -> dict[str, str]:
         """The scrape target labels of the tests' server of `version`."""
-        return {"instance": f"10.0.0.{10 + int(version) % 200}:{self.inputs.rollout.port}", "job": _JOB}
+        host = 1 if version == str(self.inputs.canary.number) else 2  # one server each, never the same target
+        return {"instance": f"10.0.0.{host}:{self.inputs.rollout.port}", "job": _JOB}
 
     def model_info(self, version: str) -> Series:
         """The `optimize_model_info` series the server of `version` exports."""
@@ -158,9 +159,9 @@ class _World:
         return f"{self.inputs.app}-{track}-5d8f7b9c6d-x7k2p"
 
     def words(self) -> dict[str, str]:
-        a = self.inputs.rollout.alerts
         """The window and the `for` as descriptions say them."""
-        held = f"for {duration(a.for_s)}" if a.for_s > 0 else "at the last evaluation (no `for`)"
+        for_s = self.inputs.rollout.alerts.for_s
+        held = f"for {duration(for_s)}" if for_s > 0 else "at the last evaluation (no `for`)"
         return {"window": duration(self.window), "for": held}
 
 
