@@ -87,18 +87,22 @@ class Doc:
 
     @property
     def kind(self) -> str:
+        """The object's kind."""
         return str(self.obj.get("kind", ""))
 
     @property
     def api_version(self) -> str:
+        """The object's apiVersion (group/version, or the core group's version alone)."""
         return str(self.obj.get("apiVersion", ""))
 
     @property
     def name(self) -> str:
+        """metadata.name ("" when missing)."""
         return str((self.obj.get("metadata") or {}).get("name", ""))
 
     @property
     def namespace(self) -> str | None:
+        """metadata.namespace; None when the object leaves it to kubectl."""
         return (self.obj.get("metadata") or {}).get("namespace")
 
     @property
@@ -108,6 +112,7 @@ class Doc:
 
     @property
     def spec(self) -> dict[str, Any]:
+        """The object's spec ({} when it has none)."""
         return self.obj.get("spec") or {}
 
     @property
