@@ -1,0 +1,253 @@
+"""`optimize canary analyze` against a real Prometheus (Debian's server binary, on 127.0.0.1) scraping real
+`optimize serve` processes of registered versions in a sqlite MLflow store, under a light constant load:
+
+- version 1, the stable one (`production`): a MatMul chain of CHAIN_DEPTH;
+- version 2, a healthy canary: the same model;
+- version 3, a slow canary: a chain SLOW_FACTOR times as deep (its p99 well over the stable one's × max_p99_ratio);
+- version 4, a failing canary: a table lookup sent an out-of-range index in 1 request of 100 (a 500 each);
+- version 5: registered, never served (no data).
+
+Each canary has its own alias (promoted from version 1, so a rollback returns there), and the three analyses run
+at once, as three `optimize canary analyze` processes, against the same Prometheus. The budgets come from the
+recipe.json recorded with the versions (short analysis settings), except where --recipe is given."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from canary_env import (
+    Prometheus,
+    Stream,
+    aliases,
+    chain_body,
+    free_port,
+    lookup,
+    lookup_body,
+    matmul_chain,
+    new_store,
+    prometheus,
+    register,
+    traffic,
+)
+
+from optimize.deploy import analyze as analyze_mod
+from optimize.deploy import queries
+from optimize.registry import promotion
+from optimize.serving.server import LocalServer, start_local
+
+REPO = Path(__file__).resolve().parents[2]
+MODEL = "canary-demo"
+# ~2 ms of model time a request for the stable version, ~40 times that for the slow one: its p99 stays over the
+# stable one's × max_p99_ratio however much a busy machine adds to both.
+CHAIN_WIDTH, CHAIN_DEPTH, SLOW_FACTOR = 1024, 8, 40
+RPS = 20  # per server: light, so that four servers, Prometheus and the client share two cores without queueing
+SLOW_RPS = 8  # the slow one uses ~0.5 core at this rate
+WARM_S = 8  # traffic before the analyses start, so that the first window already holds min_requests
+SLO = {"p99_ms": 250, "error_rate": 0.002}
+ANALYSIS = {"interval_s": 2, "count": 5, "window_s": 10, "min_requests": 20, "max_p99_ratio": 1.3, "failure_limit": 0}
+RECORDED = {"serving": {"threads": 1, "max_queue_delay_ms": 0, "slo": SLO}, "rollout": {"analysis": ANALYSIS}}
+
+
+def cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """`python -m optimize ARGS` in `cwd`."""
+    return subprocess.run(
+        [sys.executable, "-m", "optimize", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+@dataclass
+class Env:
+    folder: Path
+    store: str
+    prom: Prometheus
+    versions: dict[str, int]  # role → version number
+    streams: dict[str, Stream]
+    analyses: dict[str, dict[str, Any]]  # canary alias → its outcome (analyze's document, plus "error", "exit_code")
+    lines: dict[str, list[str]]  # canary alias → the lines it printed
+    seconds: dict[str, float]  # canary alias → how long its analysis took
+    cli: dict[str, subprocess.CompletedProcess[str]]  # the CLI runs (see `env`)
+
+
+def analyze_cli(env: Env, prometheus_url: str, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+    return cli(
+        "canary", "analyze", MODEL, "--prometheus", prometheus_url, "--tracking-uri", env.store, *extra,
+        cwd=env.folder,
+    )  # fmt: skip
+
+
+def _registered(folder: Path) -> tuple[str, dict[str, int]]:
+    stable = matmul_chain(folder / "stable.onnx", CHAIN_WIDTH, CHAIN_DEPTH)
+    slow = matmul_chain(folder / "slow.onnx", CHAIN_WIDTH, CHAIN_DEPTH * SLOW_FACTOR)
+    failing = lookup(folder / "lookup.onnx")
+    store = new_store(folder / "registry")
+    versions = {
+        role: register(store, MODEL, path, RECORDED)
+        for role, path in (("stable", stable), ("healthy", stable), ("slow", slow), ("failing", failing),
+                           ("idle", stable))
+    }  # fmt: skip
+    promotion.promote(MODEL, "production", version=versions["stable"], tracking_uri=store)
+    moves = [(f"canary-{role}", role) for role in ("healthy", "slow", "failing", "idle")] + [("canary-cli", "failing")]
+    for alias, role in moves:
+        promotion.promote(MODEL, alias, version=versions["stable"], tracking_uri=store)
+        promotion.promote(MODEL, alias, version=versions[role], tracking_uri=store)
+    return store, versions
+
+
+def _served(stack: ExitStack, store: str, versions: dict[str, int]) -> dict[str, LocalServer]:
+    """The four served versions, started at once (each child imports MLflow and downloads its version)."""
+
+    def start(role: str) -> LocalServer:
+        overrides = {"max_batch_size": 1} if role == "failing" else None  # a bad row fails only its own request
+        uri = f"models:/{MODEL}/{versions[role]}"
+        return stack.enter_context(start_local(uri, tracking_uri=store, overrides=overrides, timeout_s=90))
+
+    roles = ["stable", "healthy", "slow", "failing"]
+    with ThreadPoolExecutor(max_workers=len(roles)) as pool:
+        return dict(zip(roles, pool.map(start, roles), strict=True))
+
+
+def _analysed(e: Env, alias: str) -> None:
+    """Run the analysis of `alias` in this process (what the CLI runs), keeping its outcome and lines."""
+    started = time.monotonic()
+    lines = e.lines.setdefault(alias, [])
+    doc = analyze_mod.analyze(
+        MODEL, prometheus=e.prom.url, tracking_uri=e.store, canary_alias=alias,
+        on_measurement=lambda _m, line: lines.append(line),
+    )  # fmt: skip
+    error = analyze_mod.decision_error(doc)
+    e.analyses[alias] = {**doc, "error": str(error) if error else None, "exit_code": error.exit_code if error else 0}
+    e.seconds[alias] = time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    """Everything in the module docstring running; after WARM_S of traffic the three canaries analysed at once in
+    this process, then three runs of the command itself at once: a canary without traffic (--recipe: exit 2), a
+    failing canary (--once --no-rollback: exit 1, nothing moves) and an unreachable Prometheus (exit 3)."""
+    folder = tmp_path_factory.mktemp("canary")
+    store, versions = _registered(folder)
+    with ExitStack() as stack:
+        servers = _served(stack, store, versions)
+        prom = stack.enter_context(prometheus([s.url.removeprefix("http://") for s in servers.values()], folder))
+        infer = {role: f"{s.url}/v2/models/{MODEL}/infer" for role, s in servers.items()}
+        bad = [lookup_body(1000)] + [lookup_body(i % 16) for i in range(99)]  # 1 request in 100 fails, from the first
+        streams = {role: Stream(infer[role], [chain_body(CHAIN_WIDTH)], RPS) for role in ("stable", "healthy")}
+        streams["slow"] = Stream(infer["slow"], [chain_body(CHAIN_WIDTH)], SLOW_RPS)
+        streams["failing"] = Stream(infer["failing"], bad, RPS)
+        stack.enter_context(traffic(list(streams.values()), max_s=120))
+        time.sleep(WARM_S)
+        e = Env(folder, store, prom, versions, streams, {}, {}, {}, {})
+        names = ["canary-healthy", "canary-slow", "canary-failing"]
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(lambda alias: _analysed(e, alias), names))
+        short = folder / "short.yaml"
+        short.write_text(
+            f"extends: {REPO / 'recipes' / 'fp16.yaml'}\n"
+            "rollout: {analysis: {interval_s: 0.5, count: 2, window_s: 10, min_requests: 20}}\n"
+        )
+        runs = {
+            "idle": (prom.url, "--canary-alias", "canary-idle", "--recipe", short, "--json"),
+            "once": (prom.url, "--canary-alias", "canary-cli", "--once", "--no-rollback", "--json"),
+            "unreachable": (f"http://127.0.0.1:{free_port()}", "--canary-alias", "canary-idle", "--once"),
+        }
+        with ThreadPoolExecutor(max_workers=len(runs)) as pool:
+            done = pool.map(lambda args: analyze_cli(e, *args), runs.values())
+            e.cli = dict(zip(runs, done, strict=True))
+        yield e
+
+
+def outcome(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_a_healthy_canary_is_promoted_with_no_false_rollback_in_five_measurements(env: Env) -> None:
+    doc = env.analyses["canary-healthy"]
+    assert doc["decision"] == "promote" and doc["exit_code"] == 0, env.lines["canary-healthy"]
+    assert doc["budgets"]["source"].startswith("recipe.json of") and doc["budgets"]["analysis"]["count"] == 5
+    assert doc["stable"] == {"alias": "production", "version": env.versions["stable"]}
+    ms = doc["measurements"]
+    assert [m["verdict"] for m in ms] == ["passed"] * 5, env.lines["canary-healthy"]
+    assert all(m["p99_ratio"] is not None and m["canary_error_ratio"] == 0 for m in ms), ms
+    assert aliases(env.store, MODEL)["canary-healthy"] == env.versions["healthy"]  # nothing moved
+    assert len(env.lines["canary-healthy"]) == 5 and doc["rollback"] is None
+
+
+def test_a_slower_canary_is_rolled_back_within_two_intervals(env: Env) -> None:
+    doc = env.analyses["canary-slow"]
+    assert doc["decision"] == "rollback" and doc["exit_code"] == 1, env.lines["canary-slow"]
+    failed = doc["measurements"][-1]
+    assert failed["verdict"] == "failed" and failed["index"] <= 2, env.lines["canary-slow"]
+    assert failed["p99_ratio"] >= 1.5 and "max_p99_ratio" in " ".join(failed["reasons"]), failed
+    assert doc["rollback"]["version"] == env.versions["stable"]
+    assert aliases(env.store, MODEL)["canary-slow"] == env.versions["stable"]
+    assert env.seconds["canary-slow"] < env.seconds["canary-healthy"]  # it stopped at the failure
+    assert "canary-slow rolled back to version" in doc["error"]
+
+
+def test_a_canary_failing_one_request_in_a_hundred_is_rolled_back_within_two_intervals(env: Env) -> None:
+    doc = env.analyses["canary-failing"]
+    assert doc["decision"] == "rollback" and doc["exit_code"] == 1, env.lines["canary-failing"]
+    failed = doc["measurements"][-1]
+    assert failed["verdict"] == "failed" and failed["index"] <= 2, env.lines["canary-failing"]
+    assert 0.002 < failed["canary_error_ratio"] < 0.05, failed
+    assert "serving.slo.error_rate" in " ".join(failed["reasons"])
+    assert aliases(env.store, MODEL)["canary-failing"] == env.versions["stable"]
+    sent = env.streams["failing"].codes
+    assert sent.get(500, 0) >= 1 and sent.get(200, 0) > 50 * sent[500], sent
+
+
+def test_the_command_exits_1_on_a_failing_canary_and_moves_nothing_with_no_rollback(env: Env) -> None:
+    proc = env.cli["once"]
+    doc = outcome(proc)
+    assert proc.returncode == 1, proc.stderr
+    assert doc["command"] == "canary analyze" and doc["status"] == "failed" and doc["decision"] == "rollback"
+    assert len(doc["measurements"]) == 1 and doc["rollback"] is None
+    assert "not rolled back (--no-rollback)" in doc["error"]
+    assert "measurement 1/1: canary version" in proc.stderr and proc.stderr.strip().splitlines()[-1] == (
+        f"error: {doc['error']}"
+    )
+    assert aliases(env.store, MODEL)["canary-cli"] == env.versions["failing"]
+
+
+def test_the_server_series_are_told_apart_by_version(env: Env) -> None:
+    """What the analyses read: each served version's own requests; none for the version nobody serves."""
+    for role in ("stable", "healthy", "slow", "failing"):
+        scope = queries.Scope(MODEL, str(env.versions[role]))
+        assert env.prom.query(queries.request_count(scope, 30)), role
+    assert not env.prom.query(queries.request_count(queries.Scope(MODEL, str(env.versions["idle"])), 30))
+
+
+def test_a_canary_without_traffic_is_not_enough_data(env: Env) -> None:
+    proc = env.cli["idle"]
+    doc = outcome(proc)
+    assert proc.returncode == 2, proc.stderr
+    assert doc["decision"] == "not-enough-data" and len(doc["measurements"]) == 2
+    assert doc["budgets"]["source"].endswith("short.yaml")
+    assert "not enough data in 2 of 2 measurements" in doc["error"]
+    assert aliases(env.store, MODEL)["canary-idle"] == env.versions["idle"]
+
+
+def test_an_unreachable_prometheus_is_a_stage_error_and_nothing_moves(env: Env) -> None:
+    proc = env.cli["unreachable"]
+    assert proc.returncode == 3, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: canary analyze: Prometheus at"), proc.stderr
+    assert "cannot be reached" in lines[0] and proc.stdout == ""
+    assert aliases(env.store, MODEL)["canary-idle"] == env.versions["idle"]
