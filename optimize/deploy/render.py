@@ -276,9 +276,10 @@ def main(
     engine: Path | None,
     cluster_tracking_uri: str | None,
     prometheus_address: str,
-    say: Callable[[str], None],
+    echo: Callable[[str], None],
 ) -> Rendered:
-    """`optimize deploy render`: resolve (the canary downloaded into a temporary folder), render, say what."""
+    """`optimize deploy render`: resolve (the canary downloaded into a temporary folder), render, and `echo` what
+    was written and the canary's pod size."""
     with tempfile.TemporaryDirectory(prefix="optimize-deploy-") as tmp:
         inputs = resolve(
             canary_uri,
@@ -292,5 +293,11 @@ def main(
         )
         done = render(inputs, out, formats, prometheus_address)
     stable = f", stable {inputs.stable.uri}" if inputs.stable else " (first rollout: no stable version)"
-    say(f"rendered {inputs.canary.uri}{stable} into {out}: {len(done.files)} files")
+    echo(f"rendered {inputs.canary.uri}{stable} into {out}: {len(done.files)} files")
+    sized = done.sizing
+    if sized is not None:
+        line = f"canary pods: CPU {sized.cpu_request} (limit {sized.cpu_limit}), memory {sized.memory}"
+        if sized.expected_replicas is not None:
+            line += f"; {sized.expected_replicas} pod(s) for {sized.rps:g} req/s at {sized.max_rps_at_slo:g} each"
+        echo(line + f" (how: {out / RENDER_RECORD})")
     return done
