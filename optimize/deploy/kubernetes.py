@@ -59,6 +59,18 @@ def version_annotations(version: Version) -> dict[str, str]:
     return {"optimize/model-uri": version.uri, "optimize/sha256": version.sha256}
 
 
+def serve_args(inputs: DeployInputs, version: Version) -> list[str]:
+    """`optimize serve`'s arguments in the pod: the pinned version on all interfaces, with the batch and queue
+    settings the autoscaler and the connection pool were sized for (a recipe given to the render may differ from
+    the one recorded with the version, which the server would read otherwise)."""
+    s = inputs.serving
+    return [
+        "serve", version.uri, "--host", "0.0.0.0", "--port", str(inputs.rollout.port),
+        "--max-batch-size", str(s.max_batch_size), "--max-queue-delay-ms", f"{s.max_queue_delay_ms:g}",
+        "--max-queue", str(s.max_queue),
+    ]  # fmt: skip
+
+
 def container(inputs: DeployInputs, version: Version, sized: Sizing) -> dict[str, Any]:
     """The `server` container: `optimize serve` of the pinned version, its probes, resources and drain hook."""
     port = inputs.rollout.port
@@ -75,7 +87,7 @@ def container(inputs: DeployInputs, version: Version, sized: Sizing) -> dict[str
         "name": CONTAINER,
         "image": inputs.image,
         "command": ["optimize"],
-        "args": ["serve", version.uri, "--host", "0.0.0.0", "--port", str(port)],
+        "args": serve_args(inputs, version),
         "env": [{"name": "MLFLOW_TRACKING_URI", "value": inputs.tracking_uri}],
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         # Ready only once the version is downloaded, verified and warmed; the server turns readiness 503 when it

@@ -80,7 +80,11 @@ def test_deployments_run_the_pinned_versions(deploy_inputs):
         (c,) = template["spec"]["containers"]
         assert c["name"] == "server" and c["image"] == "registry.example/optimize:1.0"
         assert c["command"] == ["optimize"]
-        assert c["args"] == ["serve", version.uri, "--host", "0.0.0.0", "--port", "8000"]
+        # the batch and queue settings the HPA and the connection pool were sized for (fp16.yaml: the defaults)
+        assert c["args"] == [
+            "serve", version.uri, "--host", "0.0.0.0", "--port", "8000",
+            "--max-batch-size", "16", "--max-queue-delay-ms", "2", "--max-queue", "256",
+        ]  # fmt: skip
         assert c["env"] == [{"name": "MLFLOW_TRACKING_URI", "value": "http://mlflow.mlops:5000"}]
         assert c["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
         assert c["startupProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
