@@ -37,6 +37,10 @@ class ServerMetrics:
         self.requests = prom.Counter(
             "optimize_requests", "Infer requests answered, by HTTP status code.", ["code"], registry=r
         )
+        # A counter series that appears already at 1 hides that first increment from rate() and increase() (they
+        # need two samples): a canary's first model failure would not count. Success and failure exist from the start.
+        for code in ("200", "500"):
+            self.requests.labels(code=code)
         self.request_duration = prom.Histogram(
             "optimize_request_duration_seconds",
             "Infer request latency in the server, arrival to response.",

@@ -173,6 +173,16 @@ class Prometheus:
         with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=5) as r:
             return json.loads(r.read())["data"]["result"]
 
+    def wait_for_targets(self, count: int, timeout_s: float = 20) -> None:
+        """Until `count` targets have been scraped successfully (`up == 1`)."""
+        deadline = time.monotonic() + timeout_s
+        while len([s for s in self.query("up") if s["value"][1] == "1"]) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"prometheus scraped fewer than {count} targets in {timeout_s} s: {self.query('up')}"
+                )
+            time.sleep(0.2)
+
 
 @contextmanager
 def prometheus(targets: list[str], folder: Path, timeout_s: float = 30) -> Iterator[Prometheus]:
