@@ -45,6 +45,7 @@ from canary_env import (
 
 from optimize.deploy import analyze as analyze_mod
 from optimize.deploy import queries
+from optimize.errors import RecipeError
 from optimize.registry import promotion
 from optimize.serving.server import LocalServer, start_local
 
@@ -257,3 +258,60 @@ def test_an_unreachable_prometheus_is_a_stage_error_and_nothing_moves(env: Env) 
     assert len(lines) == 1 and lines[0].startswith("error: canary analyze: Prometheus at"), proc.stderr
     assert "cannot be reached" in lines[0] and proc.stdout == ""
     assert aliases(env.store, MODEL)["canary-idle"] == env.versions["idle"]
+
+
+# --- the decision alone (no Prometheus, no registry) ------------------------------------------------------------
+
+
+def _scripted(monkeypatch: pytest.MonkeyPatch, verdicts: list[str], **analysis: Any) -> list[float]:
+    """analyze() with the registry and the measurements replaced: measurement i has verdicts[i]; returns the pauses
+    it asked for."""
+    from optimize.recipe import AnalysisSection, SloSection
+
+    b = analyze_mod.Budgets(SloSection(), AnalysisSection(interval_s=3, count=len(verdicts), **analysis), "test")
+    monkeypatch.setattr(analyze_mod, "resolve", lambda *_a: (7, 6, b))
+
+    def measure(_url: str, _model: str, _canary: int, _stable: int | None, _b: Any, index: int) -> Any:
+        m = analyze_mod.Measurement(index=index, at=0.0, canary_requests=100.0, verdict=verdicts[index - 1])
+        m.reasons = [] if m.verdict == "passed" else [f"reason {index}"]
+        return m
+
+    monkeypatch.setattr(analyze_mod, "measure", measure)
+    return []
+
+
+def _run(monkeypatch: pytest.MonkeyPatch, verdicts: list[str], **analysis: Any) -> dict[str, Any]:
+    pauses = _scripted(monkeypatch, verdicts, **analysis)
+    rolled: list[str] = []
+    monkeypatch.setattr(
+        promotion, "rollback", lambda model, alias, tracking_uri: rolled.append(alias) or {"version": 6}
+    )
+    doc = analyze_mod.analyze("m", prometheus="http://127.0.0.1:9", tracking_uri="sqlite:///x.db", sleep=pauses.append)
+    doc["_rolled"], doc["_pauses"] = rolled, pauses
+    return doc
+
+
+def test_failures_within_the_limit_still_promote(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = _run(monkeypatch, ["passed", "failed", "passed"], failure_limit=1)
+    assert doc["decision"] == "promote" and analyze_mod.decision_error(doc) is None and doc["_rolled"] == []
+    # measurement i is due interval_s × i after the first (the fake sleep does not pass the time)
+    assert [round(p) for p in doc["_pauses"]] == [3, 6]
+
+
+def test_the_failure_past_the_limit_stops_and_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = _run(monkeypatch, ["failed", "passed", "failed", "passed"], failure_limit=1)
+    assert doc["decision"] == "rollback" and len(doc["measurements"]) == 3 and doc["_rolled"] == ["canary"]
+    error = analyze_mod.decision_error(doc)
+    assert error.exit_code == 1 and "measurement 3 failed: reason 3; canary rolled back to version 6" in str(error)
+
+
+def test_some_measurements_without_data_is_not_enough_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = _run(monkeypatch, ["no-data", "passed", "passed"])
+    error = analyze_mod.decision_error(doc)
+    assert doc["decision"] == "not-enough-data" and error.exit_code == 2 and doc["_rolled"] == []
+    assert "not enough data in 1 of 3 measurements (reason 1)" in str(error)
+
+
+def test_a_prometheus_url_without_a_scheme_is_a_usage_error() -> None:
+    with pytest.raises(RecipeError, match="--prometheus 'prometheus:9090'"):
+        analyze_mod.analyze("m", prometheus="prometheus:9090", tracking_uri="sqlite:///x.db")
