@@ -54,7 +54,9 @@ MODEL = "canary-demo"
 # ~2 ms of model time a request for the stable version, ~40 times that for the slow one: its p99 stays over the
 # stable one's × max_p99_ratio however much a busy machine adds to both.
 CHAIN_WIDTH, CHAIN_DEPTH, SLOW_FACTOR = 1024, 8, 40
-RPS = 20  # per server: light, so that four servers, Prometheus and the client share two cores without queueing
+# Per server: 400 requests in a window, so that a p99 is the 4th slowest, not the 2nd (on a busy two-core machine a
+# single scheduling stall of tens of ms moves a p99 of 200 requests by more than max_p99_ratio).
+RPS = 40
 SLOW_RPS = 8  # the slow one uses ~0.5 core at this rate
 WARM_S = 8  # traffic before the analyses start, so that the first window already holds min_requests
 SLO = {"p99_ms": 250, "error_rate": 0.002}
@@ -142,8 +144,8 @@ def _analysed(e: Env, alias: str) -> None:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     """Everything in the module docstring running: three runs of the command itself at once as the traffic starts
     (a canary without traffic, --recipe: exit 2; a failing canary, --once --no-rollback: exit 1, nothing moves; an
-    unreachable Prometheus: exit 3), and after WARM_S of traffic the three canaries analysed at once in this
-    process."""
+    unreachable Prometheus: exit 3), then, WARM_S into the traffic at the earliest, the three canaries analysed at
+    once in this process."""
     folder = tmp_path_factory.mktemp("canary")
     store, versions = _registered(folder)
     with ExitStack() as stack:
@@ -167,15 +169,16 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         }
         e = Env(folder, store, prom, versions, streams, {}, {}, {}, {})
         stack.enter_context(traffic(list(streams.values()), max_s=120))
+        warm_until = time.monotonic() + WARM_S
+        # The commands run as the traffic warms up (`once` measures when its imports are done, seconds into the
+        # traffic: 20+ requests, the first one failed), and are over before the analyses start: their imports
+        # would add seconds of CPU contention to the healthy canary's p99 and to the stable one's.
         with ThreadPoolExecutor(max_workers=len(runs)) as commands:
-            # The commands start with the traffic: their imports take longer than the warm-up on a busy machine.
-            # `once` measures when it is ready, after at least a few seconds of traffic: 20+ requests, an error.
-            done = commands.map(lambda args: analyze_cli(e, *args), runs.values())
-            time.sleep(WARM_S)
-            names = ["canary-healthy", "canary-slow", "canary-failing"]
-            with ThreadPoolExecutor(max_workers=len(names)) as pool:
-                list(pool.map(lambda alias: _analysed(e, alias), names))
-            e.cli = dict(zip(runs, done, strict=True))
+            e.cli = dict(zip(runs, commands.map(lambda args: analyze_cli(e, *args), runs.values()), strict=True))
+        time.sleep(max(0.0, warm_until - time.monotonic()))
+        names = ["canary-healthy", "canary-slow", "canary-failing"]
+        with ThreadPoolExecutor(max_workers=len(names)) as pool:
+            list(pool.map(lambda alias: _analysed(e, alias), names))
         yield e
 
 
