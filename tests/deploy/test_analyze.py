@@ -10,13 +10,14 @@
 Each canary has its own alias, promoted from version 1 first, so that a rollback returns there. The three
 analyses run at once against the same Prometheus, in this process (`analyze`, what the command runs: starting
 three commands at once costs each seconds of imports on a two-core machine), with the budgets recorded with the
-versions (recipe.json: short analysis settings); then the command itself runs three times at once for its exit
-codes, its JSON and its lines: no traffic (2), a failing canary with --once --no-rollback (1), no Prometheus (3)."""
+versions (recipe.json: short analysis settings); the command itself runs once, for its exit code, its JSON and
+its lines, on a failing canary with --once --no-rollback (1)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,7 +46,7 @@ from canary_env import (
 
 from optimize.deploy import analyze as analyze_mod
 from optimize.deploy import queries
-from optimize.errors import RecipeError
+from optimize.errors import RecipeError, StageError
 from optimize.registry import promotion
 from optimize.serving.server import LocalServer, start_local
 
@@ -107,10 +108,11 @@ def _registered(folder: Path) -> tuple[str, dict[str, int]]:
                            ("idle", stable))
     }  # fmt: skip
     promotion.promote(MODEL, "production", version=versions["stable"], tracking_uri=store)
-    moves = [(f"canary-{role}", role) for role in ("healthy", "slow", "failing", "idle")] + [("canary-cli", "failing")]
-    for alias, role in moves:
-        promotion.promote(MODEL, alias, version=versions["stable"], tracking_uri=store)
-        promotion.promote(MODEL, alias, version=versions[role], tracking_uri=store)
+    for role in ("healthy", "slow", "failing"):  # promoted from the stable version: a rollback goes back there
+        promotion.promote(MODEL, f"canary-{role}", version=versions["stable"], tracking_uri=store)
+        promotion.promote(MODEL, f"canary-{role}", version=versions[role], tracking_uri=store)
+    promotion.promote(MODEL, "canary-idle", version=versions["idle"], tracking_uri=store)
+    promotion.promote(MODEL, "canary-cli", version=versions["failing"], tracking_uri=store)
     return store, versions
 
 
@@ -125,6 +127,13 @@ def _served(stack: ExitStack, store: str, versions: dict[str, int]) -> dict[str,
     roles = ["stable", "healthy", "slow", "failing"]
     with ThreadPoolExecutor(max_workers=len(roles)) as pool:
         return dict(zip(roles, pool.map(start, roles), strict=True))
+
+
+def _stop_all(servers: dict[str, LocalServer]) -> None:
+    """SIGTERM every server (start_local's own stop then waits for each, already draining)."""
+    for server in servers.values():
+        if server.proc.poll() is None:
+            server.proc.send_signal(signal.SIGTERM)
 
 
 def _analysed(e: Env, alias: str) -> None:
@@ -142,36 +151,27 @@ def _analysed(e: Env, alias: str) -> None:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    """Everything in the module docstring running: three runs of the command itself at once as the traffic starts
-    (a canary without traffic, --recipe: exit 2; a failing canary, --once --no-rollback: exit 1, nothing moves; an
-    unreachable Prometheus: exit 3), then, WARM_S into the traffic at the earliest, the three canaries analysed at
-    once in this process."""
+    """Everything in the module docstring running: the command itself on a failing canary (--once --no-rollback:
+    exit 1, nothing moves) as the traffic starts, then, WARM_S into the traffic at the earliest, the three canaries
+    analysed at once in this process."""
     folder = tmp_path_factory.mktemp("canary")
     store, versions = _registered(folder)
     with ExitStack() as stack:
         servers = _served(stack, store, versions)
         prom = stack.enter_context(prometheus([s.url.removeprefix("http://") for s in servers.values()], folder))
+        stack.callback(_stop_all, servers)  # after the traffic stops: the four drain at once, not one by one
         infer = {role: f"{s.url}/v2/models/{MODEL}/infer" for role, s in servers.items()}
         bad = [lookup_body(1000)] + [lookup_body(i % 16) for i in range(99)]  # 1 request in 100 fails, from the first
         streams = {role: Stream(infer[role], [chain_body(CHAIN_WIDTH)], RPS) for role in ("stable", "healthy")}
         streams["slow"] = Stream(infer["slow"], [chain_body(CHAIN_WIDTH)], SLOW_RPS)
         streams["failing"] = Stream(infer["failing"], bad, RPS)
         prom.wait_for_targets(len(servers))  # every counter's zero is scraped before the first request
-        short = folder / "short.yaml"
-        short.write_text(
-            f"extends: {REPO / 'recipes' / 'fp16.yaml'}\n"
-            "rollout: {analysis: {interval_s: 0.5, count: 2, window_s: 10, min_requests: 20}}\n"
-        )
-        runs = {
-            "idle": (prom.url, "--canary-alias", "canary-idle", "--recipe", short, "--json"),
-            "once": (prom.url, "--canary-alias", "canary-cli", "--once", "--no-rollback", "--json"),
-            "unreachable": (f"http://127.0.0.1:{free_port()}", "--canary-alias", "canary-idle", "--once"),
-        }
+        runs = {"once": (prom.url, "--canary-alias", "canary-cli", "--once", "--no-rollback", "--json")}
         e = Env(folder, store, prom, versions, streams, {}, {}, {}, {})
         stack.enter_context(traffic(list(streams.values()), max_s=120))
         warm_until = time.monotonic() + WARM_S
-        # The commands run as the traffic warms up (`once` measures when its imports are done, seconds into the
-        # traffic: 20+ requests, the first one failed), and are over before the analyses start: their imports
+        # The command runs as the traffic warms up (it measures when its imports are done, seconds into the
+        # traffic: 20+ requests, the first one failed), and is over before the analyses start: its imports
         # would add seconds of CPU contention to the healthy canary's p99 and to the stable one's.
         with ThreadPoolExecutor(max_workers=len(runs)) as commands:
             e.cli = dict(zip(runs, commands.map(lambda args: analyze_cli(e, *args), runs.values()), strict=True))
@@ -245,22 +245,27 @@ def test_the_server_series_are_told_apart_by_version(env: Env) -> None:
 
 
 def test_a_canary_without_traffic_is_not_enough_data(env: Env) -> None:
-    proc = env.cli["idle"]
-    doc = outcome(proc)
-    assert proc.returncode == 2, proc.stderr
+    recipe = env.folder / "short.yaml"
+    recipe.write_text(
+        f"extends: {REPO / 'recipes' / 'fp16.yaml'}\n"
+        "rollout: {analysis: {interval_s: 0.5, count: 2, window_s: 10, min_requests: 20}}\n"
+    )
+    doc = analyze_mod.analyze(
+        MODEL, prometheus=env.prom.url, tracking_uri=env.store, canary_alias="canary-idle", recipe=recipe
+    )
     assert doc["decision"] == "not-enough-data" and len(doc["measurements"]) == 2
-    assert doc["budgets"]["source"].endswith("short.yaml")
-    assert "not enough data in 2 of 2 measurements" in doc["error"]
+    assert doc["budgets"]["source"] == str(recipe) and doc["measurements"][0]["canary_requests"] == 0
+    error = analyze_mod.decision_error(doc)
+    assert error.exit_code == 2 and "not enough data in 2 of 2 measurements" in str(error)
     assert aliases(env.store, MODEL)["canary-idle"] == env.versions["idle"]
 
 
 def test_an_unreachable_prometheus_is_a_stage_error_and_nothing_moves(env: Env) -> None:
-    proc = env.cli["unreachable"]
-    assert proc.returncode == 3, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: canary analyze: Prometheus at"), proc.stderr
-    assert "cannot be reached" in lines[0] and proc.stdout == ""
-    assert aliases(env.store, MODEL)["canary-idle"] == env.versions["idle"]
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(StageError, match=r"^canary analyze: Prometheus at http://127.0.0.1:\d+ cannot be reached") as e:
+        analyze_mod.analyze(MODEL, prometheus=url, tracking_uri=env.store, canary_alias="canary-cli", once=True)
+    assert e.value.exit_code == 3 and "nothing rolled back" in str(e.value)
+    assert aliases(env.store, MODEL)["canary-cli"] == env.versions["failing"]
 
 
 # --- the decision alone (no Prometheus, no registry) ------------------------------------------------------------
