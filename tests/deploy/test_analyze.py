@@ -302,6 +302,10 @@ def _run(monkeypatch: pytest.MonkeyPatch, verdicts: list[str], **analysis: Any) 
 def test_failures_within_the_limit_still_promote(monkeypatch: pytest.MonkeyPatch) -> None:
     doc = _run(monkeypatch, ["passed", "failed", "passed"], failure_limit=1)
     assert doc["decision"] == "promote" and analyze_mod.decision_error(doc) is None and doc["_rolled"] == []
+    assert analyze_mod.promote_line(doc) == (
+        "promote: m version 7 (canary) passed 3 measurement(s); promote it with "
+        "`optimize promote m --to production --from canary`"
+    )
     # measurement i is due interval_s × i after the first (the fake sleep does not pass the time)
     assert [round(p) for p in doc["_pauses"]] == [3, 6]
 
