@@ -38,6 +38,9 @@ html = lazy("optimize.reporting.html")
 runs_mod = lazy("optimize.reporting.runs")
 serving = lazy("optimize.serving.server")
 loadtest_mod = lazy("optimize.serving.loadtest")
+deploy_render_mod = lazy("optimize.deploy.render")
+deploy_validate_mod = lazy("optimize.deploy.validate")
+analyze_mod = lazy("optimize.deploy.analyze")
 
 if TYPE_CHECKING:
     from optimize.api import RunResult
@@ -263,7 +266,8 @@ def validate(
         bool,
         typer.Option(
             "--json",
-            help="Print one JSON list: per recipe its name, registered model, variants, targets and gate count, "
+            help="Print one JSON list: per recipe its name, registered model, variants, targets, gate count and "
+            "canary weights (rollout.steps), "
             "or its errors.",
         ),
     ] = False,
@@ -295,6 +299,7 @@ def validate(
                 "targets": list(r.benchmark.targets),
                 "optional_targets": list(r.benchmark.optional_targets),
                 "gates": len(r.gates),
+                "rollout_steps": list(r.rollout.steps),
             }
         )
         if not as_json:
@@ -889,6 +894,206 @@ def _prune_summary(result: PruneResult) -> str:
     return line
 
 
+deploy_app = typer.Typer(
+    help="The production rollout of a registered version: Kubernetes Deployments, Service, autoscaling and "
+    "disruption budget; the Istio canary (weighted routes, timeouts, retries, circuit breaking); Argo Rollouts "
+    "with its Prometheus analysis; Prometheus alert rules; a Triton model repository. Derived from the recipe's "
+    "`serving:` and `rollout:` sections and the version's measured load test, and checked with the tools those "
+    "systems use.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(deploy_app, name="deploy")
+
+
+@deploy_app.command("render")
+def deploy_render(
+    canary: Annotated[
+        str, typer.Argument(metavar="MODEL_URI", help="The canary: models:/NAME@canary or models:/NAME/VERSION.")
+    ],
+    image: Annotated[
+        str, typer.Option("--image", metavar="IMAGE", help="The container image with optimize installed.")
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="The folder to write (replaced whole).")],
+    stable: Annotated[
+        str | None,
+        typer.Option(
+            "--stable",
+            metavar="MODEL_URI",
+            help="The version in production (default: the model's `production` alias, when it has one; none: a "
+            "first rollout, the canary takes all traffic).",
+        ),
+    ] = None,
+    formats: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--format",
+            metavar="FORMAT",
+            help="kubernetes (kubernetes/, argo-rollouts/, monitoring/) and/or triton (triton/NAME/: config.pbtxt "
+            "and the verified model); repeatable; default kubernetes.",
+        ),
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            metavar="RECIPE",
+            help="Take `serving:` and `rollout:` from this recipe (default: the recipe recorded with the version).",
+        ),
+    ] = None,
+    engine: Annotated[
+        Path | None,
+        typer.Option(
+            "--engine",
+            metavar="PLAN",
+            help="A TensorRT plan built for the serving GPU: the Triton repository serves it (tensorrt_plan) "
+            "instead of the ONNX model.",
+        ),
+    ] = None,
+    cluster_tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--cluster-tracking-uri",
+            metavar="URI",
+            help="The MLflow tracking URI the pods download their version from (default: --tracking-uri's).",
+        ),
+    ] = None,
+    prometheus: Annotated[
+        str,
+        typer.Option("--prometheus", metavar="URL", help="The Prometheus the Argo Rollouts analysis queries."),
+    ] = "http://prometheus.monitoring:9090",
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+) -> None:
+    """Write the rollout of MODEL_URI as plain YAML into DIR (apply with `kubectl apply -f DIR/kubernetes` or
+    `-f DIR/argo-rollouts`, and `-f DIR/monitoring/prometheusrule.yaml`): pods sized from the version's load test
+    (loadtest.* tags; else rollout.cpu and rollout.memory_mb), the canary weights of rollout.steps, alerts and
+    analysis from serving.slo. The canary's model.onnx is verified against its sha256 first (exit 6). DIR/render.json
+    records the versions, the numbers and how each size was derived. Check the result with `optimize deploy
+    validate DIR`."""
+    deploy_render_mod.main(
+        canary,
+        stable_uri=stable,
+        image=image,
+        out=out,
+        formats=tuple(formats or ("kubernetes",)),
+        tracking_uri=tracking_uri,
+        recipe=recipe,
+        engine=engine,
+        cluster_tracking_uri=cluster_tracking_uri,
+        prometheus_address=prometheus,
+        echo=typer.echo,
+    )
+
+
+@deploy_app.command("validate")
+def deploy_validate(
+    folder: Annotated[Path, typer.Argument(metavar="DIR", help="A folder `optimize deploy render` wrote.")],
+    allow_missing: Annotated[
+        bool,
+        typer.Option(
+            "--allow-missing",
+            help="Report a validator whose tool is not installed (promtool, node with the CRD schemas, "
+            "tritonclient) as skipped instead of failing with exit 4.",
+        ),
+    ] = False,
+) -> None:
+    """Check a rendered folder: every Kubernetes object against the Kubernetes schemas from 1.29 to the newest
+    kubernetes-validate ships (strict: unknown fields are errors); Istio, Argo Rollouts and PrometheusRule objects
+    against their published schemas (node, OPTIMIZE_NODE_MODULES); the wiring (weights sum to 100, routes name
+    existing subsets, hosts match the Service, autoscalers target what exists, queries read metrics the server
+    exports); the alert rules with `promtool check rules` and `promtool test rules`; a Triton repository with
+    Triton's own config protobuf against its model. Exit 1 on any error, 4 when a validator's tool is missing."""
+    report = deploy_validate_mod.validate_folder(folder, allow_missing=allow_missing)
+    typer.echo(deploy_validate_mod.format_report(report))
+    if report.errors:
+        raise GateFailedError(f"deploy validate: {folder}: {len(report.errors)} error(s); see above")
+    if report.skipped and not allow_missing:
+        missing = ", ".join(f"{name} ({why})" for name, why in report.skipped)
+        raise RuntimeMissingError(f"deploy validate: {folder}: not checked: {missing}; install it or --allow-missing")
+
+
+canary_app = typer.Typer(
+    help="Judge a running canary from Prometheus (for pipelines that step the rollout themselves, not Argo).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(canary_app, name="canary")
+
+
+@canary_app.command("analyze")
+def canary_analyze(
+    model: Annotated[str, typer.Argument(metavar="NAME", help="Registered model name.")],
+    prometheus: Annotated[
+        str, typer.Option("--prometheus", metavar="URL", help="The Prometheus that scrapes the servers.")
+    ],
+    tracking_uri: Annotated[str | None, _TRACKING] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            "--recipe",
+            metavar="RECIPE",
+            help="Take serving.slo and rollout.analysis from this recipe (default: the recipe recorded with the "
+            "canary version, else the defaults).",
+        ),
+    ] = None,
+    canary_alias: Annotated[str, typer.Option("--canary-alias", metavar="ALIAS", help="The canary.")] = "canary",
+    stable_alias: Annotated[
+        str,
+        typer.Option(
+            "--stable-alias",
+            metavar="ALIAS",
+            help="The version in production to compare with (when the model has no such alias: the SLO only).",
+        ),
+    ] = "production",
+    once: Annotated[
+        bool, typer.Option("--once", help="One measurement, now, instead of rollout.analysis.count.")
+    ] = False,
+    no_rollback: Annotated[
+        bool, typer.Option("--no-rollback", help="On failure, exit 1 without moving the canary alias back.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help=_JSON_HELP + " Keys: command, model, prometheus, canary, stable, budgets, measurements (each with its "
+            "numbers, verdict and reasons), decision (promote, rollback, not-enough-data), rollback, rollback_error, "
+            "status (passed, failed, error), exit_code, error.",
+        ),
+    ] = False,
+) -> None:
+    """Measure the canary every rollout.analysis.interval_s, up to rollout.analysis.count times, over the last
+    window_s: its request count, p99 against serving.slo.p99_ms, error ratio against serving.slo.error_rate, and
+    p99 against the stable version's (max_p99_ratio); the same PromQL as the Argo Rollouts analysis. Exit 0:
+    promote (the measurements passed); 1: it failed beyond rollout.analysis.failure_limit and the canary alias was
+    rolled back (`optimize rollback`); 2: not enough data; 3: Prometheus could not be queried."""
+    if as_json:
+        _state["json_error"] = _json_outcome("canary analyze", "passed", model=model, prometheus=prometheus)
+    say = Say(False)  # measurement lines on stderr, with --json too
+    doc = analyze_mod.analyze(
+        model,
+        prometheus=prometheus,
+        tracking_uri=_tracking(tracking_uri),
+        recipe=recipe,
+        canary_alias=canary_alias,
+        stable_alias=stable_alias,
+        once=once,
+        rollback=not no_rollback,
+        on_measurement=lambda _m, line: say.line(line),
+    )
+    error = analyze_mod.decision_error(doc)
+    if error is not None:
+        if as_json:
+            _state["json_error"] = lambda _e, code, line: {
+                "command": "canary analyze", **doc, "status": api.status_of(code, "passed"), "exit_code": code,
+                "error": line,
+            }  # fmt: skip
+        raise error
+    if as_json:
+        _print_json("canary analyze", doc, ok="passed")
+        return
+    typer.echo(analyze_mod.promote_line(doc, stable_alias))
+
+
 def _local_time(epoch_s: float) -> str:
     from datetime import datetime
 
@@ -965,7 +1170,7 @@ def main() -> None:
 
 
 # The commands that take --json for their outcome: a failure prints a JSON object too.
-_JSON_COMMANDS = ("run", "promote", "rollback", "smoke", "compare", "loadtest")
+_JSON_COMMANDS = ("run", "promote", "rollback", "smoke", "compare", "loadtest", "canary analyze")
 
 
 def _fail(code: int, line: str, error: BaseException) -> NoReturn:
@@ -990,7 +1195,8 @@ def _usage_error_json() -> Callable[[BaseException | None, int, str], dict] | No
     """For a failure before the command's body ran (a usage error such as an unknown option): the JSON builder
     of a command that was given --json, else None."""
     args = sys.argv[1:]
-    command = next((a for a in args if not a.startswith("-")), None)
+    words = [a for a in args if not a.startswith("-")]
+    command = " ".join(words[:2]) if words[:1] == ["canary"] else next(iter(words), None)  # a sub-app's command
     if command not in _JSON_COMMANDS or "--json" not in args:
         return None
     if command == "run":

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -112,6 +113,7 @@ def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finis
     plain["model"]["python_path"] = [str(folder)]
     plain["data"]["eval"]["path"] = str(folder / "tiny.npz")
     plain["serving"] = {"load": {"rps": [10], "step_s": 1}}
+    plain["rollout"] = {"cpu": 0.25, "memory_mb": 256}  # its versions are not load-tested at registration
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(plain))
     plain["serving"]["slo"] = {"p99_ms": 0.001}
@@ -162,6 +164,62 @@ def test_publish_then_canary_promotes_and_rolls_back_a_failing_smoke_check(finis
     proc = ci("canary.sh", "abort", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "already rolled back" in proc.stdout and _aliases(uri)["canary"] == candidate
+
+    _rollout_renders_validates_and_rolls_back(recipe, tmp_path, out, uri, candidate, new_candidate)
+
+
+def _rollout_renders_validates_and_rolls_back(
+    recipe: Path, tmp_path: Path, out: Path, uri: str, stable: int, canary: int
+) -> None:
+    """`canary.sh rollout`: an image is required; without cluster credentials it renders and validates only;
+    with them (kubectl here is a test double that records what it is asked to apply) it applies, sets the first
+    weight, and when the analysis fails (no Prometheus answers) sends the traffic back to stable and rolls the
+    canary alias back."""
+    proc = ci("canary.sh", "rollout", str(recipe), cwd=tmp_path, out=out, MLFLOW_TRACKING_URI=uri)
+    assert proc.returncode == 2 and "OPTIMIZE_IMAGE is not set" in proc.stderr
+
+    # the second version as the canary, the first in production
+    subprocess.run(
+        [sys.executable, "-m", "optimize", "promote", "tiny", "--from", "candidate", "--to", "canary",
+         "--tracking-uri", uri], check=True, capture_output=True, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert _aliases(uri)["canary"] == canary
+    image = {"OPTIMIZE_IMAGE": "registry.example/optimize:test", "MLFLOW_TRACKING_URI": uri}
+    proc = ci("canary.sh", "rollout", str(recipe), cwd=tmp_path, out=out, **image)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no cluster credentials" in proc.stderr and "nothing applied" in proc.stderr
+    record = json.loads((out / "deploy" / "tiny" / "render.json").read_text())
+    assert (record["canary"]["number"], record["stable"]["number"]) == (canary, stable)
+
+    # kubectl: a test double on PATH that logs its arguments and the VirtualService weights it is given
+    bin_dir, log = tmp_path / "bin", tmp_path / "kubectl.log"
+    bin_dir.mkdir()
+    (bin_dir / "kubectl").write_text(
+        "#!/usr/bin/env bash\n"
+        f'echo "$*" >> {log}\n'
+        'for a in "$@"; do case "$a" in *virtualservice.applied.yaml) '
+        f"grep -A1 'subset:' \"$a\" | grep -o 'subset: [a-z]*\\|weight: [0-9]*' | paste -sd' ' >> {log};; esac; done\n"
+    )
+    (bin_dir / "kubectl").chmod(0o755)
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    proc = ci(
+        "canary.sh", "rollout", str(recipe), cwd=tmp_path, out=out, KUBECONFIG=str(tmp_path / "kubeconfig"),
+        PATH=f"{bin_dir}:{os.environ['PATH']}", PROMETHEUS_URL=closed, **image,
+    )  # fmt: skip
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the analysis's status: Prometheus did not answer
+    applied = log.read_text().splitlines()
+    assert applied[0].startswith("apply -f") and "prometheusrule.yaml" in applied[0] and "kubernetes" in applied[0]
+    assert applied[2] == "subset: stable weight: 90 subset: canary weight: 10", applied
+    assert applied[4] == "subset: stable weight: 100 subset: canary weight: 0", applied
+    assert "the analysis at 10 % failed (exit 3): all traffic back to stable" in proc.stderr
+    assert _aliases(uri)["canary"] == stable, "the canary alias is rolled back"
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_canary_stops_on_a_recipe_that_does_not_validate(tmp_path: Path) -> None:

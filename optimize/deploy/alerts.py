@@ -151,7 +151,7 @@ class _World:
 
     def model_info(self, version: str) -> Series:
         """The `optimize_model_info` series the server of `version` exports."""
-        labels = {"name": self.model, "version": version, "sha256": "0" * 64, "variant": "v", "target": "cpu"}
+        labels = {"name": self.model, "model_version": version, "sha256": "0" * 64, "variant": "v", "target": "cpu"}
         return Series("optimize_model_info", {**labels, **self.target(version)}, 1.0)
 
     def pod(self, track: str) -> str:
@@ -193,12 +193,12 @@ def _latency_alerts(w: _World) -> list[Alert]:
             queries.p99_seconds(Scope(w.model), w.window),
             budget_s,
             "critical",
-            f"{w.model} version {{{{ $labels.version }}}}: p99 latency over its {slo.p99_ms:g} ms budget",
+            f"{w.model} version {{{{ $labels.model_version }}}}: p99 latency over its {slo.p99_ms:g} ms budget",
             f"The 99th percentile of the server's request latency (arrival to response, over {words['window']}) of "
-            f"{w.model} version {{{{ $labels.version }}}} has been above serving.slo.p99_ms = {slo.p99_ms:g} ms "
+            f"{w.model} version {{{{ $labels.model_version }}}} has been above serving.slo.p99_ms = {slo.p99_ms:g} ms "
             f"{words['for']}.",
             server,
-            {"version": canary[0]},
+            {"model_version": canary[0]},
         ),
         Alert(
             "OptimizeIstioLatencyP99OverBudget",
@@ -240,12 +240,12 @@ def _error_alerts(w: _World) -> list[Alert]:
             queries.error_ratio(Scope(w.model), w.window),
             budget,
             "critical",
-            f"{w.model} version {{{{ $labels.version }}}}: error rate over its {_pct(budget)} budget",
+            f"{w.model} version {{{{ $labels.model_version }}}}: error rate over its {_pct(budget)} budget",
             f"More than {_pct(budget)} (serving.slo.error_rate) of the infer requests to {w.model} version "
-            f"{{{{ $labels.version }}}} were answered with a status other than 200 (over {words['window']}), "
+            f"{{{{ $labels.model_version }}}} were answered with a status other than 200 (over {words['window']}), "
             f"{words['for']}.",
             server,
-            {"version": canary[0]},
+            {"model_version": canary[0]},
         ),
         Alert(
             "OptimizeIstioErrorRateOverBudget",
@@ -334,24 +334,24 @@ def _load_alerts(w: _World) -> list[Alert]:
             queries.shed_ratio(Scope(w.model), w.window),
             a.shed_rate,
             "warning",
-            f"{w.model} version {{{{ $labels.version }}}}: over {_pct(a.shed_rate)} of requests shed",
+            f"{w.model} version {{{{ $labels.model_version }}}}: over {_pct(a.shed_rate)} of requests shed",
             f"More than {_pct(a.shed_rate)} (rollout.alerts.shed_rate) of the requests to {w.model} version "
-            f"{{{{ $labels.version }}}} were refused with 503 by its queue (full, past their deadline or "
+            f"{{{{ $labels.model_version }}}} were refused with 503 by its queue (full, past their deadline or "
             f"draining) over {words['window']}, {words['for']}: it needs more pods.",
             shed,
-            {"version": canary[0]},
+            {"model_version": canary[0]},
         ),
         Alert(
             "OptimizeQueueSaturated",
             queries.queue_saturation(Scope(w.model), serving.max_queue),
             a.queue_saturation,
             "warning",
-            f"{w.model} version {{{{ $labels.version }}}}: queue over {_pct(a.queue_saturation)} full",
-            f"A pod of {w.model} version {{{{ $labels.version }}}} has had more than {depth:g} requests waiting "
+            f"{w.model} version {{{{ $labels.model_version }}}}: queue over {_pct(a.queue_saturation)} full",
+            f"A pod of {w.model} version {{{{ $labels.model_version }}}} has had more than {depth:g} requests waiting "
             f"({_pct(a.queue_saturation)} of serving.max_queue = {serving.max_queue}, rollout.alerts."
             f"queue_saturation) {words['for']}: when the queue is full, requests are refused.",
             queue,
-            {"version": canary[0]},
+            {"model_version": canary[0]},
         ),
     ]
 

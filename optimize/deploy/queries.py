@@ -3,9 +3,9 @@ and `optimize canary analyze` run these same expressions, so an alert, an automa
 disagree about what "the canary's p99" means.
 
 The server's own series (`optimize serve`'s /metrics) of one registered version are selected by joining with
-`optimize_model_info` on the scrape target, and carry its `version` label (the registered number, a string) from
-there: `... * on(instance, job) group_left(version) optimize_model_info{name="NAME", version="N"}`. Every
-server-side expression is aggregated `by (version)`, so with no version chosen it gives one series per served
+`optimize_model_info` on the scrape target, and carry its `model_version` label (the registered number, a string) from
+there: `... * on(instance, job) group_left(model_version) optimize_model_info{name="NAME", model_version="N"}`. Every
+server-side expression is aggregated `by (model_version)`, so with no version chosen it gives one series per served
 version (one alert each), and with one chosen exactly one series.
 """
 
@@ -19,7 +19,7 @@ from optimize.serving.metrics import ServerMetrics
 
 # The container `optimize serve` runs in (the renderers name it so; cAdvisor and kube-state-metrics label by it).
 CONTAINER = "server"
-_JOIN = "on(instance, job) group_left(version)"
+_JOIN = "on(instance, job) group_left(model_version)"
 _UNITS = (("w", 604800.0), ("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0))
 
 
@@ -71,7 +71,7 @@ def _matchers(**labels: str | None) -> str:
 
 def model_info(scope: Scope) -> str:
     """The `optimize_model_info` selector of `scope`: one series per server process that serves it."""
-    return "optimize_model_info" + _matchers(name=scope.model, version=scope.version)
+    return "optimize_model_info" + _matchers(name=scope.model, model_version=scope.version)
 
 
 def _joined(series: str, scope: Scope) -> str:
@@ -79,14 +79,14 @@ def _joined(series: str, scope: Scope) -> str:
 
 
 def _rate(metric: str, scope: Scope, window_s: float, matchers: str = "", fn: str = "rate") -> str:
-    """`sum by (version) (fn(metric{matchers}[window]) joined with model_info)`."""
-    return f"sum by (version) ({_joined(f'{fn}({metric}{matchers}[{duration(window_s)}])', scope)})"
+    """`sum by (model_version) (fn(metric{matchers}[window]) joined with model_info)`."""
+    return f"sum by (model_version) ({_joined(f'{fn}({metric}{matchers}[{duration(window_s)}])', scope)})"
 
 
 def p99_seconds(scope: Scope, window_s: float, quantile: float = 0.99) -> str:
     """The `quantile` of the server's request latency (seconds, arrival to response) over the last `window_s`."""
     buckets = f"rate(optimize_request_duration_seconds_bucket[{duration(window_s)}])"
-    return f"histogram_quantile({quantile:g}, sum by (le, version) ({_joined(buckets, scope)}))"
+    return f"histogram_quantile({quantile:g}, sum by (le, model_version) ({_joined(buckets, scope)}))"
 
 
 def error_ratio(scope: Scope, window_s: float) -> str:
@@ -112,7 +112,7 @@ def shed_ratio(scope: Scope, window_s: float) -> str:
 
 def queue_saturation(scope: Scope, max_queue: int) -> str:
     """The fullest pod's queue: requests waiting / `max_queue` (serving.max_queue), now."""
-    return f"max by (version) ({_joined('optimize_queue_depth', scope)}) / {max_queue}"
+    return f"max by (model_version) ({_joined('optimize_queue_depth', scope)}) / {max_queue}"
 
 
 def p99_ratio(canary: Scope, stable: Scope, window_s: float) -> str:

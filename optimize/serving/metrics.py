@@ -26,7 +26,7 @@ class ServerMetrics:
     response), queue_time (`optimize_queue_time_seconds`, enqueue to batch start), batch_size
     (`optimize_batch_size`, rows per model run), queue_depth (`optimize_queue_depth`, requests waiting), in_flight
     (`optimize_in_flight`, accepted and not answered), shed (`optimize_shed_total{reason,priority}`) and
-    model_info (`optimize_model_info{name,version,sha256,variant,target}` = 1).
+    model_info (`optimize_model_info{name,model_version,sha256,variant,target}` = 1).
     """
 
     def __init__(self, latency_bounds_s: tuple[float, ...] = ()) -> None:
@@ -65,13 +65,13 @@ class ServerMetrics:
         self.model_info = prom.Gauge(
             "optimize_model_info",
             "The served model (value 1).",
-            ["name", "version", "sha256", "variant", "target"],
+            ["name", "model_version", "sha256", "variant", "target"],
             registry=r,
         )
 
     def set_model(self, name: str, version: str, sha256: str, variant: str, target: str) -> None:
         """Record the served model in `optimize_model_info`."""
-        self.model_info.labels(name=name, version=version, sha256=sha256, variant=variant, target=target).set(1)
+        self.model_info.labels(name=name, model_version=version, sha256=sha256, variant=variant, target=target).set(1)
 
     def answered(self, code: int, seconds: float) -> None:
         """Count one answered infer request with its HTTP status and its time in the server."""

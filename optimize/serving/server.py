@@ -274,7 +274,8 @@ def serve(model: ServedModel, host: str = "127.0.0.1", port: int = 8000, ready_f
     sock = bind(host, port)  # a port in use fails before the model loads
     with sock, open_runner(model.target, model.path, model.settings.threads) as runner:
         model = replace(model, inputs=tuple(runner.inputs), outputs=tuple(runner.outputs))
-        metrics = ServerMetrics()
+        # the p99 budget as a bucket boundary: alerts and the canary analysis judge it exactly, not interpolated
+        metrics = ServerMetrics((model.settings.slo.p99_ms / 1000,))
         metrics.set_model(model.name, model.version, model.sha256, model.variant or "", model.target)
         batcher = Batcher(runner, model.settings, metrics, list(model.inputs), list(model.outputs))
         # The first runs of a session allocate; the batcher times these (1 row and max_batch_size rows) to admit

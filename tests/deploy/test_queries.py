@@ -68,7 +68,7 @@ def test_label_values_are_quoted() -> None:
     assert queries.quote('a"b\\c\nd') == '"a\\"b\\\\c\\nd"'
     expr = queries.request_count(Scope('we"ird\\name', None), 60)
     assert 'optimize_model_info{name="we\\"ird\\\\name"}' in expr
-    assert "version=" not in expr  # no version: every version, one series each
+    assert "model_version=" not in expr  # no version: every version, one series each
     assert 'version="{{args.canary-version}}"' in queries.p99_seconds(ARGO_CANARY, 60)
 
 
@@ -134,7 +134,9 @@ def test_every_query_parses_and_evaluates(promtool: Path, tmp_path: Path) -> Non
     rules = {"groups": [{"name": "q", "rules": [{"record": f"q:{k}", "expr": e} for k, e in every_query().items()]}]}
     (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rules), encoding="utf-8")
     target = {3: 'instance="10.0.0.3:8000", job="pods"', 2: 'instance="10.0.0.2:8000", job="pods"'}
-    info = 'optimize_model_info{{name="minilm-fp16", version="{v}", sha256="s", variant="fp16", target="cpu", {t}}}'
+    info = (
+        'optimize_model_info{{name="minilm-fp16", model_version="{v}", sha256="s", variant="fp16", target="cpu", {t}}}'
+    )
     series = [{"series": info.format(v=v, t=t), "values": "1+0x20"} for v, t in target.items()]
     series += [{"series": f'optimize_requests_total{{code="200", {t}}}', "values": "0+60x20"} for t in target.values()]
     for v, t in target.items():  # p99: 10 % of requests in (0.1, 0.2] (version 3) or (0.1, 0.15] (version 2)
@@ -150,9 +152,12 @@ def test_every_query_parses_and_evaluates(promtool: Path, tmp_path: Path) -> Non
         limit = f'kube_pod_container_resource_limits{{{p}, container="server", resource="cpu", unit="core"}}'
         series.append({"series": limit, "values": "2+0x20"})
     cases = [
-        (queries.error_ratio(CANARY, 120), [({"version": "3"}, 0)]),  # 0, not nothing, before the first failure
-        (queries.request_count(Scope("minilm-fp16"), 120), [({"version": "2"}, 480), ({"version": "3"}, 480)]),
-        (queries.p99_seconds(CANARY, 120), [({"version": "3"}, 0.19)]),
+        (queries.error_ratio(CANARY, 120), [({"model_version": "3"}, 0)]),  # 0, not nothing, before the first failure
+        (
+            queries.request_count(Scope("minilm-fp16"), 120),
+            [({"model_version": "2"}, 480), ({"model_version": "3"}, 480)],
+        ),
+        (queries.p99_seconds(CANARY, 120), [({"model_version": "3"}, 0.19)]),
         (queries.p99_ratio(CANARY, STABLE, 120), [({}, 0.19 / 0.145)]),
         (queries.cpu_utilisation("minilm-fp16", "ml", 120), [({"namespace": "ml", "pod": pod.split('"')[3]}, 0.5)]),
     ]

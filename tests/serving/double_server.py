@@ -31,7 +31,7 @@ by_code = Counter("optimize_requests", "answered", ["code"], registry=registry)
 queue_time = Histogram("optimize_queue_time_seconds", "queued", registry=registry)
 batch_size = Histogram("optimize_batch_size", "rows", buckets=(1, 2, 4, 8), registry=registry)
 Gauge("optimize_queue_depth", "waiting", registry=registry)
-Gauge("optimize_model_info", "model", ["name", "version"], registry=registry).labels("double", "1").set(1)
+Gauge("optimize_model_info", "model", ["name", "model_version"], registry=registry).labels("double", "1").set(1)
 METADATA = {
     "name": "double",
     "versions": ["1"],

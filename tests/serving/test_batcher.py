@@ -569,8 +569,8 @@ def test_metrics_exposition_names_what_the_load_tester_reads() -> None:
         "optimize_queue_depth 0.0",
         "optimize_in_flight 0.0",
         'optimize_batch_size_bucket{le="256.0"} 0.0',
-        f'optimize_model_info{{name="tiny",sha256="{"ab" * 32}",target="onnxruntime-cpu",variant="int8",'
-        'version="3"} 1.0',
+        f'optimize_model_info{{model_version="3",name="tiny",sha256="{"ab" * 32}",target="onnxruntime-cpu",'
+        'variant="int8"} 1.0',
     ):
         assert line in text, line
     assert "optimize_queue_time_seconds_bucket" in text
