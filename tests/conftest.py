@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -494,3 +495,35 @@ def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     for key, value in update.items():
         out[key] = {**base[key], **value} if isinstance(value, dict) and isinstance(base.get(key), dict) else value
     return out
+
+
+def triton_errors(run_dir: Path, dest: Path) -> dict[str, list[str]]:
+    """Every variant of a finished run (the FP32 baseline included) as a Triton model repository under `dest`, with
+    the run's recorded `serving:` section, checked with Triton's own config protobuf against its artifact: the errors
+    per variant (none expected)."""
+    from optimize.deploy import triton
+    from optimize.deploy.inputs import k8s_name
+    from optimize.runtimes import open_runner
+
+    plain = json.loads((run_dir / "recipe.json").read_text())
+    variants = json.loads((run_dir / "metrics.json").read_text())["variants"]
+    found: dict[str, list[str]] = {}
+    for name, entry in variants.items():
+        model_file = run_dir / entry["path"]
+        with open_runner("onnxruntime-cpu", model_file) as runner:
+            inputs, outputs = tuple(runner.inputs), tuple(runner.outputs)
+        model = k8s_name(f"{plain['name']}-{name}")
+        version = Version(model=model, number=1, sha256=entry["sha256"], variant=name, precision="", measured=None)
+        deploy = DeployInputs(
+            canary=version,
+            stable=None,
+            image="unused",
+            tracking_uri="unused",
+            serving=ServingSection.model_validate(plain.get("serving") or {}),
+            rollout=RolloutSection.model_validate(plain.get("rollout") or {}),
+            inputs=inputs,
+            outputs=outputs,
+            model_file=model_file,
+        )
+        found[name] = triton.check_repository(triton.write_repository(deploy, dest))
+    return found

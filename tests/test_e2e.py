@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import triton_errors
 from mlflow import MlflowClient
 
 from optimize.files import sha256_file
@@ -50,6 +51,8 @@ def test_fp16_recipe_end_to_end(tmp_path: Path) -> None:
     assert trt and all(g["status"] == "skipped" for g in trt)
 
     served_batches_equal_unbatched(run_dir)
+    # each variant as a Triton model repository: its config parses with Triton's protobuf and matches the artifact
+    assert triton_errors(run_dir, tmp_path / "triton") == {"fp32": [], "fp16": []}
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
@@ -156,6 +159,7 @@ def test_digits_vision_recipe(tmp_path: Path) -> None:
     assert abs(acc["task_metric_drop"]) <= 0.01
     assert acc["outputs"]["logits"]["samples"] == 300
     assert result.registered.versions == {"fp16": 1}
+    assert triton_errors(result.run_dir, tmp_path / "triton") == {"fp32": [], "fp16": []}
 
 
 def test_digits_int8_recipe_calibrated_on_real_images(tmp_path: Path) -> None:
@@ -176,6 +180,7 @@ def test_digits_int8_recipe_calibrated_on_real_images(tmp_path: Path) -> None:
     precision = next(s for s in manifest["stages"] if s["stage"] == "precision")["variants"]
     assert precision["int8"]["calibration"]["samples"] == 300 and precision["int8"]["calibration"]["num_bins"] == 2048
     assert precision["int8-trt"]["quant_ops"]["QuantizeLinear"] > 0  # ModelOpt's Q/DQ for TensorRT, built on CPU
+    assert triton_errors(result.run_dir, tmp_path / "triton") == {"fp32": [], "int8": [], "int8-trt": []}
 
 
 @pytest.mark.slow
@@ -218,3 +223,4 @@ def test_minilm_dynamic_int8_keeps_the_embedding(tmp_path: Path) -> None:
     manifest = json.loads((result.run_dir / "manifest.json").read_text())
     record = next(s for s in manifest["stages"] if s["stage"] == "precision")["variants"]["int8"]
     assert record["fusion"]["SkipLayerNormalization"] == 12 and record["quant_ops"]["MatMulInteger"] > 30
+    assert triton_errors(result.run_dir, tmp_path / "triton") == {"fp32": [], "int8": []}
