@@ -527,3 +527,21 @@ def triton_errors(run_dir: Path, dest: Path) -> dict[str, list[str]]:
         )
         found[name] = triton.check_repository(triton.write_repository(deploy, dest))
     return found
+
+
+def matmul_chain(path: Path, width: int, depth: int) -> Path:
+    """x (N, width) → MatMul by one shared identity matrix `depth` times → y (N, width), so y == x, slowly."""
+    nodes, prev = [], "x"
+    for i in range(depth):
+        out = "y" if i == depth - 1 else f"h{i}"
+        nodes.append(onnx.helper.make_node("MatMul", [prev, "w"], [out], name=f"mm{i}"))
+        prev = out
+    graph = onnx.helper.make_graph(
+        nodes,
+        "chain",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])],
+        [onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")],
+    )
+    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
+    return path

@@ -1,5 +1,5 @@
-"""What `optimize canary analyze` is tested against: tiny ONNX models (a MatMul chain whose depth sets its
-latency, and a table lookup that fails on an out-of-range index), registered as versions of one model in a real
+"""What `optimize canary analyze` is tested against: tiny ONNX models (conftest's MatMul chain, whose depth sets
+its latency, and a table lookup that fails on an out-of-range index), registered as versions of one model in a real
 sqlite MLflow store, served by `optimize serve` child processes on 127.0.0.1, scraped by a real Prometheus server
 (Debian's package binary, started on loopback with a temporary config and storage), and an open-loop client that
 sends a light constant rate of requests to each server. Everything binds 127.0.0.1 and is stopped by its owner."""
@@ -36,24 +36,6 @@ PROMETHEUS_HINT = "install it with `bash ci/setup.sh cpu` (Debian's prometheus p
 
 
 # --- models ---------------------------------------------------------------------------------------------------
-
-
-def matmul_chain(path: Path, width: int, depth: int) -> Path:
-    """x (N, width) FP32 → `depth` MatMuls by one identity matrix → y: y == x, in a time set by width and depth."""
-    nodes, prev = [], "x"
-    for i in range(depth):
-        out = "y" if i == depth - 1 else f"h{i}"
-        nodes.append(onnx.helper.make_node("MatMul", [prev, "w"], [out], name=f"mm{i}"))
-        prev = out
-    graph = onnx.helper.make_graph(
-        nodes,
-        "chain",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])],
-        [onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")],
-    )
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
-    return path
 
 
 LOOKUP_ROWS = 16

@@ -37,12 +37,12 @@ from canary_env import (
     free_port,
     lookup,
     lookup_body,
-    matmul_chain,
     new_store,
     prometheus,
     register,
     traffic,
 )
+from conftest import matmul_chain
 
 from optimize.deploy import analyze as analyze_mod
 from optimize.deploy import queries

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from conftest import merge, mlp_onnx, tiny_recipe
+from conftest import matmul_chain, merge, mlp_onnx, tiny_recipe
 
 from optimize.lazy import lazy
 from optimize.serving.server import LocalServer, start_local
@@ -37,24 +37,6 @@ aiohttp = lazy("aiohttp")
 SLOW_WIDTH, SLOW_DEPTH = 2048, 64
 
 
-def matmul_chain_onnx(path: Path, width: int, depth: int) -> Path:
-    """x (N, width) → MatMul by one shared identity matrix `depth` times → y (N, width), so y == x, slowly."""
-    nodes, prev = [], "x"
-    for i in range(depth):
-        out = "y" if i == depth - 1 else f"h{i}"
-        nodes.append(onnx.helper.make_node("MatMul", [prev, "w"], [out], name=f"mm{i}"))
-        prev = out
-    graph = onnx.helper.make_graph(
-        nodes,
-        "chain",
-        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", width])],
-        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", width])],
-        [onnx.numpy_helper.from_array(np.eye(width, dtype=np.float32), "w")],
-    )
-    onnx.save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)]), str(path))
-    return path
-
-
 def serving_recipe(folder: Path, name: str, serving: dict[str, Any]) -> Path:
     """A recipe file `name` whose `serving:` section is `serving` (the rest is the tiny recipe, never run)."""
     path = folder / name
@@ -66,7 +48,7 @@ def serving_recipe(folder: Path, name: str, serving: dict[str, Any]) -> Path:
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     mlp_onnx(folder / "mlp.onnx")
-    matmul_chain_onnx(folder / "slow.onnx", SLOW_WIDTH, SLOW_DEPTH)
+    matmul_chain(folder / "slow.onnx", SLOW_WIDTH, SLOW_DEPTH)
     return folder
 
 
