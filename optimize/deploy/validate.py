@@ -360,7 +360,7 @@ def _triton(folder: Path) -> tuple[list[Finding], int, str | None]:
     try:
         problems = triton.check_repository(repository)
     except RuntimeMissingError as e:
-        return [], 0, first_line(e)
+        return [], 0, first_line(e).removeprefix(f"{TRITON}: ")  # the skip is reported under the validator's name
     count = sum(1 for p in repository.iterdir() if (p / "config.pbtxt").is_file())
     return [("triton/", "", message) for message in problems], count, None
 
