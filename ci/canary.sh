@@ -120,7 +120,8 @@ rollout() {
   [[ -n ${PROMETHEUS_URL:-} ]] || die "PROMETHEUS_URL is not set: the Prometheus that judges the canary (ci/README.md)"
   say "$model: kubectl apply"
   kubectl apply -f "$dir/monitoring/prometheusrule.yaml" -f "$dir/kubernetes"
-  for weight in $(optimize validate --json "$recipe" | python -c 'import json,sys; print(*json.load(sys.stdin)[0]["rollout_steps"])'); do
+  # the weights of rollout.steps, as the render read them (render.json)
+  for weight in $(python -c 'import json,sys; print(*json.load(open(sys.argv[1]))["rollout"]["steps"])' "$dir/render.json"); do
     say "$model: $weight % of the traffic to the canary"
     set_weight "$dir" "$weight"
     sleep "${STEP_WAIT_S:-0}"

@@ -266,8 +266,7 @@ def validate(
         bool,
         typer.Option(
             "--json",
-            help="Print one JSON list: per recipe its name, registered model, variants, targets, gate count and "
-            "canary weights (rollout.steps), "
+            help="Print one JSON list: per recipe its name, registered model, variants, targets and gate count, "
             "or its errors.",
         ),
     ] = False,
@@ -299,7 +298,6 @@ def validate(
                 "targets": list(r.benchmark.targets),
                 "optional_targets": list(r.benchmark.optional_targets),
                 "gates": len(r.gates),
-                "rollout_steps": list(r.rollout.steps),
             }
         )
         if not as_json:

@@ -216,13 +216,16 @@ def tiny_dir(tmp_path: Path) -> Path:
     """A folder with `tinynet.py` (entry points), `tiny.npz` (64 samples of `x`, labels) for evaluation and
     `tiny-calib.npz` (64 other samples) for calibration."""
     (tmp_path / "tinynet.py").write_text(TINY_MODULE)
-    rng = np.random.default_rng(0)
-    np.savez(tmp_path / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    rng = np.random.default_rng(1)  # calibration data: other samples than the evaluation set's
-    np.savez(
-        tmp_path / "tiny-calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64)
-    )
+    write_tiny_data(tmp_path)
     return tmp_path
+
+
+def write_tiny_data(folder: Path) -> None:
+    """The tiny recipe's evaluation set `tiny.npz` and calibration set `tiny-calib.npz` (64 samples of `x`, labels)."""
+    rng = np.random.default_rng(0)
+    np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
+    rng = np.random.default_rng(1)  # calibration data: other samples than the evaluation set's
+    np.savez(folder / "tiny-calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
 
 
 def tiny_recipe() -> dict[str, Any]:

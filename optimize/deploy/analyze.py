@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -39,8 +38,8 @@ from optimize.lazy import lazy
 from optimize.recipe import AnalysisSection, SloSection, load_recipe
 from optimize.registry import promotion
 from optimize.registry import tags as tag
-from optimize.registry.connection import http_status, is_connection_error, session
-from optimize.registry.smoke import resolve_version
+from optimize.registry.connection import session
+from optimize.registry.smoke import recorded_recipe, resolve_version
 
 pydantic = lazy("pydantic")
 
@@ -138,23 +137,6 @@ def budgets(recipe: Path | None, recorded: dict[str, Any] | None, where: str) ->
     return Budgets(SloSection(), AnalysisSection(), "defaults")
 
 
-def _recorded_recipe(client: Any, mv: Any) -> dict[str, Any] | None:
-    """The recipe.json of the version's MLflow run (None when it has none); a registry failure propagates."""
-    if not mv.run_id:
-        return None
-    with tempfile.TemporaryDirectory(prefix="optimize-analyze-") as tmp:
-        try:
-            path = Path(client.download_artifacts(mv.run_id, "recipe.json", tmp))
-        except Exception as e:
-            if http_status(e) is not None or is_connection_error(e):
-                raise
-            return None
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None
-
-
 def resolve(
     model: str, tracking_uri: str, canary_alias: str, stable_alias: str, recipe: Path | None
 ) -> tuple[int, int | None, Budgets]:
@@ -164,7 +146,7 @@ def resolve(
         canary = resolve_version(client, f"models:/{model}@{canary_alias}", tracking_uri, command=COMMAND)
         aliases = dict(client.get_registered_model(model).aliases or {})
         stable = int(aliases[stable_alias]) if stable_alias in aliases else None
-        recorded = _recorded_recipe(client, canary) if recipe is None else None
+        recorded = recorded_recipe(client, canary) if recipe is None else None
     where = f"recipe.json of {model} version {canary.version}'s run"
     number = int(canary.version)
     return number, (stable if stable != number else None), budgets(recipe, recorded, where)

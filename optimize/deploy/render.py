@@ -5,7 +5,6 @@ model repository) into one folder, all at once or not at all."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -20,18 +19,24 @@ import yaml
 
 from optimize import __version__
 from optimize.deploy import alerts, argo, istio, kubernetes, sizing, triton
+from optimize.deploy.argo import DEFAULT_PROMETHEUS
 from optimize.deploy.inputs import DeployInputs, Measured, Version
 from optimize.errors import OptimizeError, RecipeError, first_line
 from optimize.files import write_json, write_text
 from optimize.recipe import Recipe, RolloutSection, ServingSection, load_recipe
 from optimize.registry import tags as tag
-from optimize.registry.connection import http_status, is_connection_error, resolve_tracking_uri, session
-from optimize.registry.smoke import download_version, parse_model_uri, resolve_version, verify_sha256
+from optimize.registry.connection import resolve_tracking_uri, session
+from optimize.registry.smoke import (
+    download_version,
+    parse_model_uri,
+    recorded_recipe,
+    resolve_version,
+    verify_sha256,
+)
 from optimize.runtimes import open_runner
 
 MODEL_FILE = "model.onnx"
 FORMATS = ("kubernetes", "triton")
-DEFAULT_PROMETHEUS = "http://prometheus.monitoring:9090"
 RENDER_RECORD = "render.json"
 
 
@@ -72,7 +77,7 @@ def resolve(
         mv = resolve_version(client, canary_uri, store, command="deploy render")
         canary_tags = dict(mv.tags or {})
         folder = download_version(client, mv, workdir / "canary", store)
-        plain = _recorded_recipe(client, mv, workdir) if recipe is None else {}
+        plain = (recorded_recipe(client, mv) or {}) if recipe is None else {}
         stable_mv = _stable(client, name, stable_uri, int(mv.version), store)
     where = f"deploy render: {canary_uri} (version {mv.version})"
     model_file = folder / MODEL_FILE
@@ -111,21 +116,6 @@ def _stable(client: Any, name: str, stable_uri: str | None, canary: int, store: 
             "production, or leave --stable out for a first rollout"
         )
     return mv
-
-
-def _recorded_recipe(client: Any, mv: Any, workdir: Path) -> dict[str, Any]:
-    """The recipe recorded with the version's run (recipe.json), or {} when the run has none."""
-    if not mv.run_id:
-        return {}
-    try:
-        path = Path(client.download_artifacts(mv.run_id, "recipe.json", str(workdir)))
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    except Exception as e:  # a run without recipe.json: the defaults; a registry failure is one
-        if http_status(e) is not None or is_connection_error(e):
-            raise
-        return {}
 
 
 def _sections(recipe: Path | None, plain: dict[str, Any], where: str) -> tuple[ServingSection, RolloutSection]:
@@ -187,6 +177,13 @@ def objects(inputs: DeployInputs, prometheus_address: str = DEFAULT_PROMETHEUS) 
     return out, sized
 
 
+def check_formats(formats: tuple[str, ...]) -> None:
+    """Each of `formats` is one of FORMATS, and there is at least one (RecipeError, exit 2, otherwise)."""
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise RecipeError(f"deploy render: --format {','.join(unknown) or '(none)'}: use {' and/or '.join(FORMATS)}")
+
+
 def render(
     inputs: DeployInputs,
     out: Path,
@@ -196,9 +193,7 @@ def render(
     """Write the rollout into `out`: `kubernetes` (kubernetes/, argo-rollouts/, monitoring/) and/or `triton`
     (triton/<app>/), plus render.json (what it was rendered from and how each size was derived). The folder is
     built beside `out` and swapped in whole: a failed render leaves `out` as it was."""
-    unknown = [f for f in formats if f not in FORMATS]
-    if unknown or not formats:
-        raise RecipeError(f"deploy render: --format {','.join(unknown) or '(none)'}: use {' and/or '.join(FORMATS)}")
+    check_formats(formats)
     sized = None
     with _swapped_in(out) as tmp:
         written: list[str] = []
@@ -280,6 +275,7 @@ def main(
 ) -> Rendered:
     """`optimize deploy render`: resolve (the canary downloaded into a temporary folder), render, and `echo` what
     was written and the canary's pod size."""
+    check_formats(formats)  # before anything is downloaded
     with tempfile.TemporaryDirectory(prefix="optimize-deploy-") as tmp:
         inputs = resolve(
             canary_uri,

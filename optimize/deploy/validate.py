@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from optimize.deploy import queries, tools, triton
+from optimize.deploy.kubernetes import NAME, PART_OF, PROJECT
 from optimize.errors import RuntimeMissingError, StageError, first_line
 from optimize.lazy import lazy
 
@@ -43,9 +44,6 @@ NODE_MODULES_ENV = "OPTIMIZE_NODE_MODULES"
 CRD_SCRIPT = Path(__file__).with_name("crd_validate.cjs")
 TOOL_TIMEOUT_S = 120
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "ReplicaSet", "Rollout")
-PART_OF = "optimize"
-_NAME_LABEL = "app.kubernetes.io/name"
-_PART_OF_LABEL = "app.kubernetes.io/part-of"
 
 Finding = tuple[str, str, str]  # (file relative to the folder, "Kind/name" or "", message)
 RuleFiles = list[tuple[str, dict[str, Any]]] | tuple  # (file, content) of the plain Prometheus rule files
@@ -393,8 +391,8 @@ def _label_errors(docs: list[Doc]) -> Iterator[Finding]:
         labels = (doc.obj.get("metadata") or {}).get("labels") or {}
         if not doc.name:
             yield doc.file, doc.ref, "metadata.name is missing"
-        if not labels.get(_NAME_LABEL) or labels.get(_PART_OF_LABEL) != PART_OF:
-            yield doc.file, doc.ref, f"metadata.labels need {_NAME_LABEL} and {_PART_OF_LABEL}: {PART_OF}"
+        if not labels.get(NAME) or labels.get(PART_OF) != PROJECT:
+            yield doc.file, doc.ref, f"metadata.labels need {NAME} and {PART_OF}: {PROJECT}"
         if len(namespaces) > 1:
             yield (
                 doc.file,
@@ -518,12 +516,22 @@ def _selector_errors(docs: list[Doc]) -> Iterator[Finding]:
             yield doc.file, doc.ref, f"selector {selector} matches no pod template in this folder"
 
 
+def _canary(rollout: Doc) -> dict[str, Any]:
+    """A Rollout's canary strategy ({} when it has none)."""
+    return (rollout.spec.get("strategy") or {}).get("canary") or {}
+
+
+def _istio_routing(rollout: Doc) -> dict[str, Any]:
+    """A Rollout's canary traffic routing through Istio ({} when it has none)."""
+    return (_canary(rollout).get("trafficRouting") or {}).get("istio") or {}
+
+
 def _argo_managed(dr: Doc, docs: list[Doc]) -> bool:
-    for rollout in (d for d in docs if d.kind == "Rollout"):
-        istio = ((rollout.spec.get("strategy") or {}).get("canary") or {}).get("trafficRouting", {}).get("istio") or {}
-        if (istio.get("destinationRule") or {}).get("name") == dr.name:
-            return True
-    return False
+    return any(
+        (_istio_routing(rollout).get("destinationRule") or {}).get("name") == dr.name
+        for rollout in docs
+        if rollout.kind == "Rollout"
+    )
 
 
 def _subset_label_errors(docs: list[Doc]) -> Iterator[Finding]:
@@ -555,10 +563,8 @@ def _argo_errors(docs: list[Doc]) -> Iterator[Finding]:
     for doc in docs:
         by_kind[doc.kind][doc.name] = doc
     for rollout in by_kind["Rollout"].values():
-        canary = (rollout.spec.get("strategy") or {}).get("canary") or {}
-        istio = (canary.get("trafficRouting") or {}).get("istio") or {}
-        yield from _argo_routing_errors(rollout, istio, by_kind)
-        for i, step in enumerate(canary.get("steps") or []):
+        yield from _argo_routing_errors(rollout, _istio_routing(rollout), by_kind)
+        for i, step in enumerate(_canary(rollout).get("steps") or []):
             analysis = step.get("analysis")
             if analysis is None:
                 continue

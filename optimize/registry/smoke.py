@@ -37,7 +37,7 @@ from optimize.lazy import lazy
 from optimize.onnx_files import onnx_files, onnx_sha256
 from optimize.recipe import TARGETS
 from optimize.registry import tags as tag
-from optimize.registry.connection import session
+from optimize.registry.connection import http_status, is_connection_error, session
 from optimize.runtimes import DeviceRunner, open_runner, unavailable_reason
 
 np = lazy("numpy")
@@ -262,6 +262,24 @@ def download_version(client: Any, mv: Any, dest: Path, tracking_uri: str) -> Pat
     return Path(
         mlflow_artifacts.download_artifacts(artifact_uri=location, dst_path=str(dest), tracking_uri=tracking_uri)
     )
+
+
+def recorded_recipe(client: Any, mv: Any) -> dict[str, Any] | None:
+    """The resolved recipe (recipe.json) logged with the version's MLflow run, as a dict; None when the version has
+    no run or the run no readable recipe.json. A registry failure (an HTTP status, a lost connection) raises."""
+    if not mv.run_id:
+        return None
+    with tempfile.TemporaryDirectory(prefix="optimize-recipe-") as tmp:
+        try:
+            path = Path(client.download_artifacts(mv.run_id, "recipe.json", tmp))
+        except Exception as e:  # a run without recipe.json: None; a registry failure is one
+            if http_status(e) is not None or is_connection_error(e):
+                raise
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
 
 
 def verify_sha256(model_file: Path, tags: dict[str, str], where: str) -> str:

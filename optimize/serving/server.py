@@ -28,12 +28,13 @@ from optimize.lazy import available, lazy
 from optimize.onnx_files import onnx_sha256
 from optimize.recipe import ServingSection
 from optimize.registry import tags as tag
-from optimize.registry.connection import http_status, is_connection_error, resolve_tracking_uri, session
+from optimize.registry.connection import resolve_tracking_uri, session
 from optimize.registry.smoke import (
     META_FILE,
     MODEL_FILE,
     download_version,
     parse_model_uri,
+    recorded_recipe,
     resolve_version,
     verify_sha256,
 )
@@ -158,13 +159,7 @@ def _registered(
         mv = resolve_version(client, uri, store, command="serve")
         tags = dict(mv.tags or {})
         folder = download_version(client, mv, workdir, store)
-        recorded = None
-        if asked is None and mv.run_id:
-            try:
-                recorded = Path(client.download_artifacts(mv.run_id, "recipe.json", str(workdir)))
-            except Exception as e:  # a run without recipe.json: the defaults; a registry failure is one
-                if http_status(e) is not None or is_connection_error(e):
-                    raise
+        recorded = recorded_recipe(client, mv) if asked is None else None
     where = f"serve: {uri} (version {mv.version})"
     model_file = folder / MODEL_FILE
     if not model_file.is_file():
@@ -179,7 +174,7 @@ def _registered(
         sha256=actual,
         variant=tags.get(tag.VARIANT) or meta.get("variant"),
         target=target or (gated[0] if gated else DEFAULT_TARGET),
-        settings=asked or _recorded_settings(recorded, where),
+        settings=asked or _settings_from(recorded or {}, where),
         tolerance=_tolerance(meta.get("tolerance")),
     )
 
@@ -235,10 +230,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-
-
-def _recorded_settings(path: Path | None, where: str) -> ServingSection:
-    return _settings_from(_read_json(path), where) if path is not None else ServingSection()
 
 
 def _settings_from(plain: dict[str, Any], where: str) -> ServingSection:

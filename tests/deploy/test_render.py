@@ -12,10 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import yaml
-from conftest import merge, mlp_onnx, tiny_recipe
+from conftest import merge, mlp_onnx, tiny_recipe, write_tiny_data
 from mlflow import MlflowClient
 
 from optimize.deploy import render
@@ -47,7 +46,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
         "benchmark": {"shapes": [{"batch": 1}], "warmup": 1, "iterations": 5},
         "rollout": {"replicas": {"min": 2, "max": 4}, "rps": 30},
     }
-    _write_tiny_data(folder)
+    write_tiny_data(folder)
     recipe.write_text(yaml.safe_dump(merge(tiny_recipe(), overrides), sort_keys=False))
     mlp_onnx(folder / "tiny.onnx")
     uri = f"sqlite:///{folder / 'mlflow.db'}"
@@ -65,14 +64,6 @@ def _copy_version(client: MlflowClient, mv: Any, tags: dict[str, str]) -> Any:
     """A new version of mv's registered model from the same artifacts (its storage location), with `tags`."""
     where = client.get_model_version_download_uri(mv.name, mv.version)
     return client.create_model_version(mv.name, where, run_id=mv.run_id, tags=tags)
-
-
-def _write_tiny_data(folder: Path) -> None:
-    """The tiny recipe's evaluation and calibration sets (as tests/conftest.py's tiny_dir writes them)."""
-    rng = np.random.default_rng(0)
-    np.savez(folder / "tiny.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
-    rng = np.random.default_rng(1)
-    np.savez(folder / "tiny-calib.npz", x=rng.standard_normal((64, 8)).astype(np.float32), label=rng.integers(0, 4, 64))
 
 
 def test_a_registered_load_tested_version_renders_and_validates(store: tuple[str, Path], tmp_path: Path) -> None:
